@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# Override TORCH_SPEC on GPU machines, e.g. `make test TORCH_SPEC='torch==2.13.0'` from a CUDA index.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+# The stamp changes whenever pyproject.toml or the torch spec does, and only then.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | { cat; echo '$(TORCH_SPEC)'; } | sha256sum | cut -c1-16)
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# torch first: an unpinned torch requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	@bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

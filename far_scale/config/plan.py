@@ -1,0 +1,147 @@
+"""Cross-section validation and the numbers derived from a resolved config.
+
+Every problem is collected and raised once (``ConfigError``); derived values are
+computed in one place and printed by ``check-config`` and the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from far_scale.config.loader import ConfigError
+from far_scale.config.schema import Config
+from far_scale.data.spec import DataSpec
+from far_scale.models.registry import ModelDims, resolve_dims
+
+DEFAULT_HEAD_STEPS = {"shortcut": 8, "diffusion": 100}
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) -> list[str]:
+    """Every cross-section problem of ``cfg`` at ``world_size``, as messages naming the fields."""
+    problems: list[str] = []
+    if world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+        world_size = 1
+    par = cfg.parallel
+    per_step = par.micro_batch_size_per_gpu * world_size
+    if par.global_batch_size % per_step:
+        problems.append(
+            f"parallel.global_batch_size={par.global_batch_size} is not divisible by "
+            f"parallel.micro_batch_size_per_gpu={par.micro_batch_size_per_gpu} x world_size={world_size} (= {per_step})"
+        )
+    if (cfg.run.max_steps is None) == (cfg.run.epochs is None):
+        problems.append("set exactly one of run.max_steps and run.epochs")
+    if cfg.schedule.warmup_epochs is not None and cfg.schedule.warmup_steps is not None:
+        problems.append("set at most one of schedule.warmup_epochs and schedule.warmup_steps")
+    try:
+        dims = resolve_dims(cfg.model)
+    except ValueError as exc:
+        problems.append(str(exc))
+        dims = None
+    if dims is not None:
+        if dims.width % dims.num_heads:
+            problems.append(f"model.width={dims.width} is not divisible by model.num_heads={dims.num_heads}")
+        head = cfg.model.head
+        steps = cfg.eval.head_steps
+        if dims.head_kind == "shortcut":
+            if not _is_power_of_two(head.num_levels):
+                problems.append(f"model.head.num_levels={head.num_levels} must be a power of two")
+            if steps is not None and not (_is_power_of_two(steps) and steps <= head.num_levels):
+                problems.append(
+                    f"eval.head_steps={steps} must be a power of two <= model.head.num_levels={head.num_levels} "
+                    "for the shortcut head"
+                )
+        elif steps is not None and steps > head.num_train_timesteps:
+            problems.append(
+                f"eval.head_steps={steps} exceeds model.head.num_train_timesteps={head.num_train_timesteps}"
+            )
+    if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
+        problems.append(
+            f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"
+        )
+    if data is not None:
+        problems.extend(data.mismatches(cfg.data.expect))
+        if cfg.eval.num_iter > data.seq_len:
+            problems.append(f"eval.num_iter={cfg.eval.num_iter} exceeds the sequence length {data.seq_len}")
+        needs_images = cfg.run.epochs is not None or cfg.schedule.warmup_epochs is not None
+        if needs_images and data.num_images is None:
+            problems.append(
+                "run.epochs / schedule.warmup_epochs need the dataset size: read from the manifest, "
+                "or set data.expect.num_images"
+            )
+    return problems
+
+
+def validate(cfg: Config, world_size: int, data: Optional[DataSpec] = None) -> None:
+    """Raise one ``ConfigError`` listing every cross-section problem."""
+    problems = check_config(cfg, world_size, data)
+    if problems:
+        raise ConfigError(problems, f"world size {world_size}")
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Numbers derived from a valid config, a world size and the data shape."""
+
+    world_size: int
+    dims: ModelDims
+    grad_accum_steps: int
+    samples_per_step: int
+    latent_tokens_per_step: int
+    lr: float
+    head_steps: int
+    steps_per_epoch: Optional[int]
+    total_steps: Optional[int]
+    warmup_steps: Optional[int]
+
+    def as_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "samples_per_step": self.samples_per_step,
+            "latent_tokens_per_step": self.latent_tokens_per_step,
+            "lr": self.lr,
+            "head_steps": self.head_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+def derive_plan(cfg: Config, world_size: int, data: DataSpec) -> TrainingPlan:
+    """Validate and derive; raises ``ConfigError`` with every problem at once."""
+    validate(cfg, world_size, data)
+    par = cfg.parallel
+    dims = resolve_dims(cfg.model)
+    accum = par.global_batch_size // (par.micro_batch_size_per_gpu * world_size)
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
+    steps_per_epoch = math.ceil(data.num_images / par.global_batch_size) if data.num_images else None
+    if cfg.run.max_steps is not None:
+        total = cfg.run.max_steps
+    else:
+        total = math.ceil(cfg.run.epochs * steps_per_epoch) if steps_per_epoch else None
+    if cfg.schedule.warmup_steps is not None:
+        warmup = cfg.schedule.warmup_steps
+    elif cfg.schedule.warmup_epochs is not None:
+        warmup = math.ceil(cfg.schedule.warmup_epochs * steps_per_epoch) if steps_per_epoch else None
+    else:
+        warmup = 0
+    head_steps = cfg.eval.head_steps or DEFAULT_HEAD_STEPS[dims.head_kind]
+    return TrainingPlan(
+        world_size=world_size,
+        dims=dims,
+        grad_accum_steps=accum,
+        samples_per_step=par.global_batch_size,
+        latent_tokens_per_step=par.global_batch_size * data.seq_len,
+        lr=lr,
+        head_steps=head_steps,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup,
+    )

@@ -1,0 +1,174 @@
+"""Typed, frozen configuration sections of one far-scale run.
+
+Every default of a run lives here and nowhere else. Recipes (YAML) override these
+defaults; the loader (``far_scale.config.loader``) builds these models strictly:
+unknown keys and wrong types are errors naming the dotted path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every section: immutable, no unknown keys, no silent type coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class HeadConfig(Section):
+    """The per-token head that turns a backbone output z into a token (SPEC §3)."""
+
+    kind: Literal["auto", "shortcut", "diffusion"] = "auto"
+    """``auto`` picks from ``model.arch``: far/far_causal -> shortcut, mar -> diffusion."""
+    depth: Optional[int] = Field(default=None, ge=1)
+    """Residual blocks of the adaLN MLP; None takes the size preset's value."""
+    width: Optional[int] = Field(default=None, ge=1)
+    """Hidden width of the adaLN MLP; None takes the size preset's value."""
+    num_repeats: int = Field(default=4, ge=1)
+    """Each target token is repeated this many times with independent noise/time draws."""
+    # Diffusion head
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    noise_schedule: Literal["cosine", "linear"] = "cosine"
+    # Shortcut head
+    num_levels: int = Field(default=128, ge=2)
+    """Finest step size is 1/num_levels (a power of two)."""
+    self_consistency_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    consistency_target: Literal["ema", "live"] = "ema"
+    """Which weights produce the stop-gradient self-consistency targets."""
+    clip_value: float = Field(default=4.0, gt=0.0)
+
+
+class ModelConfig(Section):
+    """Backbone architecture and head (SPEC §2-3). Sizes come from ``far_scale.models.registry``."""
+
+    arch: Literal["far", "far_causal", "mar"] = "far"
+    size: Literal["tiny", "base", "large", "huge", "custom"] = "base"
+    encoder_depth: Optional[int] = Field(default=None, ge=1)
+    decoder_depth: Optional[int] = Field(default=None, ge=1)
+    width: Optional[int] = Field(default=None, ge=1)
+    num_heads: Optional[int] = Field(default=None, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0.0)
+    num_buffer_tokens: int = Field(default=64, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Attention and projection dropout in the transformer blocks."""
+    class_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Probability of replacing the class embedding by the learned null embedding (CFG)."""
+    mask_ratio_min: float = Field(default=0.7, gt=0.0, le=1.0)
+    mask_ratio_mean: float = Field(default=1.0, gt=0.0, le=1.0)
+    mask_ratio_std: float = Field(default=0.25, gt=0.0)
+    head: HeadConfig = HeadConfig()
+
+
+class DataExpectation(Section):
+    """What the recipe expects of the data; checked against the manifest when it is read.
+
+    The shapes a model is built with always come from the manifest; these values let
+    ``check-config`` size a model before any data exists and catch a recipe pointed at
+    the wrong shards.
+    """
+
+    seq_len: Optional[int] = Field(default=None, ge=1)
+    token_dim: Optional[int] = Field(default=None, ge=1)
+    num_classes: Optional[int] = Field(default=None, ge=1)
+    num_images: Optional[int] = Field(default=None, ge=1)
+
+
+class DataConfig(Section):
+    url: str = ""
+    """Directory or fsspec URL (``/path``, ``file://``, ``s3://bucket/prefix``) holding manifest.json and shards."""
+    num_workers: int = Field(default=2, ge=0)
+    shuffle: bool = True
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    expect: DataExpectation = DataExpectation()
+
+
+class OptimConfig(Section):
+    """AdamW (SPEC §5). ``lr`` None derives it as base_lr * global_batch_size / 256."""
+
+    lr: Optional[float] = Field(default=None, gt=0.0)
+    base_lr: float = Field(default=1e-4, gt=0.0)
+    lr_reference_batch: int = Field(default=256, ge=1)
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), strict=False)
+    """YAML has no tuples: a two-element list is accepted."""
+    eps: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=0.02, ge=0.0)
+    grad_clip: float = Field(default=3.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables clipping."""
+    ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)
+
+
+class ScheduleConfig(Section):
+    kind: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: Optional[float] = Field(default=None, ge=0.0)
+    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Cosine decays to lr * min_lr_ratio at the last step."""
+
+
+class ParallelConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: bool = False
+    global_batch_size: int = Field(default=256, ge=1)
+    micro_batch_size_per_gpu: int = Field(default=64, ge=1)
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(default=500_000_000, ge=1)
+    allgather_bucket_size: int = Field(default=500_000_000, ge=1)
+    stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=1)
+    stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+
+
+class CheckpointConfig(Section):
+    url: str = ""
+    """Where checkpoints go; empty means ``<run.output_dir>/checkpoints``."""
+    interval_steps: int = Field(default=5000, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str = ""
+    """MLflow tracking URI; empty means an embedded sqlite store under the run directory."""
+    experiment: str = "far-scale"
+    run_name: str = ""
+
+
+class EvalConfig(Section):
+    num_iter: int = Field(default=64, ge=1)
+    """K: autoregressive iterations of masked generation."""
+    head_steps: Optional[int] = Field(default=None, ge=1)
+    """O: sampling steps of the head; None means 8 (shortcut) or 100 (diffusion)."""
+    cfg_scale: float = Field(default=1.0, ge=0.0)
+    cfg_schedule: Literal["linear", "constant"] = "linear"
+    temperature: float = Field(default=1.0, gt=0.0)
+    num_images: int = Field(default=50_000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    interval_steps: int = Field(default=10_000, ge=1)
+    grid_images: int = Field(default=16, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    epochs: Optional[float] = Field(default=None, gt=0.0)
+    log_interval: int = Field(default=50, ge=1)
+
+
+class Config(Section):
+    """A whole run: one recipe, fully resolved."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()

@@ -1,0 +1,91 @@
+"""The DeepSpeed config as a pure function of the resolved recipe and the world size.
+
+No hand-written JSON anywhere: this dict is what the engine receives, what
+``check-config`` prints and what is logged with a run. The optimizer (AdamW with SPEC §5
+parameter groups) and the LR schedule are client-side (``far_scale.train``), so DeepSpeed
+needs none of its JIT-compiled optimizer ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from far_scale.config.plan import validate
+from far_scale.config.schema import Config
+
+# DeepSpeed prints its own progress every `steps_per_print`; far-scale logs itself.
+DS_STEPS_PER_PRINT = 1_000_000_000
+
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+FP32_BYTES = 4
+ADAM_STATES = 2  # exp_avg, exp_avg_sq
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, precision: Optional[str] = None) -> dict[str, Any]:
+    """DeepSpeed config for ``cfg`` at ``world_size``; ``precision`` overrides the recipe (fp32 on CPU)."""
+    validate(cfg, world_size)
+    par = cfg.parallel
+    precision = precision or par.precision
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.zero_stage >= 1:
+        zero.update(reduce_bucket_size=par.reduce_bucket_size, overlap_comm=par.overlap_comm)
+    if par.zero_stage in (1, 2):
+        zero.update(allgather_bucket_size=par.allgather_bucket_size)
+    if par.zero_stage >= 2:
+        zero.update(contiguous_gradients=True)
+    if par.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=par.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=par.stage3_param_persistence_threshold,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if par.offload_optimizer != "none" and par.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": par.offload_optimizer, "pin_memory": True}
+    return {
+        "train_batch_size": par.global_batch_size,
+        "train_micro_batch_size_per_gpu": par.micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": par.global_batch_size // (par.micro_batch_size_per_gpu * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        # The optimizer is a client torch AdamW: ZeRO must be told that is intended.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": DS_STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass(frozen=True)
+class ModelStateMemory:
+    """Bytes of model states per GPU (ZeRO paper accounting, activations excluded)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    ema: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.ema
+
+
+def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: int, precision: str) -> ModelStateMemory:
+    """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and an fp32 EMA.
+
+    Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The EMA
+    is kept in fp32 and sharded like the parameters under ZeRO-3.
+    """
+    width = BYTES_PER_PARAM[precision]
+    optimizer_bytes = (ADAM_STATES + (1 if precision != "fp32" else 0)) * FP32_BYTES * num_params
+    params, grads = width * num_params, width * num_params
+    ema = FP32_BYTES * num_params
+    if zero_stage >= 1:
+        optimizer_bytes /= world_size
+    if zero_stage >= 2:
+        grads /= world_size
+    if zero_stage >= 3:
+        params /= world_size
+        ema /= world_size
+    return ModelStateMemory(params=params, grads=grads, optimizer=optimizer_bytes, ema=ema)

@@ -1,0 +1,226 @@
+"""Per-token heads behind one interface (SPEC §3): ``loss(target, z, weight)`` and ``sample(z, ...)``.
+
+Both heads share the adaLN MLP body of MAR (``SimpleMLPAdaLN``). The diffusion head
+(MAR baseline) denoises with a DDPM chain; the shortcut head (FAR) integrates a learned
+velocity in 1-8 steps.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from far_scale.diffusion.gaussian import GaussianDiffusion
+from far_scale.diffusion.shortcut import draw_shortcut_rows, interpolate, num_level_bits, step_size
+from far_scale.models.transformer import LAYER_NORM_EPS
+
+FREQUENCY_EMBED_DIM = 256
+MAX_PERIOD = 10_000
+EMBED_INIT_STD = 0.02
+# Flow time t in [0, 1] is embedded as t * 1000 so that its sinusoidal features span the
+# same frequencies as DDPM's integer timesteps in MAR.
+FLOW_TIME_EMBED_SCALE = 1000.0
+
+CfgScale = Union[float, torch.Tensor]
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int = FREQUENCY_EMBED_DIM) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoidal features of a scalar (time, step level) followed by a 2-layer MLP."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBED_DIM, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(values).to(self.mlp[0].weight.dtype))
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class AdaLNResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class AdaLNFinal(nn.Module):
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=LAYER_NORM_EPS)
+        self.linear = nn.Linear(width, out_channels)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm(x), shift, scale))
+
+
+class AdaLNMLP(nn.Module):
+    """MAR's SimpleMLPAdaLN with any number of scalar conditions (time; time and step size)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, z_channels: int, depth: int, num_scalars: int):
+        super().__init__()
+        self.input_proj = nn.Linear(in_channels, width)
+        self.scalar_embedders = nn.ModuleList(ScalarEmbedder(width) for _ in range(num_scalars))
+        self.cond_proj = nn.Linear(z_channels, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.final = AdaLNFinal(width, out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for embedder in self.scalar_embedders:
+            nn.init.normal_(embedder.mlp[0].weight, std=EMBED_INIT_STD)
+            nn.init.normal_(embedder.mlp[2].weight, std=EMBED_INIT_STD)
+        # Zero-init modulations and output: each block starts as the identity, the output as 0.
+        for layer in [block.modulation[-1] for block in self.blocks] + [self.final.modulation[-1], self.final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, scalars: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
+        cond = self.cond_proj(z)
+        for embedder, values in zip(self.scalar_embedders, scalars):
+            cond = cond + embedder(values)
+        x = self.input_proj(x)
+        for block in self.blocks:
+            x = block(x, cond)
+        return self.final(x, cond)
+
+
+def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _guided(output: torch.Tensor, cfg_scale: Optional[CfgScale]) -> torch.Tensor:
+    """Mix [cond; uncond] outputs as u + w (c - u); without CFG return as is."""
+    if cfg_scale is None:
+        return output
+    cond, uncond = output.chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+class ShortcutHead(nn.Module):
+    """FAR's head: a velocity s(x_t, t, d | z) trained with flow matching + self-consistency."""
+
+    kind = "shortcut"
+
+    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, *,
+                 num_levels: int, self_consistency_fraction: float, clip_value: float):
+        super().__init__()
+        self.token_dim = token_dim
+        self.num_levels = num_levels
+        self.self_consistency_fraction = self_consistency_fraction
+        self.clip_value = clip_value
+        self.net = AdaLNMLP(token_dim, width, token_dim, z_channels, depth, num_scalars=2)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor, z: torch.Tensor,
+                 net: Optional[nn.Module] = None) -> torch.Tensor:
+        return (net or self.net)(x, (t * FLOW_TIME_EMBED_SCALE, level), z)
+
+    @torch.no_grad()
+    def consistency_target(self, x_t, t, level, z, target_net: Optional[nn.Module] = None) -> torch.Tensor:
+        """stop-grad[(s1 + s2) / 2] of two half steps at level + 1, clipped."""
+        half_level = level + 1
+        half = step_size(half_level).to(x_t.dtype)[:, None]
+        s1 = self.velocity(x_t, t, half_level, z, target_net)
+        x_mid = (x_t + half * s1).clamp(-self.clip_value, self.clip_value)
+        s2 = self.velocity(x_mid, t + half[:, 0].double(), half_level, z, target_net)
+        return ((s1 + s2) / 2).clamp(-self.clip_value, self.clip_value)
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+             target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rows ``target`` [N, C] conditioned on ``z`` [N, W]; ``weight`` [N] selects rows (masked tokens).
+
+        ``target_net`` (e.g. the EMA copy of ``self.net``) gives the self-consistency targets;
+        None uses the live weights without gradient.
+        """
+        draws = draw_shortcut_rows(target, self.num_levels, self.self_consistency_fraction)
+        x_t = interpolate(draws.noise, target, draws.t)
+        k = draws.num_flow
+        flow_target = target[:k] - draws.noise[:k]
+        if k < target.shape[0]:
+            sc_target = self.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:].detach(), target_net)
+            goal = torch.cat([flow_target, sc_target.to(flow_target.dtype)])
+        else:
+            goal = flow_target
+        per_row = (self.velocity(x_t, draws.t, draws.level, z) - goal).float().pow(2).mean(-1)
+        weight = weight.to(per_row.dtype)
+        parts = {"flow_matching": _weighted_mean(per_row[:k], weight[:k])}
+        if k < target.shape[0]:
+            parts["self_consistency"] = _weighted_mean(per_row[k:], weight[k:])
+        return _weighted_mean(per_row, weight), parts
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, num_steps: int, temperature: float,
+               generator: Optional[torch.Generator] = None, cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+        """O-step Euler integration from tau * N(0, I). With ``cfg_scale``, ``z`` is [cond; uncond]."""
+        level_value = num_level_bits(num_steps)
+        rows = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
+        x = temperature * torch.randn(rows, self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
+        level = torch.full((z.shape[0],), level_value, device=z.device, dtype=torch.long)
+        for i in range(num_steps):
+            t = torch.full((z.shape[0],), i / num_steps, device=z.device, dtype=torch.float64)
+            x_in = torch.cat([x, x]) if cfg_scale is not None else x
+            x = x + _guided(self.velocity(x_in, t, level, z), cfg_scale) / num_steps
+        return x
+
+
+class DiffusionHead(nn.Module):
+    """MAR's DiffLoss: eps-prediction with learned variance on a cosine DDPM chain."""
+
+    kind = "diffusion"
+
+    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, *,
+                 num_train_timesteps: int, noise_schedule: str):
+        super().__init__()
+        self.token_dim = token_dim
+        self.net = AdaLNMLP(token_dim, width, 2 * token_dim, z_channels, depth, num_scalars=1)
+        self.diffusion = GaussianDiffusion.create(noise_schedule, num_train_timesteps)
+        self._respaced = lru_cache(maxsize=8)(self.diffusion.respaced)
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+             target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        del target_net  # the diffusion objective has no bootstrap target
+        t = torch.randint(0, self.diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        terms = self.diffusion.training_losses(lambda x, tt: self.net(x, (tt,), z), target, t)
+        weight = weight.to(torch.float32)
+        parts = {name: _weighted_mean(value.float(), weight) for name, value in terms.items()}
+        return parts["mse"] + parts["vb"], parts
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, num_steps: int, temperature: float,
+               generator: Optional[torch.Generator] = None, cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+        """Respaced ancestral sampling; CFG mixes eps, each half keeps its own variance."""
+        rows = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
+        noise = torch.randn(rows, self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if cfg_scale is None:
+                return self.net(x, (t,), z)
+            out = self.net(torch.cat([x, x]), (torch.cat([t, t]),), z)
+            eps, var_values = out.chunk(2, dim=-1)
+            return torch.cat([_guided(eps, cfg_scale), var_values.chunk(2, dim=0)[0]], dim=-1)
+
+        return self._respaced(num_steps).sample(model, noise, temperature, generator)

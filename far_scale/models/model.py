@@ -1,0 +1,93 @@
+"""A backbone plus a head: the trainable model of every arch (far, far_causal, mar)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from far_scale.config.schema import ModelConfig
+from far_scale.data.spec import DataSpec
+from far_scale.models.backbones import CausalBackbone, MaskedBackbone
+from far_scale.models.heads import DiffusionHead, ShortcutHead
+from far_scale.models.registry import ModelDims, resolve_dims
+
+Backbone = Union[MaskedBackbone, CausalBackbone]
+Head = Union[ShortcutHead, DiffusionHead]
+
+
+class ARModel(nn.Module):
+    """``forward(latents, labels)`` returns the training loss and its parts."""
+
+    def __init__(self, backbone: Backbone, head: Head, num_repeats: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_repeats = num_repeats
+
+    @property
+    def seq_len(self) -> int:
+        return self.backbone.seq_len
+
+    @property
+    def token_dim(self) -> int:
+        return self.backbone.token_dim
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor,
+                target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+        """``latents`` [B, L, D] (scaled), ``labels`` [B]; ``target_net`` feeds shortcut targets (EMA head net)."""
+        z, mask = self.backbone(latents, labels)
+        return self.head_loss(latents, z, mask, target_net)
+
+    def head_loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
+                  target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+        """The head's loss on tokens ``target`` [B, L, D] given ``z`` [B, L, W], counted where ``mask``."""
+        rows = target.shape[0] * target.shape[1]
+        # Each token is repeated num_repeats times with independent noise/time draws (SPEC §3).
+        target_rows = target.reshape(rows, -1).repeat(self.num_repeats, 1)
+        cond = z.reshape(rows, -1).repeat(self.num_repeats, 1)
+        weight = mask.reshape(rows).repeat(self.num_repeats)
+        loss, parts = self.head.loss(target_rows, cond, weight, target_net=target_net)
+        return {"loss": loss, **parts}
+
+
+def build_model(model: ModelConfig, data: DataSpec, dims: Optional[ModelDims] = None) -> ARModel:
+    """Build the model a ``model`` config describes, shaped by the data (``DataSpec``)."""
+    dims = dims or resolve_dims(model)
+    shape = dict(seq_len=data.seq_len, token_dim=data.token_dim, num_classes=data.num_classes)
+    common = dict(width=dims.width, num_heads=dims.num_heads, mlp_ratio=model.mlp_ratio,
+                  dropout=model.dropout, class_dropout=model.class_dropout)
+    if dims.backbone == "masked":
+        backbone: Backbone = MaskedBackbone(
+            **shape, **common, encoder_depth=dims.encoder_depth, decoder_depth=dims.decoder_depth,
+            num_buffer_tokens=model.num_buffer_tokens, mask_ratio_min=model.mask_ratio_min,
+            mask_ratio_mean=model.mask_ratio_mean, mask_ratio_std=model.mask_ratio_std,
+        )
+    else:
+        backbone = CausalBackbone(**shape, **common, depth=dims.total_depth)
+    head_cfg = model.head
+    if dims.head_kind == "shortcut":
+        head: Head = ShortcutHead(
+            data.token_dim, dims.width, dims.head_width, dims.head_depth, num_levels=head_cfg.num_levels,
+            self_consistency_fraction=head_cfg.self_consistency_fraction, clip_value=head_cfg.clip_value,
+        )
+    else:
+        head = DiffusionHead(
+            data.token_dim, dims.width, dims.head_width, dims.head_depth,
+            num_train_timesteps=head_cfg.num_train_timesteps, noise_schedule=head_cfg.noise_schedule,
+        )
+    return ARModel(backbone, head, head_cfg.num_repeats)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of the backbone, the head and in total."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def count_parameters_for(model: ModelConfig, data: DataSpec) -> dict[str, int]:
+    """Parameter counts without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(model, data))

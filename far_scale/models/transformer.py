@@ -1,0 +1,126 @@
+"""Pre-norm ViT blocks on ``scaled_dot_product_attention``, with an optional KV cache for decoding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LAYER_NORM_EPS = 1e-6  # MAR / timm ViT value
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys
+        self.values = values
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.keys.shape[2]}")
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """One ``LayerKVCache`` per block, created by the caller with the device/dtype it decodes in."""
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int, *, device, dtype):
+        shape = (batch, num_heads, max_len, head_dim)
+        self.layers = [
+            LayerKVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+            for _ in range(num_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        is_causal = causal
+        if cache is not None:
+            if length > 1 and cache.length > 0:
+                raise ValueError("a KV cache takes either a prefill from empty or one token at a time")
+            k, v = cache.append(k, v)
+            # A single new query may attend to every cached position.
+            is_causal = causal and length > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=is_causal
+        )
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (MAR's timm ``Block`` with qkv bias)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=causal, cache=cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class BlockStack(nn.Module):
+    """A sequence of blocks; activation checkpointing is a switch set from outside the model."""
+
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.activation_checkpointing = False
+
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[KVCache] = None) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            layer_cache = cache.layers[index] if cache is not None else None
+            if self.activation_checkpointing and self.training and layer_cache is None:
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal, cache=layer_cache)
+        return x
+
+
+def init_backbone_weights(module: nn.Module) -> None:
+    """MAR init: Xavier-uniform linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
