@@ -13,7 +13,7 @@ echo "== 2. plan FAR-B on 32 GPUs (the paper's setup) =="
 $PY -m far_scale.cli check-config recipes/far_base_in256.yaml --world-size 32 | sed -n '/# derived/,/# deepspeed/p'
 
 echo "== 3. sampling speed of tiny FAR vs MAR on this CPU =="
-$PY benchmarks/sampling_speed.py --sizes tiny --batch 8 --repeats 2 --quick --out "$OUT/sampling_speed"
+$PY benchmarks/sampling_speed.py --sizes tiny --batch 8 --repeats 2 --quick --no-docs --out "$OUT/sampling_speed"
 
 echo
 echo "Demo done. Outputs under $OUT/."

@@ -1,0 +1,101 @@
+"""Shared plumbing for benchmarks: machine description, result files, and the docs/benchmarks.md sections.
+
+Each benchmark writes one JSON per (benchmark, machine, variant) under benchmarks/results/
+and regenerates its own marked section of docs/benchmarks.md from all of its JSONs, so
+results from several machines (a CPU box, a lent H100) sit side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+DOC_HEADER = "# Benchmarks\n\nMeasured numbers only; each table says which machine, command and date produced it.\n"
+
+
+def describe_machine(device: torch.device) -> dict:
+    """Card or CPU name, core count and library versions."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "device": device.type,
+        "name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def save_result(benchmark: str, key: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{benchmark}__{key}.json"
+    payload = {**payload, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_results(benchmark: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob(f"{benchmark}__*.json"))]
+
+
+def markdown_table(header: list[str], rows: Iterable[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_doc_section(benchmark: str, body: str) -> None:
+    """Replace the section between this benchmark's markers in docs/benchmarks.md (append if new)."""
+    begin, end = f"<!-- {benchmark}:begin -->", f"<!-- {benchmark}:end -->"
+    text = DOC_PATH.read_text() if DOC_PATH.exists() else DOC_HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC_PATH.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC_PATH)

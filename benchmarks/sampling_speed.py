@@ -1,0 +1,224 @@
+"""Sampling speed: FAR (shortcut head, O steps) vs MAR (diffusion head, DDPM steps) on the same backbone.
+
+For each K (backbone passes of masked generation) and head setting, measures images/s and
+the head's share of inference time; also FAR-Causal with and without the KV cache.
+Results go to benchmarks/results/*.json, docs/benchmarks.md and a plot shaped like FAR's
+Figure 4 in docs/img/. Run ``python benchmarks/sampling_speed.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import (  # noqa: E402
+    REPO_ROOT, describe_machine, load_results, markdown_table, median_seconds, save_result, synchronize,
+    write_doc_section,
+)
+
+from far_scale.config.schema import ModelConfig  # noqa: E402
+from far_scale.data.spec import DataSpec  # noqa: E402
+from far_scale.models.model import ARModel, build_model  # noqa: E402
+from far_scale.models.sampling import SamplingOptions, generate  # noqa: E402
+
+BENCHMARK = "sampling_speed"
+IMG_DIR = REPO_ROOT / "docs" / "img"
+
+
+class HeadTimer:
+    """Accumulates wall time spent in ``model.head.sample`` (wraps this instance only)."""
+
+    def __init__(self, model: ARModel, device: torch.device):
+        self.seconds = 0.0
+        inner = model.head.sample
+
+        def timed(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            synchronize(device)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        model.head.sample = timed  # type: ignore[method-assign]
+
+
+def measure(model: ARModel, timer: HeadTimer, labels: torch.Tensor, options: SamplingOptions,
+            device: torch.device, repeats: int, autocast) -> dict:
+    def run():
+        with autocast():
+            generate(model, labels, options, torch.Generator(device=device).manual_seed(0))
+
+    run()  # warm-up
+    timer.seconds = 0.0
+    seconds = median_seconds(run, device, repeats, warmup=0)
+    head_seconds = timer.seconds / repeats
+    return {"seconds": seconds, "images_per_s": labels.shape[0] / seconds, "head_share": min(1.0, head_seconds / seconds)}
+
+
+def build_pair(size: str, data: DataSpec, device: torch.device) -> tuple[ARModel, ARModel, ARModel]:
+    """MAR and FAR sharing one backbone's weights, plus a FAR-Causal of the same size."""
+    mar = build_model(ModelConfig(arch="mar", size=size), data).to(device).eval()
+    far = build_model(ModelConfig(arch="far", size=size), data).to(device).eval()
+    far.backbone.load_state_dict(mar.backbone.state_dict())
+    causal = build_model(ModelConfig(arch="far_causal", size=size), data).to(device).eval()
+    return mar, far, causal
+
+
+def run_size(args, size: str, device: torch.device) -> dict:
+    data = DataSpec(seq_len=args.seq_len, token_dim=args.token_dim, num_classes=1000)
+    mar, far, causal = build_pair(size, data, device)
+    timers = {id(m): HeadTimer(m, device) for m in (mar, far, causal)}
+    labels = torch.arange(args.batch, device=device) % data.num_classes
+    bf16 = device.type == "cuda" and args.dtype == "bf16"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    rows = []
+    for k in args.num_iter:
+        for label, model, steps in [*[("FAR", far, o) for o in args.far_steps], *[("MAR", mar, s) for s in args.mar_steps]]:
+            options = SamplingOptions(num_iter=k, head_steps=steps, cfg_scale=args.cfg)
+            result = measure(model, timers[id(model)], labels, options, device, args.repeats, autocast)
+            rows.append({"model": label, "K": k, "head_steps": steps, **result})
+            print(f"[{size}] {label} K={k} steps={steps}: {result['images_per_s']:.3f} img/s, "
+                  f"head {100 * result['head_share']:.0f}%", flush=True)
+    for use_cache in ([True, False] if args.causal_no_cache else [True]):
+        for o in args.causal_steps:
+            options = SamplingOptions(head_steps=o, cfg_scale=args.cfg, use_kv_cache=use_cache)
+            result = measure(causal, timers[id(causal)], labels, options, device, args.repeats, autocast)
+            rows.append({"model": f"FAR-Causal ({'KV cache' if use_cache else 'no cache'})", "K": data.seq_len,
+                         "head_steps": o, **result})
+            print(f"[{size}] FAR-Causal cache={use_cache} O={o}: {result['images_per_s']:.3f} img/s", flush=True)
+    return {"size": size, "batch": args.batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32",
+            "cfg": args.cfg, "rows": rows}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (share_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    masked = [r for r in result["rows"] if r["model"] in ("FAR", "MAR")]
+    for k in sorted({r["K"] for r in masked}):
+        points = sorted((r["head_steps"], r["head_share"], r["model"]) for r in masked if r["K"] == k)
+        share_ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"K={k}")
+        for model in ("FAR", "MAR"):
+            sub = sorted((r["head_steps"], r["images_per_s"]) for r in masked if r["K"] == k and r["model"] == model)
+            speed_ax.plot([s[0] for s in sub], [s[1] for s in sub], marker="o" if model == "FAR" else "s",
+                          label=f"{model} K={k}")
+    share_ax.set_xscale("log", base=2)
+    share_ax.set_xlabel("head steps (FAR: O <= 8, MAR: DDPM steps >= 25)")
+    share_ax.set_ylabel("head share of inference time (%)")
+    share_ax.set_ylim(0, 100)
+    share_ax.legend()
+    share_ax.set_title("Head share (cf. FAR Fig. 4)")
+    speed_ax.set_xscale("log", base=2)
+    speed_ax.set_xlabel("head steps")
+    speed_ax.set_ylabel("images / s")
+    speed_ax.legend(fontsize=7)
+    speed_ax.set_title("Throughput, same backbone weights")
+    machine = result["machine"]
+    fig.suptitle(f"{result['size']} on {machine['name']} ({result['dtype']}, batch {result['batch']}, {result['date']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_docs() -> None:
+    parts = ["## Sampling speed: FAR vs MAR (`benchmarks/sampling_speed.py`)", ""]
+    for result in load_results(BENCHMARK):
+        machine = result["machine"]
+        parts += [
+            f"### {result['size']} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads), "
+            f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, cfg {result['cfg']}",
+            f"Date: {result['date']}. Command: `{result['command']}`",
+            "",
+            markdown_table(
+                ["model", "K", "head steps", "s / batch", "images/s", "head share"],
+                [[r["model"], r["K"], r["head_steps"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.3f}",
+                  f"{100 * r['head_share']:.0f}%"] for r in result["rows"]],
+            ),
+            "",
+        ]
+        speedups = _speedups(result)
+        if speedups:
+            parts += [speedups, ""]
+        parts += [f"![{result['size']}](img/{result['plot']})", ""]
+    write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+def _speedups(result: dict) -> str:
+    """FAR (largest O measured) vs MAR (100 steps, or the most measured) at each K."""
+    lines = []
+    for k in sorted({r["K"] for r in result["rows"] if r["model"] == "FAR"}):
+        far = [r for r in result["rows"] if r["model"] == "FAR" and r["K"] == k]
+        mar = [r for r in result["rows"] if r["model"] == "MAR" and r["K"] == k]
+        if far and mar:
+            f = max(far, key=lambda r: r["head_steps"])
+            m = max(mar, key=lambda r: r["head_steps"])
+            lines.append(f"K={k}: FAR O={f['head_steps']} is {f['images_per_s'] / m['images_per_s']:.2f}x "
+                         f"MAR {m['head_steps']} steps")
+    return "Speed-up: " + "; ".join(lines) if lines else ""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    parser.add_argument("--sizes", default="tiny", help="comma-separated presets, e.g. tiny,base")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU: fp32)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--token-dim", type=int, default=16)
+    parser.add_argument("--num-iter", type=ints, default=[32, 64, 256], help="K values")
+    parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
+    parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
+    parser.add_argument("--causal-steps", type=ints, default=[8])
+    parser.add_argument("--no-causal-no-cache", dest="causal_no_cache", action="store_false",
+                        help="skip FAR-Causal without KV cache (O(L^2) backbone work)")
+    parser.add_argument("--cfg", type=float, default=2.9, help="CFG scale (batch doubling, as in evaluation)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="K=32 and O/steps 8/25 only (the demo's smoke run)")
+    parser.add_argument("--out", default=None, help="also write the plot here (the demo); results still go to docs")
+    parser.add_argument("--no-docs", action="store_true", help="do not write results into docs/")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_iter, args.far_steps, args.mar_steps, args.causal_steps = [32], [8], [25], [8]
+        args.causal_no_cache = False
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    machine = describe_machine(device)
+    command = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for size in args.sizes.split(","):
+        result = {**run_size(args, size, device), "machine": machine, "command": command}
+        key = f"{machine['device']}_{size}_{result['dtype']}"
+        result["plot"] = f"{BENCHMARK}_{key}.png"
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            plot(result, out / result["plot"])
+            print(f"plot: {out / result['plot']}")
+        if not args.no_docs:
+            save_result(BENCHMARK, key, result)
+            saved = load_results(BENCHMARK)
+            plot(next(r for r in saved if r["plot"] == result["plot"]), IMG_DIR / result["plot"])
+    if not args.no_docs:
+        render_docs()
+        print("results: docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
