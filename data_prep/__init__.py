@@ -1,0 +1,1 @@
+"""Offline data preparation jobs: synthesize images, fit/encode latents, write and check shards."""

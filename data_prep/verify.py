@@ -1,0 +1,102 @@
+"""``far-scale data verify``: re-read every shard and check it against the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from far_scale.codecs import Codec, CodecError, load_codec
+from far_scale.data.manifest import read_manifest
+from far_scale.data.shards import iter_tar_bytes
+from far_scale.data.storage import filesystem, join
+
+
+@dataclass
+class VerifyReport:
+    num_shards: int = 0
+    num_samples: int = 0
+    bad_shards: dict[str, list[str]] = field(default_factory=dict)
+    decoded: int = 0
+    decode_note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_shards
+
+    def __str__(self) -> str:
+        lines = [f"{self.num_shards} shards, {self.num_samples} samples checked; "
+                 f"{self.decoded} samples decoded to images{self.decode_note}"]
+        if self.ok:
+            lines.append("OK: every shard matches the manifest")
+        for name, problems in self.bad_shards.items():
+            lines.append(f"BAD {name}: " + "; ".join(problems))
+        return "\n".join(lines)
+
+
+def open_manifest_codec(manifest: dict, weights: Optional[str]) -> Codec:
+    info = manifest["codec"]
+    return load_codec(info["name"], weights or info["weights_path"], info["image_size"], info["patch_size"],
+                      expected_sha256=info["weights_sha256"])
+
+
+def _check_shard(data: bytes, entry: dict, manifest: dict, codec: Optional[Codec]) -> tuple[list[str], int, bool]:
+    problems: list[str] = []
+    name = entry["name"]
+    if len(data) != entry["num_bytes"]:
+        problems.append(f"size {len(data)} bytes, manifest says {entry['num_bytes']} (truncated or appended)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        problems.append(f"sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...")
+    codec_info = manifest["codec"]
+    expected_shape = (2, codec_info["moments"], codec_info["seq_len"], codec_info["token_dim"])
+    num_classes = len(manifest["source"]["classes"])
+    count, first = 0, None
+    try:
+        for sample in iter_tar_bytes(data, name):
+            count += 1
+            first = first if first is not None else sample
+            if sample.latents.shape != expected_shape:
+                problems.append(f"sample {sample.key} has latents {sample.latents.shape}, expected {expected_shape}")
+            if not np.isfinite(sample.latents).all():
+                problems.append(f"sample {sample.key} has non-finite latents")
+            if not 0 <= sample.label < num_classes:
+                problems.append(f"sample {sample.key} has label {sample.label} outside [0, {num_classes})")
+    except ValueError as exc:
+        problems.append(f"unreadable: {exc}")
+    if count != entry["num_samples"]:
+        problems.append(f"{count} samples, manifest says {entry['num_samples']}")
+    decoded = False
+    if codec is not None and first is not None and first.latents.shape == expected_shape:
+        image = codec.decode(torch.from_numpy(first.latents[0, 0].astype(np.float32))[None])
+        decoded = bool(torch.isfinite(image).all())
+        if not decoded:
+            problems.append(f"sample {first.key} decodes to non-finite pixels")
+    return problems, count, decoded
+
+
+def verify_dataset(url: str, codec_weights: Optional[str] = None, progress: bool = True) -> VerifyReport:
+    manifest = read_manifest(url)
+    fs, root = filesystem(url)
+    report = VerifyReport()
+    try:
+        codec: Optional[Codec] = open_manifest_codec(manifest, codec_weights)
+    except CodecError as exc:
+        codec = None
+        report.decode_note = f" (codec not available, decoding skipped: {exc})"
+    for entry in tqdm(manifest["shards"], unit="shard", desc="verify", disable=not progress):
+        report.num_shards += 1
+        path = join(root, entry["name"])
+        if not fs.exists(path):
+            report.bad_shards[entry["name"]] = ["missing"]
+            continue
+        problems, count, decoded = _check_shard(fs.cat_file(path), entry, manifest, codec)
+        report.num_samples += count
+        report.decoded += int(decoded)
+        if problems:
+            report.bad_shards[entry["name"]] = problems
+    return report
