@@ -92,6 +92,20 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from far_scale.train.run import run_training
+
+    return run_training(args.recipe, args.overrides)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from far_scale.train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, include_raw=not args.ema_only)
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
 def _add_encode_args(parser: argparse.ArgumentParser) -> None:
     from far_scale.codecs import CODEC_NAMES
 
@@ -186,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override parallel.precision for the memory estimate and DeepSpeed config")
     check.set_defaults(handler=_check_config)
     _add_data_commands(commands)
+
+    train = commands.add_parser(
+        "train", help="train a recipe (run under torchrun / far-scale launch for several ranks)",
+        description="Stream latent shards into DeepSpeed ZeRO training; resumes from the latest checkpoint in "
+        "the run directory; logs to MLflow. SIGUSR1/SIGTERM: checkpoint after the current step, exit 75.")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="write EMA (and raw) weights as safetensors + config")
+    export.add_argument("checkpoint", help="run directory, checkpoints directory or step_* directory")
+    export.add_argument("out")
+    export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -81,7 +81,9 @@ class DataConfig(Section):
     """Directory or fsspec URL (``/path``, ``file://``, ``s3://bucket/prefix``) holding manifest.json and shards."""
     num_workers: int = Field(default=2, ge=0)
     shuffle: bool = True
-    shuffle_buffer: int = Field(default=1000, ge=0)
+    split: Literal["shards", "samples"] = "shards"
+    """shards: each rank reads its own shards (scales); samples: every rank reads all shards and keeps its
+    slice of each global batch, so a step's data is the same at any world size (small data, exact tests)."""
     expect: DataExpectation = DataExpectation()
 
 
@@ -158,6 +160,9 @@ class RunConfig(Section):
     max_steps: Optional[int] = Field(default=None, ge=1)
     epochs: Optional[float] = Field(default=None, gt=0.0)
     log_interval: int = Field(default=50, ge=1)
+    max_nonfinite_steps: int = Field(default=10, ge=0)
+    """Micro-batches with a NaN/inf loss are skipped (on every rank) and counted; the run stops after this many."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Config(Section):

@@ -1,0 +1,114 @@
+"""DeepSpeed: the only module that imports it. Engine construction, ZeRO-3 parameter access, checkpoints.
+
+The optimizer is a client ``torch.optim.AdamW`` and the LR is set by the trainer each step,
+so DeepSpeed compiles none of its optimizer ops. On CPU its shared-memory allreduce op (a
+~6 minute JIT build on 2 cores) is disabled and gloo is used as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from far_scale.config.schema import Config
+from far_scale.distributed.deepspeed_config import build_deepspeed_config
+from far_scale.models.transformer import BlockStack
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}  # deepspeed.checkpoint.constants value
+
+
+def _configure_deepspeed_for(device: torch.device):
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        # DeepSpeed caches this probe in the module and documents that edits persist; without it the
+        # first init_distributed on a CPU machine JIT-compiles the shm op for minutes.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    return deepspeed
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every transformer block in backward; returns the number of block stacks switched."""
+    stacks = [m for m in model.modules() if isinstance(m, BlockStack)]
+    for stack in stacks:
+        stack.activation_checkpointing = True
+    return len(stacks)
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.device, precision: str,
+                 param_groups: list[dict], lr: float, load_universal: bool = False):
+    """A DeepSpeed engine over ``model`` with a client AdamW."""
+    deepspeed = _configure_deepspeed_for(device)
+    optim = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  fused=device.type == "cuda")
+    ds_config = build_deepspeed_config(cfg, world_size, precision)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (its data lives in per-rank partitions)."""
+    return hasattr(param, "ds_tensor")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor]):
+    """Full values of (possibly ZeRO-3 partitioned) parameters, read-only, inside the block."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    # modifier_rank=None: read-only. Writes made inside would be discarded on exit.
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def save_checkpoint(engine, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    """Collective: every rank must call it."""
+    engine.save_checkpoint(directory, tag=tag, client_state={**client_state, "universal_checkpoint_info":
+                                                             UNIVERSAL_INFO}, save_latest=False)
+
+
+def load_checkpoint(engine, directory: str, tag: str) -> Optional[dict]:
+    """Collective. Returns the client state, or None if DeepSpeed found nothing."""
+    path, client_state = engine.load_checkpoint(directory, tag=tag, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+    return client_state if path is not None else None
+
+
+def convert_to_universal(directory: str, tag: str, output: str) -> None:
+    """Run DeepSpeed's ``ds_to_universal`` (world-size independent checkpoint) on one rank."""
+    out = Path(output)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(Path(directory) / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {directory}/{tag}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    (out / "latest_universal").write_text(tag)
+
+
+def consolidated_fp32_state_dict(directory: str, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)

@@ -1,0 +1,204 @@
+"""MLflow tracking from rank 0: params, batched metrics, artifacts, system metrics; survives outages.
+
+The default store is embedded (sqlite + an artifact folder under the run directory), so
+nothing must be started. With an ``http(s)://`` server, an unreachable server never stops
+training: metrics are buffered (bounded) and sent once it answers; what could not be kept
+is counted and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("far_scale.tracking")
+
+MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+MAX_BUFFERED_METRICS = 200_000
+HEALTH_TIMEOUT_S = 2.0
+RETRY_INTERVAL_S = 30.0
+MAX_PARAM_LENGTH = 500
+SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in params.items()}
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Rank 0's MLflow run. Every method is a no-op when tracking is disabled."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, artifact_dir: Path,
+                 run_id: Optional[str] = None, enabled: bool = True, system_metrics: bool = True):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.artifact_dir = artifact_dir
+        self.enabled = enabled
+        self.run_id = run_id
+        self.system_metrics = system_metrics
+        self._client = None
+        self._buffer: list = []
+        self._pending_params: dict[str, str] = {}
+        self._pending_tags: dict[str, str] = {}
+        self._pending_artifacts: list[tuple[str, Optional[str]]] = []
+        self.dropped_metrics = 0
+        self._next_attempt = 0.0
+        self._warned = False
+        self._system_monitor = None
+        if enabled:
+            self._connect()
+
+    @property
+    def online(self) -> bool:
+        return self._client is not None and self.run_id is not None
+
+    def _reachable(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _connect(self) -> bool:
+        if self.online:
+            return True
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        self._next_attempt = now + RETRY_INTERVAL_S
+        if not self._reachable():
+            if not self._warned:
+                log.warning("MLflow at %s is unreachable: training continues, metrics are buffered "
+                            "(up to %d) and sent when it answers", self.uri, MAX_BUFFERED_METRICS)
+                self._warned = True
+            return False
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                location = self.artifact_dir.resolve().as_uri() if "://" not in self.uri or self.uri.startswith("sqlite") else None
+                experiment_id = client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                experiment_id = experiment.experiment_id
+            if self.run_id is None:
+                self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+            else:
+                client.update_run(self.run_id, status="RUNNING")
+            self._client = client
+            self._start_system_metrics()
+            if self._warned:
+                log.warning("MLflow at %s answers again; sending buffered data", self.uri)
+            return True
+        except Exception as exc:  # network errors, server errors: never fatal to training
+            log.warning("MLflow at %s failed (%s); will retry", self.uri, exc)
+            self._warned = True
+            return False
+
+    def _start_system_metrics(self) -> None:
+        if not self.system_metrics or self._system_monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+            self._system_monitor.start()
+        except Exception as exc:
+            log.warning("MLflow system metrics unavailable: %s", exc)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            self._pending_params.update({k: str(v)[:MAX_PARAM_LENGTH] for k, v in redact(flatten(params)).items()})
+            self.flush()
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            self._pending_tags.update({k: str(v) for k, v in tags.items()})
+            self.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            if len(self._buffer) >= MAX_BUFFERED_METRICS:
+                self._buffer.pop(0)
+                self.dropped_metrics += 1
+            self._buffer.append(Metric(key, float(value), timestamp, step))
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        if self.enabled:
+            self._pending_artifacts.append((str(path), artifact_path))
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is buffered; on failure keep it for the next call."""
+        if not self.enabled or not self._connect():
+            return
+        try:
+            from mlflow.entities import Param, RunTag
+
+            if self._pending_params:
+                existing = self._client.get_run(self.run_id).data.params
+                params = [Param(k, v) for k, v in self._pending_params.items() if k not in existing]
+                for start in range(0, len(params), 100):
+                    self._client.log_batch(self.run_id, params=params[start : start + 100])
+                self._pending_params.clear()
+            if self._pending_tags:
+                self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
+                self._pending_tags.clear()
+            while self._buffer:
+                chunk = self._buffer[:MAX_BATCH_METRICS]
+                self._client.log_batch(self.run_id, metrics=chunk)
+                del self._buffer[: len(chunk)]
+            while self._pending_artifacts:
+                path, artifact_path = self._pending_artifacts[0]
+                self._client.log_artifact(self.run_id, path, artifact_path)
+                self._pending_artifacts.pop(0)
+        except Exception as exc:
+            log.warning("MLflow logging failed (%s); %d metrics kept for retry", exc, len(self._buffer))
+            self._client = None if self.uri.startswith(("http://", "https://")) else self._client
+            self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
+
+    def close(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        if self._system_monitor is not None:
+            try:
+                self._system_monitor.finish()
+            except Exception as exc:
+                log.warning("stopping MLflow system metrics failed: %s", exc)
+            self._system_monitor = None
+        if self.online:
+            try:
+                self._client.set_terminated(self.run_id, status=status)
+            except Exception as exc:
+                log.warning("could not close MLflow run %s: %s", self.run_id, exc)
+        if self._buffer or self.dropped_metrics:
+            log.warning("MLflow: %d metrics never reached %s and %d were dropped from a full buffer",
+                        len(self._buffer), self.uri, self.dropped_metrics)

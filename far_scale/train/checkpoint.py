@@ -1,0 +1,99 @@
+"""Checkpoint directory layout, the atomic ``latest.json`` pointer, retention and RNG capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest.json"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+UNIVERSAL_DIR = "universal"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    directory: Path
+    tag: str
+    step: int
+    world_size: int
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.tag
+
+
+def read_latest(directory: Path) -> Optional[CheckpointRef]:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    data = json.loads(pointer.read_text())
+    return CheckpointRef(directory, data["tag"], int(data["step"]), int(data["world_size"]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def write_latest(ref: CheckpointRef) -> None:
+    """Point ``latest.json`` at a checkpoint that is complete on every rank (call after a barrier)."""
+    _write_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
+
+
+def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor]) -> None:
+    """Files read without unpickling: resolved config, metadata, full EMA weights."""
+    ref.path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(ref.path / CONFIG_FILE, config_yaml)
+    _write_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
+    tmp = ref.path / f".{EMA_FILE}.partial"
+    save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
+    tmp.replace(ref.path / EMA_FILE)
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / EMA_FILE))
+
+
+def prune(directory: Path, keep_last: int, protect: str) -> list[str]:
+    """Delete all but the newest ``keep_last`` step_* checkpoints (never ``protect``)."""
+    tags = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
+    removed = [t for t in tags[:-keep_last] if t != protect]
+    for tag in removed:
+        shutil.rmtree(directory / tag, ignore_errors=True)
+        shutil.rmtree(directory / UNIVERSAL_DIR / tag, ignore_errors=True)
+    return removed
+
+
+def full_rng_state() -> dict:
+    """Every generator's complete state (restorable)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

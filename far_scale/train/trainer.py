@@ -1,0 +1,406 @@
+"""The training loop: streamed latent batches -> DeepSpeed ZeRO step -> EMA -> logs, samples, checkpoints.
+
+One loop for every arch and world size. Model randomness (mask ratios, orders, noise and
+time draws, class dropout) is seeded per micro-batch from (seed, step, global micro-batch
+index), so a resumed run reproduces the uninterrupted one bit for bit, and a run with W
+ranks draws what a 1-rank run with W-fold accumulation draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from far_scale.config.loader import config_to_yaml
+from far_scale.config.plan import derive_plan
+from far_scale.config.schema import Config
+from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
+from far_scale.distributed import engine as ds
+from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
+from far_scale.models.model import build_model
+from far_scale.models.sampling import SamplingOptions, generate
+from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
+from far_scale.train import checkpoint as ckpt
+from far_scale.train.ema import EMA
+from far_scale.train.flops import peak_flops, train_flops_per_image
+from far_scale.train.optim import parameter_groups, schedule_for
+
+log = logging.getLogger("far_scale.train")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; launchers requeue on it
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+EXPECTED_MASK_RATIO = 0.87  # mean of N(1, 0.25) truncated to [0.7, 1]
+METRICS_FILE = "metrics.jsonl"
+GRID_FILE = "samples_step{step:08d}.png"
+
+
+def micro_batch_seed(seed: int, step: int, global_micro: int) -> int:
+    return int(np.random.SeedSequence([seed, step, global_micro]).generate_state(1)[0])
+
+
+@dataclass
+class StepTimes:
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    optimizer_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.data_s + self.compute_s + self.optimizer_s
+
+
+@dataclass
+class Window:
+    """Accumulates metrics between two log lines."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    parts: dict = field(default_factory=dict)
+    times: StepTimes = field(default_factory=StepTimes)
+
+    def add(self, loss: float, parts: dict, times: StepTimes) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+        self.times.data_s += times.data_s
+        self.times.compute_s += times.compute_s
+        self.times.optimizer_s += times.optimizer_s
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt_dir = Path(cfg.checkpoint.url) if cfg.checkpoint.url else self.run_dir / "checkpoints"
+        self.config_yaml = config_to_yaml(cfg)
+        self.precision = cfg.parallel.precision if env.device.type == "cuda" else "fp32"
+        self.step = 0
+        self.nonfinite = 0
+        self.stop_requested = False
+        self.tracker: Optional[Tracker] = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        par = cfg.parallel
+        self.accum = par.global_batch_size // (par.micro_batch_size_per_gpu * env.world_size)
+        self.loader = LatentLoader(cfg.data.url, rank=env.rank, world_size=env.world_size,
+                                   num_workers=cfg.data.num_workers, batch_size=par.micro_batch_size_per_gpu,
+                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle, split=cfg.data.split,
+                                   grad_accum=self.accum)
+        self.data = self.loader.spec
+        self.plan = derive_plan(cfg, env.world_size, self.data)
+        steps_per_epoch = self.loader.steps_in_epoch(0) // self.accum
+        self.total_steps = cfg.run.max_steps or math.ceil(cfg.run.epochs * steps_per_epoch)
+        warmup = cfg.schedule.warmup_steps
+        if warmup is None:
+            warmup = math.ceil((cfg.schedule.warmup_epochs or 0.0) * steps_per_epoch)
+        self.lr_at = schedule_for(cfg, self.plan.lr, warmup, self.total_steps)
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.data)
+        self.model_template = copy.deepcopy(model)  # unpartitioned, for sampling with EMA weights
+        self.dims = self.plan.dims
+        uses_ema_targets = self.dims.head_kind == "shortcut" and cfg.model.head.consistency_target == "ema"
+        if par.activation_checkpointing:
+            ds.apply_activation_checkpointing(model)
+        resume = ckpt.read_latest(self.ckpt_dir)
+        universal = resume is not None and resume.world_size != env.world_size
+        if universal:
+            self._convert_to_universal(resume)
+        groups = parameter_groups(model, cfg.optim.weight_decay)
+        self.engine = ds.build_engine(model, cfg, env.world_size, env.device, self.precision, groups,
+                                      self.lr_at(0), load_universal=universal)
+        self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
+        self.target_net = (self.ema.bind(copy.deepcopy(self.model_template.head.net).to(env.device), "head.net.")
+                           if uses_ema_targets else None)
+        run_id = None
+        if resume is not None:
+            run_id = self._restore(resume, universal)
+        if env.is_main:
+            self._start_tracking(run_id)
+        self.flops_per_image = train_flops_per_image(cfg.model, self.dims, self.data, EXPECTED_MASK_RATIO)
+        name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+        self.peak = peak_flops(name) if env.device.type == "cuda" else None
+        self._print_plan(resume)
+
+    def _convert_to_universal(self, resume: ckpt.CheckpointRef) -> None:
+        if self.env.is_main:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: converting it to DeepSpeed's "
+                        "universal format", resume.tag, resume.world_size, self.env.world_size)
+            ds.convert_to_universal(str(resume.directory), resume.tag, str(resume.directory / ckpt.UNIVERSAL_DIR))
+        barrier()
+
+    def _restore(self, ref: ckpt.CheckpointRef, universal: bool) -> Optional[str]:
+        directory = ref.directory / ckpt.UNIVERSAL_DIR if universal else ref.directory
+        client = ds.load_checkpoint(self.engine, str(directory), ref.tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
+        self.step = int(client["step"])
+        self.nonfinite = int(client.get("nonfinite", 0))
+        positions = client["loader_positions"]
+        workers = max(self.cfg.data.num_workers, 1)
+        if not universal:
+            self.loader.position = LoaderPosition.from_dict(positions[self.env.rank])
+            ckpt.restore_rng_state(client["rng_states"][self.env.rank])
+        elif self.cfg.data.split == "samples":
+            saved = LoaderPosition.from_dict(positions[0])
+            self.loader.position = LoaderPosition(saved.epoch, [0] * workers, saved.global_micro_batches)
+        else:
+            saved = LoaderPosition.from_dict(positions[0])
+            self.loader.position = LoaderPosition(saved.epoch + 1, [0] * workers)
+            if self.env.is_main:
+                log.warning("world size changed with data.split=shards: the interrupted epoch's remaining samples "
+                            "cannot be located exactly; continuing at the start of epoch %d", saved.epoch + 1)
+        self.ema.load_full_state_dict(ckpt.load_ema(ref.path))
+        if self.env.is_main:
+            log.warning("resumed from %s at step %d", ref.path, self.step)
+        return client.get("mlflow_run_id")
+
+    def _start_tracking(self, run_id: Optional[str]) -> None:
+        tracking = self.cfg.tracking
+        uri = tracking.uri or default_tracking_uri(self.run_dir)
+        self.tracker = Tracker(uri, tracking.experiment, tracking.run_name or self.cfg.run.name,
+                               self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled)
+        if run_id is None:
+            self.tracker.log_params({"config": self.cfg.model_dump(mode="json"),
+                                     "derived": {**self.plan.as_dict(), "total_steps": self.total_steps,
+                                                 "precision": self.precision}})
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.tracker.set_tags({"run_dir": str(self.run_dir.resolve()), "world_size": self.env.world_size})
+
+    def _print_plan(self, resume) -> None:
+        if not self.env.is_main:
+            return
+        print(f"far-scale train: {self.cfg.model.arch} ({self.cfg.model.size}) on {self.env.world_size} x "
+              f"{self.env.device.type}, {self.precision}, ZeRO-{self.cfg.parallel.zero_stage}; "
+              f"{self.plan.samples_per_step} images/step = {self.cfg.parallel.micro_batch_size_per_gpu} x "
+              f"{self.env.world_size} ranks x {self.accum} accumulation; {self.total_steps} steps; "
+              f"peak lr {self.plan.lr:g}; data {self.cfg.data.url} ({self.data.seq_len} x {self.data.token_dim} "
+              f"tokens, scale {self.loader.scale:.4f})"
+              + (f"; resumed at step {self.step}" if resume else ""), flush=True)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def _micro_step(self, batch: LatentBatch, micro: int) -> tuple[Optional[torch.Tensor], dict]:
+        """Forward + backward of one micro-batch; returns (detached loss, parts) or (None, {}) if non-finite."""
+        global_micro = self.env.rank * self.accum + micro
+        torch.manual_seed(micro_batch_seed(self.cfg.run.seed, self.step, global_micro))
+        latents = batch.latents.to(self.env.device, non_blocking=True)
+        labels = batch.labels.to(self.env.device, non_blocking=True)
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.engine(latents, labels, target_net=self.target_net)
+        loss = out["loss"]
+        finite = torch.isfinite(loss.detach()).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a sync point: every rank must agree to skip
+        if finite.item() < 1.0:
+            return None, {}
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach(), {k: v.detach() for k, v in out.items() if k != "loss"}
+
+    def train_step(self, batches) -> tuple[float, dict, StepTimes]:
+        """One optimizer step over ``accum`` finite micro-batches; returns mean loss over all ranks."""
+        times = StepTimes()
+        ds.set_learning_rate(self.engine, self.lr_at(self.step))
+        losses, parts_sum = [], {}
+        micro = 0
+        while micro < self.accum:
+            start = time.perf_counter()
+            batch = next(batches)
+            times.data_s += time.perf_counter() - start
+            start = time.perf_counter()
+            loss, parts = self._micro_step(batch, micro)
+            times.compute_s += time.perf_counter() - start
+            if loss is None:
+                self.nonfinite += 1
+                if self.env.is_main:
+                    log.warning("non-finite loss at step %d (keys %s...); skipped (%d so far, limit %d)",
+                                self.step, batch.keys[:2], self.nonfinite, self.cfg.run.max_nonfinite_steps)
+                if self.nonfinite > self.cfg.run.max_nonfinite_steps:
+                    raise FloatingPointError(f"{self.nonfinite} non-finite losses exceed "
+                                             f"run.max_nonfinite_steps={self.cfg.run.max_nonfinite_steps}")
+                continue
+            losses.append(loss)
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value
+            micro += 1
+        start = time.perf_counter()
+        self.ema.update()
+        names = sorted(parts_sum)
+        summary = torch.stack([torch.stack(losses).sum(), *[parts_sum[n] for n in names],
+                               torch.tensor(float(self.stop_requested), device=self.env.device)]).float()
+        dist.all_reduce(summary)  # one collective per step: loss, its parts and any rank's stop request
+        times.optimizer_s += time.perf_counter() - start
+        count = self.accum * self.env.world_size
+        self.stop_requested = bool(summary[-1].item() > 0)
+        parts = {n: float(summary[1 + i]) / count for i, n in enumerate(names)}
+        self.step += 1
+        return float(summary[0]) / count, parts, times
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+            log.warning("rank %d got signal %d: checkpointing after this step", self.env.rank, signum)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+
+    def train(self) -> int:
+        """Run to ``total_steps`` or a stop request; returns the process exit code."""
+        self._install_signal_handlers()
+        batches = self.loader.batches()
+        window = Window()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.env.is_main and sys.stderr.isatty()))
+        status = "FINISHED"
+        try:
+            while self.step < self.total_steps:
+                loss, parts, times = self.train_step(batches)
+                window.add(loss, parts, times)
+                self._write_metrics_line(loss, parts)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self.step % self.cfg.run.log_interval == 0 or self.step == self.total_steps:
+                    self._log_window(window, bar)
+                    window = Window()
+                if self.step % self.cfg.eval.interval_steps == 0:
+                    self.sample_grid()
+                if self.stop_requested:
+                    self.save()
+                    status = "KILLED"
+                    if self.env.is_main:
+                        print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}",
+                              flush=True)
+                    return EXIT_PREEMPTED
+                if self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps:
+                    self.save()
+            self.save()
+            self.sample_grid()
+            return 0
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            bar.close()
+            if self.tracker is not None:
+                self.tracker.close("FINISHED" if status == "KILLED" else status)
+
+    def _write_metrics_line(self, loss: float, parts: dict) -> None:
+        if self.env.is_main:
+            with open(self.run_dir / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps({"step": self.step, "loss": loss, **parts}) + "\n")
+
+    def _log_window(self, window: Window, bar) -> None:
+        if not self.env.is_main or window.steps == 0:
+            return
+        t = window.times
+        images = window.steps * self.plan.samples_per_step
+        images_per_s = images / t.total_s if t.total_s > 0 else 0.0
+        metrics = {
+            "loss": window.loss_sum / window.steps,
+            **{f"loss/{k}": v / window.steps for k, v in window.parts.items()},
+            "lr": self.lr_at(self.step - 1),
+            "grad_norm": _grad_norm(self.engine),
+            "images_per_s": images_per_s,
+            "latents_per_s": images_per_s * self.data.seq_len,
+            "step_time_s": t.total_s / window.steps,
+            "data_wait_share": t.data_s / t.total_s if t.total_s > 0 else 0.0,
+            "time/forward_backward_s": t.compute_s / window.steps,
+            "time/optimizer_s": t.optimizer_s / window.steps,
+            "memory/peak_gib": _peak_memory_gib(self.env.device),
+            "nonfinite_skipped": float(self.nonfinite),
+        }
+        if self.peak:
+            metrics["mfu"] = images_per_s / self.env.world_size * self.flops_per_image / self.peak
+        self.tracker.log_metrics(metrics, self.step)
+        self.tracker.flush()
+        remaining = (self.total_steps - self.step) * t.total_s / window.steps
+        line = (f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
+                f"{images_per_s:.1f} img/s {metrics['latents_per_s']:.0f} latents/s data-wait "
+                f"{100 * metrics['data_wait_share']:.0f}% mem {metrics['memory/peak_gib']:.2f} GiB "
+                f"eta {remaining / 60:.1f} min")
+        if "mfu" in metrics:
+            line += f" mfu {100 * metrics['mfu']:.1f}%"
+        (bar.write if not bar.disable else print)(line)
+        sys.stdout.flush()
+
+    # ---- checkpoints and samples ----------------------------------------------------------------
+    def save(self) -> None:
+        """Collective checkpoint of engine, EMA, data position, RNG and run id; then the latest pointer."""
+        ref = ckpt.CheckpointRef(self.ckpt_dir, ckpt.tag_for(self.step), self.step, self.env.world_size)
+        positions = all_gather_objects(self.loader.position.as_dict())
+        rngs = all_gather_objects(ckpt.full_rng_state())
+        run_id = self.tracker.run_id if self.tracker is not None else None
+        run_id = all_gather_objects(run_id)[0]
+        client = {"step": self.step, "config_yaml": self.config_yaml, "loader_positions": positions,
+                  "rng_states": rngs, "mlflow_run_id": run_id, "world_size": self.env.world_size,
+                  "nonfinite": self.nonfinite}
+        ds.save_checkpoint(self.engine, str(self.ckpt_dir), ref.tag, client)
+        ema_state = self.ema.full_state_dict()
+        if self.env.is_main:
+            meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
+                    "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len,
+                             "token_dim": self.data.token_dim, "num_classes": self.data.num_classes,
+                             "scale": self.loader.scale, "codec": self.loader.manifest["codec"]}}
+            ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state)
+        barrier()
+        if self.env.is_main:
+            ckpt.write_latest(ref)
+            removed = ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, ref.tag)
+            self.tracker.set_tags({"checkpoint/latest": str(ref.path.resolve()), "checkpoint/step": self.step})
+            print(f"checkpoint {ref.path} (removed {len(removed)} old)", flush=True)
+
+    def sample_grid(self) -> Optional[Path]:
+        """Sample a grid with the EMA weights, decode it, save a PNG, log it to MLflow (rank 0)."""
+        state = self.ema.full_state_dict()  # collective under ZeRO-3
+        if not self.env.is_main:
+            return None
+        from far_scale.eval.grid import decode_to_grid
+
+        model = copy.deepcopy(self.model_template).to(self.env.device)
+        model.load_state_dict(state)
+        model.eval()
+        ev = self.cfg.eval
+        count = min(ev.grid_images, ev.num_images)
+        labels = torch.arange(count, device=self.env.device) % self.data.num_classes
+        options = SamplingOptions(num_iter=min(ev.num_iter, self.data.seq_len), head_steps=self.plan.head_steps,
+                                  cfg_scale=ev.cfg_scale, cfg_schedule=ev.cfg_schedule, temperature=ev.temperature)
+        generator = torch.Generator(device=self.env.device).manual_seed(self.cfg.run.seed)
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            tokens = generate(model, labels, options, generator).float()
+        path = self.run_dir / GRID_FILE.format(step=self.step)
+        if decode_to_grid(tokens / self.loader.scale, self.loader.manifest, path, self.data.num_classes):
+            self.tracker.log_artifact(path, "samples")
+            return path
+        return None
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
