@@ -89,3 +89,20 @@ def s3_bucket(s3_endpoint, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-bucket"
     fs.mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def latent_dataset(tmp_path_factory):
+    """A small real latent dataset: synthetic 32 px images -> PCA codec -> 12 shards of 10 (+ a short one)."""
+    from data_prep.encode import EncodeJob, run_encode
+    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.synth import SynthSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("latents")
+    images = write_dataset(root / "images", SynthSpec(num_classes=4, images_per_class=32, resolution=32, seed=1),
+                           progress=False)
+    weights = root / "pca.safetensors"
+    fit_pca_codec(str(images), str(weights), 32, 8, 8, max_images=64, max_patches=20_000, seed=0)
+    run_encode(EncodeJob(src=str(images), dst=str(root / "shards"), codec="pca", codec_weights=str(weights),
+                         image_size=32, images_per_shard=10, batch_size=16, loader_workers=0, progress=False))
+    return root / "shards"

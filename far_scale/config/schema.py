@@ -163,6 +163,8 @@ class RunConfig(Section):
     max_nonfinite_steps: int = Field(default=10, ge=0)
     """Micro-batches with a NaN/inf loss are skipped (on every rank) and counted; the run stops after this many."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    record_sample_keys: bool = False
+    """Audit trail: each rank appends the sample keys of every step to <run_dir>/sample_keys.rank<r>.jsonl."""
 
 
 class Config(Section):

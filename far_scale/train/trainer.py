@@ -97,8 +97,8 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         par = cfg.parallel
@@ -221,7 +221,7 @@ class Trainer:
         """One optimizer step over ``accum`` finite micro-batches; returns mean loss over all ranks."""
         times = StepTimes()
         ds.set_learning_rate(self.engine, self.lr_at(self.step))
-        losses, parts_sum = [], {}
+        losses, parts_sum, keys = [], {}, []
         micro = 0
         while micro < self.accum:
             start = time.perf_counter()
@@ -240,6 +240,7 @@ class Trainer:
                                              f"run.max_nonfinite_steps={self.cfg.run.max_nonfinite_steps}")
                 continue
             losses.append(loss)
+            keys.extend(batch.keys)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
             micro += 1
@@ -253,6 +254,9 @@ class Trainer:
         count = self.accum * self.env.world_size
         self.stop_requested = bool(summary[-1].item() > 0)
         parts = {n: float(summary[1 + i]) / count for i, n in enumerate(names)}
+        if self.cfg.run.record_sample_keys:
+            with open(self.run_dir / f"sample_keys.rank{self.env.rank}.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
         self.step += 1
         return float(summary[0]) / count, parts, times
 
