@@ -106,6 +106,86 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_local(args: argparse.Namespace) -> int:
+    from far_scale.launch.local import launch_local
+
+    return launch_local(args.recipe, args.overrides, args.nproc)
+
+
+def _resources(args: argparse.Namespace):
+    from far_scale.launch.slurm import SlurmResources
+
+    return SlurmResources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                          time=args.time, partition=args.partition, account=args.account, qos=args.qos,
+                          constraint=args.constraint)
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from far_scale.launch.slurm import launch_train
+
+    launch_train(args.recipe, args.overrides, _resources(args), grace_s=args.grace_s,
+                 max_restarts=args.max_restarts, dry_run=args.dry_run, rdzv_port=args.rdzv_port)
+    return 0
+
+
+def _launch_slurm_encode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from far_scale.launch.slurm import launch_encode
+
+    launch_encode(args.src, args.dst, args.encode_args, args.array_size, _resources(args), Path(args.log_dir),
+                  args.dry_run)
+    return 0
+
+
+def _add_slurm_resources(parser: argparse.ArgumentParser, nodes: bool) -> None:
+    if nodes:
+        parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU (one process per node)")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
+
+
+def _add_launch_commands(commands) -> None:
+    launch = commands.add_parser("launch", help="run training on this machine (torchrun) or a SLURM cluster")
+    sub = launch.add_subparsers(dest="launch_command", required=True, metavar="TARGET")
+
+    local = sub.add_parser("local", help="torchrun with N processes on this machine")
+    local.add_argument("recipe")
+    local.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    local.add_argument("--nproc", type=int, default=1)
+    local.set_defaults(handler=_launch_local)
+
+    slurm = sub.add_parser(
+        "slurm", help="render and submit a multi-node training job",
+        description="One srun task per node starts torchrun (c10d rendezvous on the first node). The job asks "
+        "for USR1 --grace-s seconds before its limit, checkpoints on it and requeues itself (at most "
+        "--max-restarts times); the requeued job resumes into the same MLflow run.")
+    slurm.add_argument("recipe")
+    slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_slurm_resources(slurm, nodes=True)
+    slurm.add_argument("--grace-s", type=int, default=300, help="seconds between the warning signal and the limit")
+    slurm.add_argument("--max-restarts", type=int, default=10, help="requeue at most this many times")
+    slurm.add_argument("--rdzv-port", type=int, default=29500)
+    slurm.set_defaults(handler=_launch_slurm)
+
+    encode = sub.add_parser("slurm-encode", help="encoding as a SLURM job array + a dependent manifest/verify job",
+                            description="Everything after DST is passed to `far-scale data encode` (e.g. --codec "
+                            "pca --codec-weights W --image-size 64).")
+    encode.add_argument("src")
+    encode.add_argument("dst")
+    encode.add_argument("--array-size", type=int, required=True, help="number of encode workers (array tasks)")
+    encode.add_argument("--log-dir", default="runs/slurm-encode")
+    _add_slurm_resources(encode, nodes=False)
+    encode.add_argument("encode_args", nargs=argparse.REMAINDER, help="arguments for far-scale data encode")
+    encode.set_defaults(handler=_launch_slurm_encode)
+
+
 def _add_encode_args(parser: argparse.ArgumentParser) -> None:
     from far_scale.codecs import CODEC_NAMES
 
@@ -214,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
     export.set_defaults(handler=_export)
+    _add_launch_commands(commands)
     return parser
 
 

@@ -45,6 +45,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; launc
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXPECTED_MASK_RATIO = 0.87  # mean of N(1, 0.25) truncated to [0.7, 1]
 METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "stop_request"  # touched by the SLURM batch script: checkpoint and exit EXIT_PREEMPTED
+PREEMPTED_MARKER = "preempted.json"  # written on such an exit; the batch script requeues on it
 GRID_FILE = "samples_step{step:08d}.png"
 
 
@@ -246,6 +248,8 @@ class Trainer:
             micro += 1
         start = time.perf_counter()
         self.ema.update()
+        if self.env.is_main and (self.run_dir / STOP_FILE).exists():
+            self.stop_requested = True
         names = sorted(parts_sum)
         summary = torch.stack([torch.stack(losses).sum(), *[parts_sum[n] for n in names],
                                torch.tensor(float(self.stop_requested), device=self.env.device)]).float()
@@ -276,7 +280,6 @@ class Trainer:
         window = Window()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and sys.stderr.isatty()))
-        status = "FINISHED"
         try:
             while self.step < self.total_steps:
                 loss, parts, times = self.train_step(batches)
@@ -291,23 +294,35 @@ class Trainer:
                     self.sample_grid()
                 if self.stop_requested:
                     self.save()
-                    status = "KILLED"
-                    if self.env.is_main:
-                        print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}",
-                              flush=True)
-                    return EXIT_PREEMPTED
+                    self._mark_preempted()
+                    return self._finish(EXIT_PREEMPTED, "KILLED", bar)
                 if self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps:
                     self.save()
             self.save()
             self.sample_grid()
-            return 0
+            return self._finish(0, "FINISHED", bar)
         except BaseException:
-            status = "FAILED"
-            raise
-        finally:
             bar.close()
             if self.tracker is not None:
-                self.tracker.close("FINISHED" if status == "KILLED" else status)
+                self.tracker.close("FAILED")
+            raise
+
+    def _finish(self, code: int, status: str, bar) -> int:
+        """Close the bar and the MLflow run, then leave together: under `srun --kill-on-bad-exit` the first
+        rank to exit non-zero ends the others, so nothing may remain to be done after this barrier."""
+        bar.close()
+        if self.tracker is not None:
+            self.tracker.close(status)
+        barrier()
+        return code
+
+    def _mark_preempted(self) -> None:
+        if not self.env.is_main:
+            return
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        marker = self.run_dir / PREEMPTED_MARKER
+        marker.write_text(json.dumps({"step": self.step, "time": time.time()}))
+        print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}", flush=True)
 
     def _write_metrics_line(self, loss: float, parts: dict) -> None:
         if self.env.is_main:
