@@ -115,7 +115,7 @@ def _launch_local(args: argparse.Namespace) -> int:
 def _resources(args: argparse.Namespace):
     from far_scale.launch.slurm import SlurmResources
 
-    return SlurmResources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+    return SlurmResources(nodes=getattr(args, "nodes", 1), gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                           time=args.time, partition=args.partition, account=args.account, qos=args.qos,
                           constraint=args.constraint)
 
@@ -182,8 +182,8 @@ def _add_launch_commands(commands) -> None:
     encode.add_argument("--array-size", type=int, required=True, help="number of encode workers (array tasks)")
     encode.add_argument("--log-dir", default="runs/slurm-encode")
     _add_slurm_resources(encode, nodes=False)
-    encode.add_argument("encode_args", nargs=argparse.REMAINDER, help="arguments for far-scale data encode")
-    encode.set_defaults(handler=_launch_slurm_encode)
+    # Every other argument (e.g. --codec pca --codec-weights W) is passed on to `far-scale data encode`.
+    encode.set_defaults(handler=_launch_slurm_encode, passthrough="encode_args")
 
 
 def _add_encode_args(parser: argparse.ArgumentParser) -> None:
@@ -303,11 +303,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Overrides may come after options (`check-config R --world-size 8 optim.lr=1e-4`):
     # argparse stops filling a positional list at the first option, so collect the rest here.
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    passthrough = getattr(args, "passthrough", None)
+    if passthrough:
+        setattr(args, passthrough, extra)
+    else:
+        unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     handler: Handler = args.handler
     try:
         return handler(args)
