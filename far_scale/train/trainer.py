@@ -284,7 +284,7 @@ class Trainer:
             while self.step < self.total_steps:
                 loss, parts, times = self.train_step(batches)
                 window.add(loss, parts, times)
-                self._write_metrics_line(loss, parts)
+                self._write_metrics_line(loss, parts, times)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.step % self.cfg.run.log_interval == 0 or self.step == self.total_steps:
@@ -324,10 +324,12 @@ class Trainer:
         marker.write_text(json.dumps({"step": self.step, "time": time.time()}))
         print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}", flush=True)
 
-    def _write_metrics_line(self, loss: float, parts: dict) -> None:
+    def _write_metrics_line(self, loss: float, parts: dict, times: StepTimes) -> None:
+        """Rank 0's per-step record (loss and timing) next to the run; MLflow gets interval means."""
         if self.env.is_main:
+            row = {"step": self.step, "loss": loss, **parts, "step_time_s": times.total_s, "data_s": times.data_s}
             with open(self.run_dir / METRICS_FILE, "a") as handle:
-                handle.write(json.dumps({"step": self.step, "loss": loss, **parts}) + "\n")
+                handle.write(json.dumps(row) + "\n")
 
     def _log_window(self, window: Window, bar) -> None:
         if not self.env.is_main or window.steps == 0:

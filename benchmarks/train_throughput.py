@@ -1,0 +1,133 @@
+"""Training throughput: step time, latents/s and data-wait share of `far-scale train`, and loader-only speed.
+
+Trains tiny/base FAR on the machine's CPUs (or GPU) for a few steps per configuration (1 or 2 ranks, ZeRO
+0/2/3) on a synthetic latent dataset it builds, and reads rank 0's per-step records (metrics.jsonl) after
+a warm-up. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
+Results: benchmarks/results/train_throughput__*.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encode_throughput import start_moto  # noqa: E402
+from report import REPO_ROOT, describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+
+from data_prep.encode import EncodeJob, run_encode  # noqa: E402
+from data_prep.fit_codec import fit_pca_codec  # noqa: E402
+from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
+from far_scale.data.loader import LatentLoader  # noqa: E402
+
+BENCHMARK = "train_throughput"
+RECIPE = REPO_ROOT / "recipes" / "far_tiny_synth64.yaml"
+
+
+def build_data(tmp: Path, images: int) -> Path:
+    src = write_dataset(tmp / "images", SynthSpec(10, images // 10, 64), progress=False)
+    weights = tmp / "pca.safetensors"
+    fit_pca_codec(str(src), str(weights), 64, 4, 16, 256, 100_000, 0)  # 256 tokens x 16, as ImageNet-256 KL-16
+    run_encode(EncodeJob(src=str(src), dst=str(tmp / "shards"), codec="pca", codec_weights=str(weights),
+                         image_size=64, images_per_shard=50, loader_workers=1, progress=False))
+    return tmp / "shards"
+
+
+def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, steps: int) -> dict:
+    name = f"{size}_n{nproc}_z{zero}"
+    overrides = [f"data.url={data}", f"run.output_dir={out}", f"run.name={name}", f"model.size={size}",
+                 f"run.max_steps={steps}", f"parallel.zero_stage={zero}", f"parallel.micro_batch_size_per_gpu={micro}",
+                 f"parallel.global_batch_size={micro * nproc}", "data.expect.seq_len=256", "tracking.enabled=false",
+                 "eval.interval_steps=100000", "checkpoint.interval_steps=100000", "run.log_interval=1000",
+                 "data.num_workers=1", "model.num_buffer_tokens=64"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    subprocess.run([*launcher, "-m", "far_scale.cli", "train", str(RECIPE), *overrides, "checkpoint.keep_last=1"],
+                   check=True, env=env, capture_output=True)
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[len(rows) // 3:]  # skip warm-up steps
+    step_s = statistics.median(r["step_time_s"] for r in measured)
+    data_share = statistics.median(r["data_s"] / r["step_time_s"] for r in measured)
+    images = micro * nproc
+    return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
+            "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share}
+
+
+def loader_only(url: str, batches: int) -> float:
+    loader = LatentLoader(url, rank=0, world_size=1, num_workers=1, batch_size=64, seed=0)
+    iterator = loader.batches()
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    for _ in range(batches):
+        count += next(iterator).latents.numel() // 16
+    return count / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny:1:0:32,tiny:2:2:16,tiny:2:3:16,base:1:0:2,base:2:2:1,base:2:3:1",
+                        help="size:ranks:zero:micro_batch, comma-separated")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="far-scale-train-bench-"))
+    results, loader_rows = [], []
+    moto = None
+    try:
+        data = build_data(tmp, args.images)
+        for spec in args.configs.split(","):
+            size, nproc, zero, micro = spec.split(":")
+            results.append(train(data, tmp / "runs", size, int(nproc), int(zero), int(micro), args.steps))
+            print(results[-1], flush=True)
+        loader_rows.append(["local disk", f"{loader_only(str(data), 30):.0f}"])
+        if not args.no_s3:
+            moto, env = start_moto()
+            os.environ.update(env)
+            import fsspec
+
+            fs = fsspec.filesystem("s3")
+            fs.mkdir("bench")
+            fs.put(str(data), "bench/shards", recursive=True)
+            loader_rows.append(["s3 (moto, 127.0.0.1)", f"{loader_only('s3://bench/shards', 30):.0f}"])
+        print(loader_rows, flush=True)
+    finally:
+        if moto is not None:
+            os.killpg(moto.pid, signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"machine": describe_machine(device), "runs": results, "loader": loader_rows,
+              "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if args.no_docs:
+        return
+    save_result(BENCHMARK, device.type, result)
+    parts = ["## Training throughput (`benchmarks/train_throughput.py`)", ""]
+    for res in load_results(BENCHMARK):
+        m = res["machine"]
+        parts += [f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
+                  f"Date: {res['date']}. Command: `{res['command']}`", "",
+                  markdown_table(["size", "ranks", "ZeRO", "images/step", "step (s)", "images/s", "latents/s",
+                                  "data wait"],
+                                 [[r["size"], r["ranks"], r["zero"], r["batch"], f"{r['step_s']:.3f}",
+                                   f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
+                                   f"{100 * r['data_wait']:.1f}%"] for r in res["runs"]]),
+                  "", "Loader only (1 worker, batch 64):", "",
+                  markdown_table(["source", "latents/s"], res["loader"]), ""]
+    write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
