@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
-# Override TORCH_SPEC on GPU machines, e.g. `make test TORCH_SPEC='torch==2.13.0'` from a CUDA index.
+# On GPU machines override TORCH_SPEC with pip arguments for a CUDA build, e.g.
+#   make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml or the torch spec does, and only then.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | { cat; echo '$(TORCH_SPEC)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup system-deps test test-fast demo clean
 
 setup: $(STAMP)
 
@@ -16,12 +17,16 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# torch first: an unpinned torch requirement would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: setup
+# Debian packages the tests need (slurm-wlm, munge for the tests marked `slurm`); a no-op when present.
+system-deps:
+	bash launchers/slurm/local-cluster.sh install
+
+test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

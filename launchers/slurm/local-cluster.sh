@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real SLURM cluster on this one machine: munge, slurmctld and two slurmd daemons ("nodes" n1, n2
 # on 127.0.0.1, separate ports and spool dirs), everything under $FAR_SCALE_SLURM_DIR.
-#   launchers/slurm/local-cluster.sh start|stop|status|env
+#   launchers/slurm/local-cluster.sh install|start|stop|status|env
 # `start` installs Debian's slurm-wlm and munge when missing (needs root and apt), then prints the
 # line to export: SLURM_CONF=<dir>/slurm.conf. Used by the tests marked `slurm` and for trying
 # `far-scale launch slurm` out.
@@ -97,9 +97,10 @@ stop_daemons() {
 }
 
 case "${1:-}" in
+  install) install_packages ;;
   start) start ;;
   stop) stop_daemons; log "stopped" ;;
   status) if [ -f "$CONF" ] && is_up; then SLURM_CONF=$CONF sinfo; else echo "not running"; exit 1; fi ;;
   env) echo "SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|status|env" >&2; exit 2 ;;
 esac

@@ -215,3 +215,52 @@ def test_unreachable_tracking_server_does_not_stop_training(latent_dataset, tmp_
                                f"tracking.uri={dead}"))
     assert "unreachable" in result.stderr and "never reached" in result.stderr
     assert sorted(_losses(tmp_path / "offline")) == [1, 2]
+
+
+GOLDEN = REPO_ROOT / "tests" / "assets" / "golden_losses_far_tiny.json"
+# Same torch build and recipe give the same fp32 losses; a different CPU's kernels may round
+# differently in the last bits, which stays far below this.
+GOLDEN_RTOL = 1e-4
+
+
+def test_reference_run_matches_golden_losses(parity_runs):
+    """The 1-rank reference run's first losses against values stored in tests/assets/.
+
+    Regenerate after an intended change of model, data or loss: FAR_SCALE_UPDATE_GOLDEN=1 pytest -k golden.
+    """
+    losses = _losses(parity_runs / "ref")
+    first = {str(step): losses[step] for step in (1, 2, 3)}
+    if os.environ.get("FAR_SCALE_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__, "losses": first}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    for step, value in golden.items():
+        assert first[step] == pytest.approx(value, rel=GOLDEN_RTOL), step
+
+
+def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
+    """A shard of NaN latents: its micro-batches are skipped on every rank, counted, then the run stops."""
+    from far_scale.data.contract import encode_sample
+    from far_scale.data.manifest import read_manifest
+    from far_scale.data.shards import iter_tar_bytes
+
+    import numpy as np
+    import webdataset as wds
+
+    data = tmp_path / "nan-shards"
+    shutil.copytree(latent_dataset, data)
+    manifest = read_manifest(str(data))
+    for entry in manifest["shards"]:
+        path = data / entry["name"]
+        samples = list(iter_tar_bytes(path.read_bytes(), entry["name"]))
+        with open(path, "wb") as handle, wds.TarWriter(handle, encoder=False) as tar:
+            for sample in samples:
+                tar.write(encode_sample(int(sample.key), sample.label, np.full_like(sample.latents, np.nan)))
+    common = _common(data, tmp_path, "nan", "run.max_steps=3", "data.num_workers=0", "tracking.enabled=false",
+                     "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8")
+    result = subprocess.run(_command(1, [*common, "run.max_nonfinite_steps=2"]), capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT_S, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode != 0
+    assert "non-finite loss at step 0" in result.stderr
+    assert "3 non-finite losses exceed run.max_nonfinite_steps=2" in result.stderr
+    assert not (tmp_path / "nan" / "checkpoints" / "latest.json").exists()
