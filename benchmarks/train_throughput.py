@@ -49,7 +49,7 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     overrides = [f"data.url={data}", f"run.output_dir={out}", f"run.name={name}", f"model.size={size}",
                  f"run.max_steps={steps}", f"parallel.zero_stage={zero}", f"parallel.micro_batch_size_per_gpu={micro}",
                  f"parallel.global_batch_size={micro * nproc}", "data.expect.seq_len=256", "tracking.enabled=false",
-                 "eval.interval_steps=100000", "checkpoint.interval_steps=100000", "run.log_interval=1000",
+                 "eval.interval_steps=100000", "eval.grid_images=0", "checkpoint.interval_steps=100000", "run.log_interval=1000",
                  "data.num_workers=1", "model.num_buffer_tokens=64"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])

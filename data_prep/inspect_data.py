@@ -8,14 +8,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data_prep.verify import open_manifest_codec
-from far_scale.codecs import CodecError
+from far_scale.codecs import CodecError, load_manifest_codec
 from far_scale.data.images import to_uint8
 from far_scale.data.manifest import read_manifest
 from far_scale.data.shards import iter_tar_bytes
 from far_scale.data.storage import filesystem, join
+from far_scale.eval.grid import save_grid
 
 HISTOGRAM_WIDTH = 40
 
@@ -56,16 +55,10 @@ def inspect_dataset(url: str, out_png: Optional[str], num_images: int = 16, max_
     text = summarize(manifest, labels)
     if out_png and picked:
         try:
-            codec = open_manifest_codec(manifest, codec_weights)
+            codec = load_manifest_codec(manifest, codec_weights)
         except CodecError as exc:
             return text + f"\nno grid: {exc}"
         tokens = torch.from_numpy(np.stack([s.latents[view, 0] for view in (0, 1) for s in picked]).astype(np.float32))
-        pixels = to_uint8(codec.decode(tokens))
-        size = pixels.shape[1]
-        grid = Image.new("RGB", (size * len(picked), size * 2))
-        for i, tile in enumerate(pixels):
-            grid.paste(Image.fromarray(tile), ((i % len(picked)) * size, (i // len(picked)) * size))
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out_png)
+        save_grid(to_uint8(codec.decode(tokens)), Path(out_png), columns=len(picked))
         text += f"\ngrid of {len(picked)} decoded samples (top: image, bottom: stored flip): {out_png}"
     return text

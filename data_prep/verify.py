@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from far_scale.codecs import Codec, CodecError, load_codec
+from far_scale.codecs import Codec, CodecError, load_manifest_codec
 from far_scale.data.manifest import read_manifest
 from far_scale.data.shards import iter_tar_bytes
 from far_scale.data.storage import filesystem, join
@@ -36,12 +36,6 @@ class VerifyReport:
         for name, problems in self.bad_shards.items():
             lines.append(f"BAD {name}: " + "; ".join(problems))
         return "\n".join(lines)
-
-
-def open_manifest_codec(manifest: dict, weights: Optional[str]) -> Codec:
-    info = manifest["codec"]
-    return load_codec(info["name"], weights or info["weights_path"], info["image_size"], info["patch_size"],
-                      expected_sha256=info["weights_sha256"])
 
 
 def _check_shard(data: bytes, entry: dict, manifest: dict, codec: Optional[Codec]) -> tuple[list[str], int, bool]:
@@ -84,7 +78,7 @@ def verify_dataset(url: str, codec_weights: Optional[str] = None, progress: bool
     fs, root = filesystem(url)
     report = VerifyReport()
     try:
-        codec: Optional[Codec] = open_manifest_codec(manifest, codec_weights)
+        codec: Optional[Codec] = load_manifest_codec(manifest, codec_weights)
     except CodecError as exc:
         codec = None
         report.decode_note = f" (codec not available, decoding skipped: {exc})"

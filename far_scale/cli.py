@@ -106,6 +106,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from far_scale.eval.sample import SampleRequest, sample_images
+
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    out = sample_images(SampleRequest(args.export_dir, args.out, args.num_images, labels, args.num_iter,
+                                      args.head_steps, args.cfg_scale, args.temperature, args.seed, args.device,
+                                      args.raw_weights))
+    print(f"wrote {out}")
+    return 0
+
+
 def _launch_local(args: argparse.Namespace) -> int:
     from far_scale.launch.local import launch_local
 
@@ -294,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
     export.set_defaults(handler=_export)
+
+    sample = commands.add_parser("sample", help="sample a PNG grid from an exported model (far-scale export)")
+    sample.add_argument("export_dir")
+    sample.add_argument("out", help="PNG to write")
+    sample.add_argument("--num-images", type=int, default=16)
+    sample.add_argument("--labels", default=None, help="comma-separated class indices (default: cycle classes)")
+    sample.add_argument("--num-iter", type=int, default=None, help="K (default: the recipe's eval.num_iter)")
+    sample.add_argument("--head-steps", type=int, default=None, help="O or DDPM steps (default: the recipe's)")
+    sample.add_argument("--cfg-scale", type=float, default=None)
+    sample.add_argument("--temperature", type=float, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--raw-weights", action="store_true", help="use the raw instead of the EMA weights")
+    sample.set_defaults(handler=_sample)
     _add_launch_commands(commands)
     return parser
 

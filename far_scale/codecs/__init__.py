@@ -32,4 +32,11 @@ def load_codec(name: str, weights: Optional[str], image_size: int, patch_size: O
     return DiffusersVAECodec.load(weights, image_size, patch_size or DEFAULT_PATCH_SIZE, expected_sha256)
 
 
-__all__ = ["Codec", "CodecError", "CodecInfo", "CODEC_NAMES", "load_codec"]
+def load_manifest_codec(manifest: dict, weights: Optional[str] = None) -> Codec:
+    """The codec a dataset was encoded with (checksum-checked), from its manifest; ``weights`` overrides the path."""
+    info = manifest["codec"]
+    return load_codec(info["name"], weights or info["weights_path"], info["image_size"], info["patch_size"],
+                      expected_sha256=info["weights_sha256"])
+
+
+__all__ = ["Codec", "CodecError", "CodecInfo", "CODEC_NAMES", "load_codec", "load_manifest_codec"]

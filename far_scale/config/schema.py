@@ -150,7 +150,8 @@ class EvalConfig(Section):
     num_images: int = Field(default=50_000, ge=1)
     batch_size: int = Field(default=64, ge=1)
     interval_steps: int = Field(default=10_000, ge=1)
-    grid_images: int = Field(default=16, ge=1)
+    grid_images: int = Field(default=16, ge=0)
+    """Images in the sample grid logged at eval intervals and at the end; 0 turns the grid off."""
 
 
 class RunConfig(Section):

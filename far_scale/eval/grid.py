@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from far_scale.codecs import CodecError, load_codec
+from far_scale.codecs import CodecError, load_manifest_codec
 from far_scale.data.images import to_uint8
 
 log = logging.getLogger("far_scale.eval")
@@ -31,10 +31,8 @@ def save_grid(pixels, path: Path, columns: int) -> Path:
 
 def decode_to_grid(tokens: torch.Tensor, manifest: dict, path: Path, columns: int) -> bool:
     """Decode unscaled tokens [N, L, D] with the manifest's codec; False (and a warning) if it is unavailable."""
-    info = manifest["codec"]
     try:
-        codec = load_codec(info["name"], info["weights_path"], info["image_size"], info["patch_size"],
-                           expected_sha256=info["weights_sha256"])
+        codec = load_manifest_codec(manifest)
     except CodecError as exc:
         log.warning("no sample grid: %s", exc)
         return False

@@ -60,7 +60,19 @@ def sample_mask_ratio(minimum: float, mean: float, std: float) -> float:
     return float(ratio.clamp(minimum, 1.0))
 
 
-class MaskedBackbone(nn.Module):
+class TokenBackbone(nn.Module):
+    """What every backbone has: the data's shape, class conditioning and the token projection."""
+
+    def __init__(self, *, seq_len: int, token_dim: int, num_classes: int, width: int, class_dropout: float):
+        super().__init__()
+        self.seq_len = seq_len
+        self.token_dim = token_dim
+        self.width = width
+        self.condition = ClassCondition(num_classes, width, class_dropout)
+        self.token_proj = nn.Linear(token_dim, width)
+
+
+class MaskedBackbone(TokenBackbone):
     """MAR's encoder-decoder: the encoder sees the buffer and the visible tokens only."""
 
     kind = "masked"
@@ -83,15 +95,11 @@ class MaskedBackbone(nn.Module):
         mask_ratio_mean: float,
         mask_ratio_std: float,
     ):
-        super().__init__()
-        self.seq_len = seq_len
-        self.token_dim = token_dim
-        self.width = width
+        super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width,
+                         class_dropout=class_dropout)
         self.num_buffer_tokens = num_buffer_tokens
         self.mask_ratio = (mask_ratio_min, mask_ratio_mean, mask_ratio_std)
         total = num_buffer_tokens + seq_len
-        self.condition = ClassCondition(num_classes, width, class_dropout)
-        self.token_proj = nn.Linear(token_dim, width)
         self.token_proj_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.encoder_pos = _learned_positions(total, width)
         self.encoder = BlockStack(encoder_depth, width, num_heads, mlp_ratio, dropout)
@@ -151,7 +159,7 @@ class MaskedBackbone(nn.Module):
         return self.predict(tokens, mask, self.condition(labels)), mask
 
 
-class CausalBackbone(nn.Module):
+class CausalBackbone(TokenBackbone):
     """Decoder-only transformer over tokens in raster order; position i predicts token i."""
 
     kind = "causal"
@@ -169,13 +177,9 @@ class CausalBackbone(nn.Module):
         dropout: float,
         class_dropout: float,
     ):
-        super().__init__()
-        self.seq_len = seq_len
-        self.token_dim = token_dim
-        self.width = width
+        super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width,
+                         class_dropout=class_dropout)
         self.num_heads = num_heads
-        self.condition = ClassCondition(num_classes, width, class_dropout)
-        self.token_proj = nn.Linear(token_dim, width)
         # Input position 0 holds the class token, position i > 0 token i - 1.
         self.pos = _learned_positions(seq_len, width)
         self.blocks = BlockStack(depth, width, num_heads, mlp_ratio, dropout)

@@ -33,17 +33,11 @@ BACKBONE_FOR_ARCH = MappingProxyType({"far": "masked", "far_causal": "causal", "
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """Fully resolved architecture of one model (no Optional left)."""
+class ModelDims(SizePreset):
+    """Fully resolved architecture of one model: a preset's dimensions plus backbone and head kinds."""
 
     backbone: str
     head_kind: str
-    encoder_depth: int
-    decoder_depth: int
-    width: int
-    num_heads: int
-    head_depth: int
-    head_width: int
 
     @property
     def total_depth(self) -> int:

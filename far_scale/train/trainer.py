@@ -393,6 +393,8 @@ class Trainer:
 
     def sample_grid(self) -> Optional[Path]:
         """Sample a grid with the EMA weights, decode it, save a PNG, log it to MLflow (rank 0)."""
+        if self.cfg.eval.grid_images == 0:
+            return None
         state = self.ema.full_state_dict()  # collective under ZeRO-3
         if not self.env.is_main:
             return None
