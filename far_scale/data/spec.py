@@ -1,0 +1,56 @@
+"""The shape of a latent dataset as a model needs it, taken from the manifest (or a recipe's expectation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from far_scale.config.schema import DataExpectation
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    seq_len: int
+    token_dim: int
+    num_classes: int
+    num_images: Optional[int] = None
+
+    @classmethod
+    def from_expectation(cls, expect: DataExpectation) -> "DataSpec":
+        """Build from ``data.expect``; ValueError names each field that is missing."""
+        missing = [f"data.expect.{n}" for n in ("seq_len", "token_dim", "num_classes") if getattr(expect, n) is None]
+        if missing:
+            raise ValueError(
+                "the data shape is unknown: no manifest was found at data.url and the recipe does not set "
+                + ", ".join(missing)
+            )
+        return cls(expect.seq_len, expect.token_dim, expect.num_classes, expect.num_images)  # type: ignore[arg-type]
+
+    def mismatches(self, expect: DataExpectation) -> list[str]:
+        """Fields where the recipe's expectation disagrees with this (manifest) spec."""
+        return [
+            f"data.expect.{name} is {getattr(expect, name)} but the manifest says {getattr(self, name)}"
+            for name in ("seq_len", "token_dim", "num_classes", "num_images")
+            if getattr(expect, name) is not None and getattr(expect, name) != getattr(self, name)
+        ]
+
+
+def resolve_data_spec(cfg) -> tuple[DataSpec, str]:
+    """The data shape for ``cfg``: from the manifest at ``data.url`` when there is one, else the recipe's expectation.
+
+    Returns the spec and a short description of where it came from.
+    """
+    from far_scale.config.loader import ConfigError
+    from far_scale.data.manifest import ManifestError, resolve_manifest_spec
+
+    if cfg.data.url:
+        try:
+            found = resolve_manifest_spec(cfg.data.url)
+        except (ManifestError, OSError) as exc:
+            raise ConfigError([f"data.url: {exc}"], "data") from None
+        if found is not None:
+            return found
+    try:
+        return DataSpec.from_expectation(cfg.data.expect), "recipe data.expect (no manifest read)"
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "data") from None

@@ -1,0 +1,86 @@
+"""fsspec helpers: one code path for local directories, ``file://`` and ``s3://`` URLs.
+
+S3 endpoints and credentials come from the standard AWS environment variables (or fsspec
+options), never from recipes or manifests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+PARTIAL_SUFFIX = ".partial"
+_SECRET_OPTION = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for ``url``."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or path
+
+
+def join(root: str, name: str) -> str:
+    return posixpath.join(root, name)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+@contextlib.contextmanager
+def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """Write ``path`` so that it appears only complete.
+
+    Locally: a hidden partial file, fsync, rename. On object stores: the object exists only once
+    its upload completes; on an exception the upload is discarded instead of committed.
+    """
+    if is_local(fs):
+        directory, name = os.path.split(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{name}{PARTIAL_SUFFIX}")
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return
+    handle = fs.open(path, "wb")
+    try:
+        yield handle
+    except BaseException:
+        discard = getattr(handle, "discard", None)
+        if discard is not None:
+            discard()
+        raise
+    handle.close()
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    with atomic_writer(fs, path) as handle:
+        handle.write(data)
+
+
+def redact_command(argv: list[str]) -> list[str]:
+    """argv with the values of secret-looking options masked (for manifests and logs)."""
+    redacted, hide_next = [], False
+    for item in argv:
+        if hide_next:
+            redacted.append("***")
+            hide_next = False
+            continue
+        name, sep, _ = item.partition("=")
+        if name.startswith("-") and _SECRET_OPTION.search(name):
+            if sep:
+                redacted.append(f"{name}=***")
+            else:
+                redacted.append(item)
+                hide_next = True
+            continue
+        redacted.append(re.sub(r"://[^/@\s]+:[^/@\s]+@", "://***@", item))
+    return redacted
