@@ -188,6 +188,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="K=32 and O/steps 8/25 only (the demo's smoke run)")
     parser.add_argument("--out", default=None, help="also write the plot here (the demo); results still go to docs")
     parser.add_argument("--no-docs", action="store_true", help="do not write results into docs/")
+    parser.add_argument("--tag", default="", help="suffix of the result key, to keep several runs of one size")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_iter, args.far_steps, args.mar_steps, args.causal_steps = [32], [8], [25], [8]
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
     command = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for size in args.sizes.split(","):
         result = {**run_size(args, size, device), "machine": machine, "command": command}
-        key = f"{machine['device']}_{size}_{result['dtype']}"
+        key = f"{machine['device']}_{size}_{result['dtype']}" + (f"_{args.tag}" if args.tag else "")
         result["plot"] = f"{BENCHMARK}_{key}.png"
         if args.out:
             out = Path(args.out)
