@@ -45,7 +45,8 @@ def read_latest(directory: Path) -> Optional[CheckpointRef]:
     return CheckpointRef(directory, data["tag"], int(data["step"]), int(data["world_size"]))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a hidden partial file, fsync and rename: readers see the old or the new text, never half."""
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -56,14 +57,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def write_latest(ref: CheckpointRef) -> None:
     """Point ``latest.json`` at a checkpoint that is complete on every rank (call after a barrier)."""
-    _write_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
+    write_text_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
 
 
 def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor]) -> None:
     """Files read without unpickling: resolved config, metadata, full EMA weights."""
     ref.path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(ref.path / CONFIG_FILE, config_yaml)
-    _write_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
+    write_text_atomic(ref.path / CONFIG_FILE, config_yaml)
+    write_text_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
     tmp = ref.path / f".{EMA_FILE}.partial"
     save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
     tmp.replace(ref.path / EMA_FILE)

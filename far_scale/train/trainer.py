@@ -101,7 +101,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         par = cfg.parallel
         self.accum = par.global_batch_size // (par.micro_batch_size_per_gpu * env.world_size)
@@ -321,7 +321,7 @@ class Trainer:
             return
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         marker = self.run_dir / PREEMPTED_MARKER
-        marker.write_text(json.dumps({"step": self.step, "time": time.time()}))
+        ckpt.write_text_atomic(marker, json.dumps({"step": self.step, "time": time.time()}))
         print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}", flush=True)
 
     def _write_metrics_line(self, loss: float, parts: dict, times: StepTimes) -> None:
