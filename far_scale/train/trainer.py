@@ -120,9 +120,10 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.data)
-        self.model_template = copy.deepcopy(model)  # unpartitioned, for sampling with EMA weights
         self.dims = self.plan.dims
         uses_ema_targets = self.dims.head_kind == "shortcut" and cfg.model.head.consistency_target == "ema"
+        # Only the head's MLP is copied before ZeRO may partition it: the bootstrap targets run on it.
+        target_template = copy.deepcopy(model.head.net) if uses_ema_targets else None
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
         resume = ckpt.read_latest(self.ckpt_dir)
@@ -133,8 +134,8 @@ class Trainer:
         self.engine = ds.build_engine(model, cfg, env.world_size, env.device, self.precision, groups,
                                       self.lr_at(0), load_universal=universal)
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
-        self.target_net = (self.ema.bind(copy.deepcopy(self.model_template.head.net).to(env.device), "head.net.")
-                           if uses_ema_targets else None)
+        self.target_net = (self.ema.bind(target_template.to(env.device), "head.net.")
+                           if target_template is not None else None)
         run_id = None
         if resume is not None:
             run_id = self._restore(resume, universal)
@@ -400,7 +401,8 @@ class Trainer:
             return None
         from far_scale.eval.grid import decode_to_grid
 
-        model = copy.deepcopy(self.model_template).to(self.env.device)
+        # Built on rank 0 only when sampling, rather than an unpartitioned copy kept on every rank.
+        model = build_model(self.cfg.model, self.data).to(self.env.device)
         model.load_state_dict(state)
         model.eval()
         ev = self.cfg.eval
