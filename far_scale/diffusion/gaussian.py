@@ -139,10 +139,15 @@ class GaussianDiffusion:
         return {"mse": mse, "vb": vb}
 
     def sample(self, model: Callable, noise: torch.Tensor, temperature: float,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Ancestral sampling over this chain; ``model(x, t_original)`` returns eps and variance values."""
+               step_noise: torch.Tensor) -> torch.Tensor:
+        """Ancestral sampling over this chain from ``noise`` [N, D]; ``model(x, t_original)`` returns eps and
+        variance values. ``step_noise`` [N, num_timesteps - 1, D] holds the standard-normal draw of each step
+        but the last (which returns the mean), in sampling order."""
+        if step_noise.shape[1] != self.num_timesteps - 1:
+            raise ValueError(f"step_noise has {step_noise.shape[1]} draws per row; this {self.num_timesteps}-step "
+                             f"chain needs {self.num_timesteps - 1}")
         x = noise
-        for index in reversed(range(self.num_timesteps)):
+        for draw, index in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
             original_t = torch.full_like(t, self.timestep_map[index])
             eps, var_values = model(x, original_t).chunk(2, dim=-1)
@@ -150,6 +155,5 @@ class GaussianDiffusion:
             if index == 0:
                 x = mean
             else:
-                step_noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-                x = mean + torch.exp(0.5 * log_variance) * step_noise * temperature
+                x = mean + torch.exp(0.5 * log_variance) * step_noise[:, draw] * temperature
         return x

@@ -18,6 +18,11 @@ from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, in
 EMBED_INIT_STD = 0.02
 
 
+
+def random_orders(batch: int, seq_len: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One random permutation of ``seq_len`` token positions per image (training masks and sampling)."""
+    return torch.argsort(torch.rand(batch, seq_len, device=device, generator=generator), dim=1)
+
 class ClassCondition(nn.Module):
     """Class embedding with a learned null embedding for classifier-free guidance."""
 
@@ -116,7 +121,7 @@ class MaskedBackbone(TokenBackbone):
 
     def random_orders(self, batch: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """One random permutation of token positions per image."""
-        return torch.argsort(torch.rand(batch, self.seq_len, device=device, generator=generator), dim=1)
+        return random_orders(batch, self.seq_len, device, generator)
 
     def _with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
         buffer = torch.zeros(mask.shape[0], self.num_buffer_tokens, dtype=torch.bool, device=mask.device)

@@ -172,13 +172,21 @@ class ShortcutHead(nn.Module):
             parts["self_consistency"] = _weighted_mean(per_row[k:], weight[k:])
         return _weighted_mean(per_row, weight), parts
 
+    @staticmethod
+    def num_noise_draws(num_steps: int) -> int:
+        """Standard-normal draws per token that ``sample`` consumes: the starting point only."""
+        del num_steps
+        return 1
+
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, num_steps: int, temperature: float,
-               generator: Optional[torch.Generator] = None, cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
-        """O-step Euler integration from tau * N(0, I). With ``cfg_scale``, ``z`` is [cond; uncond]."""
+    def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
+               cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+        """O-step Euler integration from tau * N(0, I). With ``cfg_scale``, ``z`` is [cond; uncond].
+
+        ``noise`` [rows, num_noise_draws, D] holds the standard-normal draws (one row per token).
+        """
         level_value = num_level_bits(num_steps)
-        rows = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
-        x = temperature * torch.randn(rows, self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
+        x = temperature * noise[:, 0].to(z.dtype)
         level = torch.full((z.shape[0],), level_value, device=z.device, dtype=torch.long)
         for i in range(num_steps):
             t = torch.full((z.shape[0],), i / num_steps, device=z.device, dtype=torch.float64)
@@ -209,12 +217,18 @@ class DiffusionHead(nn.Module):
         parts = {name: _weighted_mean(value.float(), weight) for name, value in terms.items()}
         return parts["mse"] + parts["vb"], parts
 
+    def num_noise_draws(self, num_steps: int) -> int:
+        """Standard-normal draws per token that ``sample`` consumes: the start and one per step but the last."""
+        return self._respaced(num_steps).num_timesteps
+
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, num_steps: int, temperature: float,
-               generator: Optional[torch.Generator] = None, cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
-        """Respaced ancestral sampling; CFG mixes eps, each half keeps its own variance."""
-        rows = z.shape[0] // 2 if cfg_scale is not None else z.shape[0]
-        noise = torch.randn(rows, self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
+    def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
+               cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+        """Respaced ancestral sampling; CFG mixes eps, each half keeps its own variance.
+
+        ``noise`` [rows, num_noise_draws, D]: the chain's start, then the noise of each step.
+        """
+        noise = noise.to(z.dtype)
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if cfg_scale is None:
@@ -223,4 +237,4 @@ class DiffusionHead(nn.Module):
             eps, var_values = out.chunk(2, dim=-1)
             return torch.cat([_guided(eps, cfg_scale), var_values.chunk(2, dim=0)[0]], dim=-1)
 
-        return self._respaced(num_steps).sample(model, noise, temperature, generator)
+        return self._respaced(num_steps).sample(model, noise[:, 0], temperature, noise[:, 1:])

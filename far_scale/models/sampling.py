@@ -1,17 +1,21 @@
 """Image-token generation (SPEC §4): masked generation in K iterations and causal decoding.
 
-Deterministic given a ``torch.Generator``; batched over images; classifier-free guidance
-by batch doubling with a constant or linear (in generated tokens) scale.
+Every random draw of a generation (each image's token order and the head's noise for each
+token) is taken up front into ``SamplingNoise``: from one ``torch.Generator`` for a batch, or
+from one seed per image, so that an image depends on its own seed only, whatever batch it is
+sampled in. Batched over images; classifier-free guidance by batch doubling with a constant or
+linear (in generated tokens) scale.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 
+from far_scale.models.backbones import random_orders
 from far_scale.models.model import ARModel
 
 
@@ -30,6 +34,39 @@ class SamplingOptions:
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0 if self.use_cfg is None else self.use_cfg
+
+
+@dataclass(frozen=True)
+class SamplingNoise:
+    """All randomness of one generation: token orders [B, L] and head noise [B, L, draws, D]."""
+
+    orders: torch.Tensor
+    tokens: torch.Tensor
+
+    @staticmethod
+    def shape_for(model: ARModel, options: SamplingOptions) -> tuple[int, int, int]:
+        """(tokens, draws per token, token dim) of one image."""
+        return model.seq_len, model.head.num_noise_draws(options.head_steps), model.token_dim
+
+    @classmethod
+    def from_generator(cls, model: ARModel, options: SamplingOptions, batch: int,
+                       generator: Optional[torch.Generator], device: torch.device | str) -> "SamplingNoise":
+        """A batch's draws from one generator (on ``device``)."""
+        seq_len, draws, dim = cls.shape_for(model, options)
+        orders = random_orders(batch, seq_len, device, generator)
+        tokens = torch.randn(batch, seq_len, draws, dim, device=device, generator=generator)
+        return cls(orders, tokens)
+
+    @classmethod
+    def per_image(cls, model: ARModel, options: SamplingOptions, seeds: Sequence[int],
+                  device: torch.device | str) -> "SamplingNoise":
+        """Each image's draws from its own seed, on the CPU, then moved: the same image for a seed on any
+        device, batch size or number of ranks."""
+        parts = [cls.from_generator(model, options, 1, torch.Generator().manual_seed(seed), "cpu") for seed in seeds]
+        return cls(torch.cat([p.orders for p in parts]).to(device), torch.cat([p.tokens for p in parts]).to(device))
+
+
+NoiseSource = Union[SamplingNoise, torch.Generator, None]
 
 
 def guidance_scale(options: SamplingOptions, num_generated: int, seq_len: int) -> Optional[float]:
@@ -56,14 +93,14 @@ def _conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Ten
 
 @torch.no_grad()
 def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  noise: SamplingNoise) -> torch.Tensor:
     """MAR/FAR generation: K iterations, each one backbone pass and a head pass on new tokens."""
     backbone = model.backbone
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
     dtype = backbone.head_pos.dtype
     tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=device, dtype=dtype)
     mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    orders = backbone.random_orders(batch, device, generator)
+    orders = noise.orders
     cond = _conditions(model, labels, options.guided)
     num_masked = seq_len
     for step in range(options.num_iter):
@@ -82,14 +119,15 @@ def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions
         chosen = mask & ~next_mask
         z_rows = torch.cat([z[:batch][chosen], z[batch:][chosen]]) if options.guided else z[chosen]
         scale = guidance_scale(options, seq_len - remaining, seq_len)
-        tokens[chosen] = model.head.sample(z_rows, options.head_steps, options.temperature, generator, scale).to(dtype)
+        tokens[chosen] = model.head.sample(z_rows, options.head_steps, options.temperature, noise.tokens[chosen],
+                                           scale).to(dtype)
         mask, num_masked = next_mask, remaining
     return tokens
 
 
 @torch.no_grad()
 def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  noise: SamplingNoise) -> torch.Tensor:
     """FAR-Causal generation, one token per step, with the KV cache or by full recomputation."""
     backbone = model.backbone
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
@@ -105,13 +143,17 @@ def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions
         else:
             z = backbone.hidden(backbone.embed_inputs(cond, tokens[:, :i]))[:, -1]
         scale = guidance_scale(options, i + 1, seq_len)
-        new_token = model.head.sample(z, options.head_steps, options.temperature, generator, scale).to(dtype)
+        new_token = model.head.sample(z, options.head_steps, options.temperature, noise.tokens[:, i], scale).to(dtype)
         tokens[:, i] = torch.cat([new_token, new_token]) if options.guided else new_token
     return tokens[:batch]
 
 
-def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Latent tokens [B, L, D] (in the model's scaled space) for class ``labels``."""
+def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: NoiseSource = None) -> torch.Tensor:
+    """Latent tokens [B, L, D] (in the model's scaled space) for class ``labels``.
+
+    ``noise``: prepared ``SamplingNoise``, or a generator (None: the global one) to draw it from.
+    """
+    if not isinstance(noise, SamplingNoise):
+        noise = SamplingNoise.from_generator(model, options, labels.shape[0], noise, labels.device)
     sampler = sample_causal if model.backbone.kind == "causal" else sample_masked
-    return sampler(model, labels, options, generator)
+    return sampler(model, labels, options, noise)
