@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from far_scale.codecs.base import CodecError
@@ -107,13 +108,77 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from far_scale.eval.sample import SampleRequest, sample_images
+    from far_scale.eval.sample import SampleRequest, run_sampling
 
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    out = sample_images(SampleRequest(args.export_dir, args.out, args.num_images, labels, args.num_iter,
-                                      args.head_steps, args.cfg_scale, args.temperature, args.seed, args.device,
-                                      args.raw_weights))
-    print(f"wrote {out}")
+    report = run_sampling(SampleRequest(
+        args.source, args.out, args.num_images, args.batch_size, args.num_iter, args.head_steps, args.cfg_scale,
+        args.temperature, args.seed, args.device, args.precision, args.raw_weights, args.grid_images,
+        not args.no_latency))
+    if report:
+        speed = f"{report['images_per_s']:.3f} images/s" if report["images_per_s"] else "all batches reused"
+        latency = (f", {report['seconds_per_image_batch1']:.3f} s per image at batch 1"
+                   if "seconds_per_image_batch1" in report else "")
+        print(f"wrote {report['samples']} ({report['num_images']} images; {report['sampled_now']} sampled now on "
+              f"{report['world_size']} rank(s), {speed}{latency}); grid {report['grid']}")
+    return 0
+
+
+def _eval_fid(args: argparse.Namespace) -> int:
+    import json
+
+    from far_scale.eval.fid import build_inception_scorer, fid_of_source
+
+    scorer = build_inception_scorer(args.inception, args.ref, args.device, args.batch_size,
+                                    args.inception_sha256 or None)
+    metrics, count = fid_of_source(args.samples, scorer, args.batch_size, args.image_size)
+    print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({count} images vs {args.ref})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"num_images": count, **metrics}, indent=2))
+    return 0
+
+
+def _eval_ref_stats(args: argparse.Namespace) -> int:
+    from far_scale.eval.fid import write_reference_stats
+
+    path, count = write_reference_stats(args.source, args.out, args.inception, args.image_size, args.max_images,
+                                        args.keep_features, args.device, args.batch_size,
+                                        args.inception_sha256 or None, args.codec_weights)
+    print(f"wrote {path}: Inception pool statistics of {count} images from {args.source}")
+    return 0
+
+
+def _benchmark_settings(args: argparse.Namespace):
+    from far_scale.eval.classifier import ClassifierSettings
+    from far_scale.eval.offline import BenchmarkSettings
+
+    return BenchmarkSettings(ClassifierSettings(image_size=args.image_size, epochs=args.epochs, seed=args.seed),
+                             holdout_fraction=args.holdout_fraction, split_seed=args.seed)
+
+
+def _eval_offline_setup(args: argparse.Namespace) -> int:
+    from far_scale.eval.offline import build_benchmark, format_rows
+
+    path, bench, reused = build_benchmark(args.images, args.cache_dir, args.data, _benchmark_settings(args),
+                                          args.codec_weights)
+    print(f"{'reused' if reused else 'wrote'} {path}: classifier of {bench.meta['num_classes']} classes, "
+          f"train accuracy {bench.meta['train_accuracy']:.3f}, held-out accuracy {bench.meta['holdout_accuracy']:.3f}; "
+          f"reference set {bench.meta['num_reference']} images\ncalibration:\n{format_rows(bench.calibration)}")
+    return 0
+
+
+def _eval_offline(args: argparse.Namespace) -> int:
+    import json
+
+    from far_scale.eval.image_sets import load_npz_images
+    from far_scale.eval.offline import OfflineBenchmark, format_rows
+
+    bench = OfflineBenchmark.load(args.bench)
+    samples = load_npz_images(args.samples)
+    row = bench.row(f"samples: {args.samples}", samples.images, samples.labels)
+    print(format_rows([row] + bench.calibration))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"samples": row.as_dict(),
+                                               "calibration": [r.as_dict() for r in bench.calibration]}, indent=2))
     return 0
 
 
@@ -271,6 +336,58 @@ def _add_data_commands(commands) -> None:
     inspect.set_defaults(handler=_data_inspect)
 
 
+def _add_eval_commands(commands) -> None:
+    from far_scale.eval.inception import WEIGHTS_FILE
+
+    ev = commands.add_parser("eval", help="quality of sample sets: FID/IS, reference statistics, offline benchmark",
+                             description="See docs/evaluation.md.")
+    sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+
+    def inception_args(parser):
+        parser.add_argument("--inception", required=True, help=f"local Inception weights ({WEIGHTS_FILE})")
+        parser.add_argument("--inception-sha256", default=None,
+                            help="expected sha256 (or prefix) of the weights; default: the published one")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--batch-size", type=int, default=50)
+        parser.add_argument("--image-size", type=int, default=256, help="center crop of image folders")
+
+    fid = sub.add_parser("fid", help="FID and IS of a sample set against reference statistics")
+    fid.add_argument("samples", help="samples .npz (far-scale sample), image folder or latent dataset URL")
+    fid.add_argument("--ref", required=True, help="reference statistics .npz (mu, sigma), e.g. ADM's reference batch")
+    inception_args(fid)
+    fid.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    fid.set_defaults(handler=_eval_fid)
+
+    ref = sub.add_parser("ref-stats", help="Inception statistics of an image folder, .npz or latent dataset")
+    ref.add_argument("source")
+    ref.add_argument("--out", required=True, help=".npz to write (mu, sigma, count[, features])")
+    inception_args(ref)
+    ref.add_argument("--max-images", type=int, default=None)
+    ref.add_argument("--keep-features", action="store_true", help="store the features (enables precision/recall)")
+    ref.add_argument("--codec-weights", default=None, help="override the latent dataset's codec weights path")
+    ref.set_defaults(handler=_eval_ref_stats)
+
+    setup = sub.add_parser("offline-setup", help="train the offline benchmark's classifier and calibrate it "
+                           "(cached by a checksum of data and settings)")
+    setup.add_argument("images", help="the real image folder (ImageNet layout), e.g. from far-scale data synth")
+    setup.add_argument("--data", default=None, help="latent dataset URL: its codec calibrates reconstructions and "
+                       "random-latent images")
+    setup.add_argument("--cache-dir", default="runs/eval-cache")
+    setup.add_argument("--codec-weights", default=None)
+    setup.add_argument("--image-size", type=int, default=64, help="classifier input size")
+    setup.add_argument("--epochs", type=int, default=15)
+    setup.add_argument("--holdout-fraction", type=float, default=0.3)
+    setup.add_argument("--seed", type=int, default=0)
+    setup.set_defaults(handler=_eval_offline_setup)
+
+    offline = sub.add_parser("offline", help="class accuracy, Fréchet distance and precision/recall of samples "
+                             "on the offline benchmark, with its calibration")
+    offline.add_argument("samples", help="samples .npz (far-scale sample)")
+    offline.add_argument("--bench", required=True, help="benchmark file printed by `far-scale eval offline-setup`")
+    offline.add_argument("--json", default=None)
+    offline.set_defaults(handler=_eval_offline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="far-scale",
@@ -306,19 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
     export.set_defaults(handler=_export)
 
-    sample = commands.add_parser("sample", help="sample a PNG grid from an exported model (far-scale export)")
-    sample.add_argument("export_dir")
-    sample.add_argument("out", help="PNG to write")
-    sample.add_argument("--num-images", type=int, default=16)
-    sample.add_argument("--labels", default=None, help="comma-separated class indices (default: cycle classes)")
+    sample = commands.add_parser(
+        "sample", help="sample a class-balanced image set (.npz + PNG grid) from an export or a run directory",
+        description="Image i has class i mod C and a seed from (--seed, i): the same images on any number of "
+        "ranks (run it under torchrun / far-scale launch to split the batches). Finished batches are kept "
+        "under OUT/parts, so a re-run after a kill samples only what is missing. EMA weights by default.")
+    sample.add_argument("source", help="export directory (far-scale export) or run / checkpoints directory")
+    sample.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, report.json")
+    sample.add_argument("--num-images", type=int, default=100, help="images in total (N / classes per class)")
+    sample.add_argument("--batch-size", type=int, default=50)
     sample.add_argument("--num-iter", type=int, default=None, help="K (default: the recipe's eval.num_iter)")
     sample.add_argument("--head-steps", type=int, default=None, help="O or DDPM steps (default: the recipe's)")
-    sample.add_argument("--cfg-scale", type=float, default=None)
-    sample.add_argument("--temperature", type=float, default=None)
+    sample.add_argument("--cfg-scale", type=float, default=None, help="default: the recipe's eval.cfg_scale")
+    sample.add_argument("--temperature", type=float, default=None, help="default: the recipe's eval.temperature")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="cpu")
-    sample.add_argument("--raw-weights", action="store_true", help="use the raw instead of the EMA weights")
+    sample.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sample.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (GPU only)")
+    sample.add_argument("--raw-weights", action="store_true", help="the raw instead of the EMA weights (exports)")
+    sample.add_argument("--grid-images", type=int, default=100, help="images in grid.png (0: none)")
+    sample.add_argument("--no-latency", action="store_true", help="skip timing one image at batch 1")
     sample.set_defaults(handler=_sample)
+    _add_eval_commands(commands)
     _add_launch_commands(commands)
     return parser
 

@@ -18,6 +18,11 @@ from far_scale.models.registry import ModelDims, resolve_dims
 DEFAULT_HEAD_STEPS = {"shortcut": 8, "diffusion": 100}
 
 
+def resolve_head_steps(head_steps: Optional[int], head_kind: str) -> int:
+    """O (shortcut) or DDPM steps (diffusion) of sampling: the given value, else the head kind's default."""
+    return head_steps or DEFAULT_HEAD_STEPS[head_kind]
+
+
 def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -61,6 +66,12 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
             problems.append(
                 f"eval.head_steps={steps} exceeds model.head.num_train_timesteps={head.num_train_timesteps}"
             )
+    if bool(cfg.eval.inception_weights) != bool(cfg.eval.reference_stats):
+        problems.append("eval.inception_weights and eval.reference_stats go together: set both for FID during "
+                        "training, or neither")
+    if cfg.eval.benchmark and cfg.eval.inception_weights:
+        problems.append("set one quality metric for training-time evaluation: eval.benchmark (offline) or "
+                        "eval.inception_weights + eval.reference_stats (FID), not both")
     if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
         problems.append(
             f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"
@@ -132,7 +143,7 @@ def derive_plan(cfg: Config, world_size: int, data: DataSpec) -> TrainingPlan:
         warmup = math.ceil(cfg.schedule.warmup_epochs * steps_per_epoch) if steps_per_epoch else None
     else:
         warmup = 0
-    head_steps = cfg.eval.head_steps or DEFAULT_HEAD_STEPS[dims.head_kind]
+    head_steps = resolve_head_steps(cfg.eval.head_steps, dims.head_kind)
     return TrainingPlan(
         world_size=world_size,
         dims=dims,

@@ -148,10 +148,19 @@ class EvalConfig(Section):
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = Field(default=1.0, gt=0.0)
     num_images: int = Field(default=50_000, ge=1)
+    """Images sampled (class-balanced, over all ranks) at each evaluation when a quality metric is set."""
     batch_size: int = Field(default=64, ge=1)
+    """Images per sampling batch and rank during evaluation."""
     interval_steps: int = Field(default=10_000, ge=1)
     grid_images: int = Field(default=16, ge=0)
     """Images in the sample grid logged at eval intervals and at the end; 0 turns the grid off."""
+    benchmark: str = ""
+    """Offline benchmark file (``far-scale eval offline-setup``): class accuracy, Fréchet distance and
+    precision/recall of ``num_images`` samples at each evaluation."""
+    inception_weights: str = ""
+    """Local FID Inception-v3 weights; with ``reference_stats``, FID and IS at each evaluation."""
+    reference_stats: str = ""
+    """Reference statistics ``.npz`` (mu, sigma) for FID, e.g. ADM's ImageNet-256 reference batch."""
 
 
 class RunConfig(Section):

@@ -1,18 +1,11 @@
-"""Decode sampled latent tokens with the dataset's codec and write a PNG grid."""
+"""Sample grids: uint8 images tiled into one PNG."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
-import torch
 from PIL import Image
-
-from far_scale.codecs import CodecError, load_manifest_codec
-from far_scale.data.images import to_uint8
-
-log = logging.getLogger("far_scale.eval")
 
 
 def save_grid(pixels, path: Path, columns: int) -> Path:
@@ -27,17 +20,3 @@ def save_grid(pixels, path: Path, columns: int) -> Path:
     grid.save(tmp, format="PNG")
     tmp.replace(path)
     return path
-
-
-def decode_to_grid(tokens: torch.Tensor, manifest: dict, path: Path, columns: int) -> bool:
-    """Decode unscaled tokens [N, L, D] with the manifest's codec; False (and a warning) if it is unavailable."""
-    try:
-        codec = load_manifest_codec(manifest)
-    except CodecError as exc:
-        log.warning("no sample grid: %s", exc)
-        return False
-    codec.to(tokens.device)
-    with torch.no_grad():
-        images = codec.decode(tokens)
-    save_grid(to_uint8(images), path, columns)
-    return True

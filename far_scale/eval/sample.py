@@ -1,66 +1,187 @@
-"""``far-scale sample``: images from an exported model (safetensors + config), decoded with the dataset's codec."""
+"""``far-scale sample``: a class-balanced image set from an export or a run directory, split over ranks, resumable.
+
+Writes ``OUT/samples.npz`` (ADM layout: ``arr_0`` uint8 NHWC images, ``arr_1`` labels), a PNG grid
+and ``report.json`` (images/s without start-up, seconds per image at batch 1). Each batch is stored
+under ``OUT/parts/`` when complete, so a re-run after a kill samples only the missing batches and
+assembles the same bytes as an uninterrupted run.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from far_scale.codecs import load_manifest_codec
+from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import config_from_yaml
-from far_scale.config.plan import DEFAULT_HEAD_STEPS
 from far_scale.data.spec import DataSpec
-from far_scale.eval.grid import decode_to_grid
+from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
+from far_scale.eval.grid import save_grid
+from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
+from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.models.model import ARModel, build_model
 from far_scale.models.registry import resolve_dims
-from far_scale.models.sampling import SamplingOptions, generate
-from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW
+from far_scale.train import checkpoint as ckpt
+from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW, resolve_checkpoint
+
+log = logging.getLogger("far_scale.eval")
+
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "grid.png"
+REPORT_FILE = "report.json"
+SETTINGS_FILE = "settings.json"
+PARTS_DIR = "parts"
 
 
 @dataclass(frozen=True)
 class SampleRequest:
-    export_dir: str
+    source: str
+    """An export directory (``far-scale export``) or a run / checkpoints / step directory."""
     out: str
-    num_images: int = 16
-    labels: Optional[list[int]] = None
+    num_images: int = 100
+    batch_size: int = 50
     num_iter: Optional[int] = None
     head_steps: Optional[int] = None
     cfg_scale: Optional[float] = None
     temperature: Optional[float] = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
+    precision: str = "fp32"
     raw_weights: bool = False
+    grid_images: int = 100
+    latency: bool = True
 
 
-def load_exported(export_dir: str | Path, raw_weights: bool = False, device: str = "cpu") -> tuple[ARModel, dict, object]:
-    """Model (EMA weights unless ``raw_weights``), the export's metadata and its config; safetensors only."""
-    directory = Path(export_dir)
+@dataclass(frozen=True)
+class LoadedModel:
+    model: ARModel
+    meta: dict
+    cfg: object
+    weights: Path
+
+
+def load_sampling_model(source: str | Path, raw_weights: bool = False,
+                        device: torch.device | str = "cpu") -> LoadedModel:
+    """EMA (or raw) weights, config and data info of an export directory or of a run's latest checkpoint."""
+    source = Path(source)
+    directory = source if (source / EXPORT_EMA).is_file() else resolve_checkpoint(source).path
+    weights = directory / (EXPORT_RAW if raw_weights else EXPORT_EMA)
+    if not weights.is_file():
+        hint = " (raw weights exist only in exports: `far-scale export`)" if raw_weights else ""
+        raise FileNotFoundError(f"no weights at {weights}{hint}")
     cfg = config_from_yaml((directory / EXPORT_CONFIG).read_text(), str(directory / EXPORT_CONFIG))
     meta = json.loads((directory / EXPORT_META).read_text())
     data = meta["data"]
     model = build_model(cfg.model, DataSpec(data["seq_len"], data["token_dim"], data["num_classes"]))
-    model.load_state_dict(load_file(str(directory / (EXPORT_RAW if raw_weights else EXPORT_EMA))))
-    return model.to(device).eval(), meta, cfg
+    model.load_state_dict(load_file(str(weights)))
+    return LoadedModel(model.to(device).eval(), meta, cfg, weights)
 
 
-def sample_images(request: SampleRequest) -> Path:
-    model, meta, cfg = load_exported(request.export_dir, request.raw_weights, request.device)
-    ev = cfg.eval
-    head_steps = request.head_steps or ev.head_steps or DEFAULT_HEAD_STEPS[resolve_dims(cfg.model).head_kind]
-    options = SamplingOptions(
-        num_iter=min(request.num_iter or ev.num_iter, model.seq_len), head_steps=head_steps,
-        cfg_scale=ev.cfg_scale if request.cfg_scale is None else request.cfg_scale, cfg_schedule=ev.cfg_schedule,
-        temperature=ev.temperature if request.temperature is None else request.temperature)
-    num_classes = meta["data"]["num_classes"]
-    labels = request.labels or [i % num_classes for i in range(request.num_images)]
-    labels_t = torch.tensor(labels, device=request.device)
-    generator = torch.Generator(device=request.device).manual_seed(request.seed)
-    tokens = generate(model, labels_t, options, generator).float()
-    out = Path(request.out)
-    manifest = {"codec": meta["data"]["codec"]}
-    if not decode_to_grid(tokens / meta["data"]["scale"], manifest, out, min(len(labels), num_classes)):
-        raise FileNotFoundError("the dataset's codec weights are not available here: see the warning above")
-    return out
+def build_generator(loaded: LoadedModel, request: SampleRequest, device: torch.device) -> ImageGenerator:
+    data = loaded.meta["data"]
+    options = sampling_options(loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind, data["seq_len"],
+                               num_iter=request.num_iter, head_steps=request.head_steps,
+                               cfg_scale=request.cfg_scale, temperature=request.temperature)
+    codec = load_manifest_codec({"codec": data["codec"]})
+    precision = request.precision if device.type == "cuda" else "fp32"
+    return ImageGenerator(loaded.model, codec, data["scale"], options, device, precision)
+
+
+class SampleStore:
+    """``OUT``: the settings the samples belong to, one file per finished batch, the assembled result."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.parts = self.out / PARTS_DIR
+
+    def claim(self, settings: dict) -> None:
+        """Record ``settings``, or check that earlier parts were sampled with the same ones."""
+        path = self.out / SETTINGS_FILE
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if changed:
+                details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+                raise ValueError(f"{self.out} holds samples made with other settings ({details}); choose another "
+                                 "--out or delete it")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
+
+    def part_path(self, batch_id: int) -> Path:
+        return self.parts / f"batch_{batch_id:06d}.npz"
+
+    def done(self, job: SamplingJob) -> frozenset[int]:
+        return frozenset(b for b in range(job.num_batches) if self.part_path(b).is_file())
+
+    def write_part(self, batch_id: int, images: np.ndarray, labels: np.ndarray) -> None:
+        save_npz(self.part_path(batch_id), {IMAGES_KEY: images, LABELS_KEY: labels})
+
+    def assemble(self, job: SamplingJob) -> tuple[Path, np.ndarray, np.ndarray]:
+        missing = sorted(set(range(job.num_batches)) - self.done(job))
+        if missing:
+            raise FileNotFoundError(f"{self.parts} lacks batches {missing[:5]}: re-run the same command to finish them")
+        parts = [load_npz_images(self.part_path(b)) for b in range(job.num_batches)]
+        images = np.concatenate([p.images for p in parts])
+        labels = np.concatenate([p.labels for p in parts])
+        return save_npz(self.out / SAMPLES_FILE, {IMAGES_KEY: images, LABELS_KEY: labels}), images, labels
+
+
+def _env() -> DistEnv:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed("auto")
+    return DistEnv(0, 1, 0, torch.device("cpu"))
+
+
+def run_sampling(request: SampleRequest) -> dict:
+    """Sample (this rank's share of) the request; rank 0 assembles and returns the report."""
+    env = _env()
+    if request.device == "auto":
+        device = env.device if env.device.type == "cuda" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(request.device)
+    loaded = load_sampling_model(request.source, request.raw_weights, device)
+    generator = build_generator(loaded, request, device)
+    job = SamplingJob(request.num_images, loaded.meta["data"]["num_classes"], request.batch_size, request.seed)
+    store = SampleStore(request.out)
+    settings = {"weights_sha256": sha256_file(loaded.weights), "job": asdict(job), "options": asdict(generator.options),
+                "precision": generator.precision}
+    if env.is_main:
+        store.claim(settings)
+    barrier()
+    store.claim(settings)
+    done = store.done(job)
+    sampled, seconds = 0, 0.0
+    for batch_id, batch, spent in iter_rank_batches(generator, job, env.rank, env.world_size, done):
+        store.write_part(batch_id, batch.images, batch.labels)
+        sampled += len(batch.images)
+        seconds += spent
+        print(f"[rank {env.rank}] batch {batch_id + 1}/{job.num_batches}: {len(batch.images)} images in "
+              f"{spent:.1f} s", flush=True)
+    totals = all_gather_objects((sampled, seconds)) if env.world_size > 1 else [(sampled, seconds)]
+    barrier()
+    if not env.is_main:
+        return {}
+    path, images, labels = store.assemble(job)
+    count = min(request.grid_images, len(images))
+    grid = save_grid(images[:count], store.out / GRID_FILE, min(count, job.num_classes)) if count else None
+    new_images = sum(n for n, _ in totals)
+    wall = max(s for _, s in totals)
+    report = {"samples": str(path), "grid": str(grid) if grid else None, "num_images": len(images),
+              "sampled_now": new_images, "reused_batches": len(done), "world_size": env.world_size,
+              "device": str(device), "images_per_s": new_images / wall if wall > 0 else None,
+              "settings": settings}
+    if request.latency:
+        _, spent = generator.timed_images(SamplingJob(1, job.num_classes, 1, job.seed), np.zeros(1, dtype=np.int64))
+        report["seconds_per_image_batch1"] = spent
+    ckpt.write_text_atomic(store.out / REPORT_FILE, json.dumps(report, indent=2))
+    return report

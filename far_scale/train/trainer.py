@@ -31,8 +31,10 @@ from far_scale.config.schema import Config
 from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
+from far_scale.eval.grid import save_grid
+from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
+from far_scale.eval.scoring import build_scorer, concat_features
 from far_scale.models.model import build_model
-from far_scale.models.sampling import SamplingOptions, generate
 from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.ema import EMA
@@ -141,10 +143,23 @@ class Trainer:
             run_id = self._restore(resume, universal)
         if env.is_main:
             self._start_tracking(run_id)
+        self.codec = self._load_codec()
+        self.scorer = build_scorer(cfg.eval, env.device)
         self.flops_per_image = train_flops_per_image(cfg.model, self.dims, self.data, EXPECTED_MASK_RATIO)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(name) if env.device.type == "cuda" else None
         self._print_plan(resume)
+
+    def _load_codec(self):
+        """The dataset's codec for decoding samples, or None (and a warning) when its weights are not here."""
+        from far_scale.codecs import CodecError, load_manifest_codec
+
+        try:
+            return load_manifest_codec(self.loader.manifest)
+        except CodecError as exc:
+            if self.env.is_main:
+                log.warning("no samples or quality metrics during training: %s", exc)
+            return None
 
     def _convert_to_universal(self, resume: ckpt.CheckpointRef) -> None:
         if self.env.is_main:
@@ -292,7 +307,7 @@ class Trainer:
                     self._log_window(window, bar)
                     window = Window()
                 if self.step % self.cfg.eval.interval_steps == 0:
-                    self.sample_grid()
+                    self.evaluate()
                 if self.stop_requested:
                     self.save()
                     self._mark_preempted()
@@ -300,7 +315,8 @@ class Trainer:
                 if self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps:
                     self.save()
             self.save()
-            self.sample_grid()
+            if self.step % self.cfg.eval.interval_steps:  # not just evaluated in the loop
+                self.evaluate()
             return self._finish(0, "FINISHED", bar)
         except BaseException:
             bar.close()
@@ -392,32 +408,49 @@ class Trainer:
             self.tracker.set_tags({"checkpoint/latest": str(ref.path.resolve()), "checkpoint/step": self.step})
             print(f"checkpoint {ref.path} (removed {len(removed)} old)", flush=True)
 
-    def sample_grid(self) -> Optional[Path]:
-        """Sample a grid with the EMA weights, decode it, save a PNG, log it to MLflow (rank 0)."""
-        if self.cfg.eval.grid_images == 0:
+    def evaluate(self) -> Optional[dict]:
+        """Sample with the EMA weights on every rank, score the images, log metrics and a grid (rank 0).
+
+        With a quality metric (``eval.benchmark`` or Inception + reference statistics) ``eval.num_images``
+        images are sampled, split over the ranks by batch; each rank scores its own images and only the
+        features travel to rank 0. Without one, only the grid's images are sampled.
+        """
+        ev = self.cfg.eval
+        if self.codec is None or (self.scorer is None and ev.grid_images == 0):
             return None
         state = self.ema.full_state_dict()  # collective under ZeRO-3
-        if not self.env.is_main:
-            return None
-        from far_scale.eval.grid import decode_to_grid
-
-        # Built on rank 0 only when sampling, rather than an unpartitioned copy kept on every rank.
         model = build_model(self.cfg.model, self.data).to(self.env.device)
         model.load_state_dict(state)
         model.eval()
-        ev = self.cfg.eval
-        count = min(ev.grid_images, ev.num_images)
-        labels = torch.arange(count, device=self.env.device) % self.data.num_classes
-        options = SamplingOptions(num_iter=min(ev.num_iter, self.data.seq_len), head_steps=self.plan.head_steps,
-                                  cfg_scale=ev.cfg_scale, cfg_schedule=ev.cfg_schedule, temperature=ev.temperature)
-        generator = torch.Generator(device=self.env.device).manual_seed(self.cfg.run.seed)
-        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            tokens = generate(model, labels, options, generator).float()
-        path = self.run_dir / GRID_FILE.format(step=self.step)
-        if decode_to_grid(tokens / self.loader.scale, self.loader.manifest, path, self.data.num_classes):
+        options = sampling_options(ev, self.dims.head_kind, self.data.seq_len)
+        generator = ImageGenerator(model, self.codec, self.loader.scale, options, self.env.device, self.precision)
+        job = SamplingJob(ev.num_images if self.scorer else ev.grid_images, self.data.num_classes, ev.batch_size,
+                          self.cfg.run.seed)
+        features, labels, grid, seconds = [], [], [], 0.0
+        for _, batch, spent in iter_rank_batches(generator, job, self.env.rank, self.env.world_size):
+            seconds += spent
+            if self.scorer is not None:
+                features.append(self.scorer.features(batch.images))
+                labels.append(batch.labels)
+            grid.extend(batch.images[: max(0, ev.grid_images - len(grid))])
+        del model, generator
+        gathered = all_gather_objects((concat_features(features), labels, seconds))
+        if not self.env.is_main:
+            return None
+        metrics = {"eval/images_per_s": job.num_images / max(s for _, _, s in gathered)}
+        if self.scorer is not None:
+            all_labels = np.concatenate([l for _, parts, _ in gathered for l in parts])
+            scores = self.scorer.score(concat_features(f for f, _, _ in gathered if f), all_labels)
+            metrics.update({f"eval/{k}": v for k, v in scores.items()})
+        self.tracker.log_metrics(metrics, self.step)
+        self.tracker.flush()
+        print(f"eval at step {self.step} ({job.num_images} images, K={options.num_iter}, head steps "
+              f"{options.head_steps}, cfg {options.cfg_scale}): "
+              + " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if grid:
+            path = save_grid(np.stack(grid), self.run_dir / GRID_FILE.format(step=self.step), self.data.num_classes)
             self.tracker.log_artifact(path, "samples")
-            return path
-        return None
+        return metrics
 
 
 def _grad_norm(engine) -> Optional[float]:

@@ -145,6 +145,9 @@ def test_batch_divisibility_names_all_three_numbers():
         ({"eval": {"head_steps": 3}}, "eval.head_steps=3"),
         ({"model": {"head": {"num_levels": 100}}}, "model.head.num_levels=100"),
         ({"model": {"arch": "mar"}, "eval": {"head_steps": 2000}}, "model.head.num_train_timesteps"),
+        ({"eval": {"inception_weights": "w.pth"}}, "eval.reference_stats"),
+        ({"eval": {"benchmark": "b.safetensors", "inception_weights": "w.pth", "reference_stats": "s.npz"}},
+         "eval.benchmark"),
         ({"model": {"mask_ratio_min": 0.9, "mask_ratio_mean": 0.8}}, "model.mask_ratio_min=0.9"),
     ],
 )
