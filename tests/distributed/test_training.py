@@ -207,14 +207,13 @@ def test_export_writes_safetensors_and_config(resume_runs, tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert "arch: far" in (tmp_path / "export" / "config.yaml").read_text()
     # Sampling reads only the export (safetensors + config) and the dataset's codec.
-    grid = tmp_path / "grid.png"
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "sample", str(tmp_path / "export"), str(grid),
-                             "--num-images", "8", "--head-steps", "2", "--num-iter", "4"],
+    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "sample", str(tmp_path / "export"), "--out",
+                             str(tmp_path / "samples"), "--num-images", "8", "--head-steps", "2", "--num-iter", "4"],
                             capture_output=True, text=True, timeout=300, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
 
-    with Image.open(grid) as image:
+    with Image.open(tmp_path / "samples" / "grid.png") as image:
         assert image.size == (4 * 32, 2 * 32)  # 4 classes per row, 32 px images
 
 

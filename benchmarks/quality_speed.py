@@ -1,0 +1,257 @@
+"""Quality vs speed: FAR against MAR on the offline benchmark after the same training budget, one machine, one run.
+
+1. Data: the built-in synthetic dataset (10 classes x 100 images, 64 px), the PCA codec, latent shards.
+2. The offline benchmark on those images (classifier, reference set, calibration).
+3. Train the tiny FAR and MAR recipes for the same number of steps (real trainer, 1 rank), with the
+   quality metric logged during training.
+4. Sweep sampling settings of each trained model (K; O for FAR, DDPM steps for MAR; CFG), sample the same
+   class-balanced image set per point, time it and score it.
+Writes benchmarks/results/quality_speed__*.json, a table, a quality-vs-speed plot and the answer to
+"does FAR reach MAR's quality at >= 2.3x its speed here?" into docs/benchmarks.md.
+Run ``python benchmarks/quality_speed.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import REPO_ROOT, describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+
+from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON  # noqa: E402
+
+BENCHMARK = "quality_speed"
+IMG_DIR = REPO_ROOT / "docs" / "img"
+PAPER_SPEEDUP = 2.3  # FAR paper: up to 2.3x faster than MAR at competitive quality
+ACCURACY_TOLERANCE = 0.02  # "the same quality": accuracy within this and Fréchet distance no worse
+RECIPES = {"FAR": "recipes/far_tiny_synth64.yaml", "MAR": "recipes/mar_tiny_synth64.yaml"}
+
+
+def prepare_data(work: Path, images_per_class: int) -> tuple[Path, Path]:
+    from data_prep.encode import EncodeJob, run_encode
+    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.synth import SynthSpec, write_dataset
+
+    images, codec, shards = work / "images", work / "pca.safetensors", work / "shards"
+    if not (shards / "manifest.json").is_file():
+        write_dataset(images, SynthSpec(10, images_per_class, 64, seed=0), progress=False)
+        fit_pca_codec(str(images), str(codec), 64, 8, 16, max_images=512, max_patches=200_000, seed=0)
+        run_encode(EncodeJob(src=str(images), dst=str(shards), codec="pca", codec_weights=str(codec), image_size=64,
+                             images_per_shard=100, batch_size=64, loader_workers=0, progress=False))
+    return images, shards
+
+
+def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:
+    """Train one recipe with the real trainer (unless done); returns (run directory, seconds in training steps)."""
+    run_dir = work / "runs" / label.lower()
+    overrides = [f"data.url={shards}", f"run.output_dir={work / 'runs'}", f"run.name={label.lower()}",
+                 f"run.max_steps={args.steps}", f"eval.interval_steps={args.eval_interval}",
+                 f"eval.num_images={args.num_images}", "eval.batch_size=50", f"eval.benchmark={bench}",
+                 f"checkpoint.interval_steps={args.steps}", "run.log_interval=50"]
+    if not (run_dir / "checkpoints" / "latest.json").is_file() or args.retrain:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, "-m", "far_scale.cli", "train", RECIPES[label], *overrides], check=True,
+                       cwd=REPO_ROOT, env=env)
+    # The trainer's per-step record: step time without start-up and evaluation.
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return run_dir, sum(json.loads(line)["step_time_s"] for line in lines)
+
+
+def learning_curve(run_dir: Path) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("far-scale").experiment_id])[0]
+    points = {}
+    for name in ("accuracy", "fd"):
+        for metric in client.get_metric_history(run.info.run_id, f"eval/{name}"):
+            points.setdefault(metric.step, {"step": metric.step})[name] = metric.value
+    return [points[s] for s in sorted(points)]
+
+
+def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[dict]:
+    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
+    from far_scale.eval.sampler import SamplingJob
+
+    loaded = load_sampling_model(run_dir, device=device)
+    steps = args.far_steps if label == "FAR" else args.mar_steps
+    points = [(k, o, args.cfg[0]) for k in args.num_iter for o in steps]
+    points += [(args.num_iter[0], o, w) for w in args.cfg[1:] for o in steps]
+    rows = []
+    for k, o, w in points:
+        request = SampleRequest(str(run_dir), "", num_iter=k, head_steps=o, cfg_scale=w)
+        generator = build_generator(loaded, request, device)
+        job = SamplingJob(args.num_images, loaded.meta["data"]["num_classes"], args.batch, seed=0)
+        images, labels, seconds = [], [], 0.0
+        for batch_id in range(job.num_batches):
+            batch, spent = generator.timed_images(job, job.indices(batch_id))
+            images.append(batch.images)
+            labels.append(batch.labels)
+            seconds += spent
+        row = bench.row(f"{label} K={k} steps={o} cfg={w}", np.concatenate(images), np.concatenate(labels))
+        rows.append({"model": label, "K": k, "head_steps": o, "cfg": w, "images_per_s": args.num_images / seconds,
+                     **{key: getattr(row, key) for key in ("accuracy", "fd", "precision", "recall")}})
+        print(f"{label} K={k} steps={o} cfg={w}: {rows[-1]['images_per_s']:.2f} img/s, accuracy "
+              f"{row.accuracy:.3f}, FD {row.fd:.2f}", flush=True)
+    return rows
+
+
+def answer(rows: list[dict]) -> str:
+    """The fastest FAR point at MAR's best quality (MAR 100 steps, or its most steps), per K and CFG."""
+    mar_steps = max(r["head_steps"] for r in rows if r["model"] == "MAR")
+    lines = []
+    for mar in [r for r in rows if r["model"] == "MAR" and r["head_steps"] == mar_steps]:
+        matching = [r for r in rows if r["model"] == "FAR" and r["accuracy"] >= mar["accuracy"] - ACCURACY_TOLERANCE
+                    and r["fd"] <= mar["fd"]]
+        what = f"MAR K={mar['K']} {mar_steps} steps CFG {mar['cfg']} (accuracy {mar['accuracy']:.3f}, FD {mar['fd']:.2f}, " \
+               f"{mar['images_per_s']:.2f} img/s)"
+        if not matching:
+            lines.append(f"- {what}: no FAR point reaches it.")
+            continue
+        best = max(matching, key=lambda r: r["images_per_s"])
+        ratio = best["images_per_s"] / mar["images_per_s"]
+        verdict = "yes" if ratio >= PAPER_SPEEDUP else "no"
+        lines.append(f"- {what}: fastest FAR at that quality is K={best['K']} O={best['head_steps']} CFG {best['cfg']} "
+                     f"(accuracy {best['accuracy']:.3f}, FD {best['fd']:.2f}) at {best['images_per_s']:.2f} img/s = "
+                     f"**{ratio:.1f}x** ({verdict} for >= {PAPER_SPEEDUP}x)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    calibration = {r["name"]: r for r in result["calibration"]}
+    for ax, metric, label in ((axes[0], "accuracy", "class accuracy (higher is better)"),
+                              (axes[1], "fd", "Fréchet distance, classifier features (lower is better)")):
+        for model, marker in (("FAR", "o"), ("MAR", "s")):
+            rows = [r for r in result["rows"] if r["model"] == model]
+            for cfg in sorted({r["cfg"] for r in rows}):
+                sub = [r for r in rows if r["cfg"] == cfg]
+                ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker,
+                           label=f"{model} CFG {cfg:g}")
+                for r in sub:
+                    ax.annotate(f"K{r['K']}/{r['head_steps']}", (r["images_per_s"], r[metric]), fontsize=6,
+                                xytext=(2, 2), textcoords="offset points")
+        for name, style in ((CALIBRATION_REAL, "g--"), (CALIBRATION_RECON, "b:"), (CALIBRATION_RANDOM, "r-.")):
+            if name in calibration:
+                ax.axhline(calibration[name][metric], color=style[0], linestyle=style[1:], linewidth=1, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("images / s (sampling + decoding, log scale)")
+        ax.set_ylabel(label)
+        if metric == "fd":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7, loc="lower left")
+    machine = result["machine"]
+    fig.suptitle(f"tiny FAR vs MAR after {result['steps']} steps on synthetic 64 px data: {machine['name']}, "
+                 f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_docs() -> None:
+    parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
+    for result in load_results(BENCHMARK):
+        machine = result["machine"]
+        parts += [
+            f"### tiny, {result['steps']} training steps each, on {machine['name']} ({machine['device']}, "
+            f"{machine['torch_threads']} threads), {result['num_images']} images per point",
+            f"Date: {result['date']}. Command: `{result['command']}`",
+            "",
+            "Training (same budget, 1 rank, batch 64; time in training steps): " + "; ".join(
+                f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
+            "",
+            "Quality during training (EMA weights, recipe's sampling settings):",
+            "",
+            markdown_table(["model", "step", "class accuracy", "Fréchet distance"],
+                           [[label, p["step"], f"{p.get('accuracy', float('nan')):.3f}", f"{p.get('fd', float('nan')):.2f}"]
+                            for label, t in result["training"].items() for p in t["curve"]]),
+            "",
+            "Calibration:",
+            "",
+            markdown_table(["images", "n", "class accuracy", "Fréchet distance", "precision", "recall"],
+                           [[r["name"], r["num_images"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}",
+                             f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in result["calibration"]]),
+            "",
+            markdown_table(["model", "K", "head steps", "CFG", "images/s", "class accuracy", "Fréchet distance",
+                            "precision", "recall"],
+                           [[r["model"], r["K"], r["head_steps"], r["cfg"], f"{r['images_per_s']:.2f}",
+                             f"{r['accuracy']:.3f}", f"{r['fd']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+                            for r in result["rows"]]),
+            "",
+            "Does FAR reach MAR's quality at >= 2.3x its speed here?",
+            "",
+            result["answer"],
+            "",
+            f"![quality vs speed](img/{result['plot']})",
+            "",
+        ]
+    write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    parser.add_argument("--work", default="runs/bench-quality", help="data, runs and cache (reused when present)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
+    parser.add_argument("--eval-interval", type=int, default=200)
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--num-images", type=int, default=200, help="images per sweep point (and per eval)")
+    parser.add_argument("--batch", type=int, default=100, help="sampling batch")
+    parser.add_argument("--num-iter", type=ints, default=[16, 32, 64], help="K values (the first one for CFG)")
+    parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
+    parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
+    parser.add_argument("--cfg", type=floats, default=[2.0, 1.0, 3.0], help="CFG scales (the first one for K)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--no-docs", action="store_true", help="print only; write nothing into docs/ or results/")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from far_scale.eval.offline import build_benchmark
+
+    work = Path(args.work).resolve()
+    images, shards = prepare_data(work, args.images_per_class)
+    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards))
+    device = torch.device("cpu")
+    result = {"machine": describe_machine(device), "steps": args.steps, "num_images": args.num_images,
+              "command": "python benchmarks/quality_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "calibration": [r.as_dict() for r in bench.calibration], "training": {}, "rows": []}
+    for label in ("FAR", "MAR"):
+        run_dir, seconds = train(label, work, shards, bench_path, args)
+        result["training"][label] = {"seconds": seconds, "curve": learning_curve(run_dir)}
+        result["rows"] += sweep(label, run_dir, bench, args, device)
+    result["answer"] = answer(result["rows"])
+    print(result["answer"])
+    if args.no_docs:
+        return
+    key = f"cpu_tiny_{args.steps}steps" + (f"_{args.tag}" if args.tag else "")
+    result["plot"] = f"{BENCHMARK}_{key}.png"
+    save_result(BENCHMARK, key, result)
+    saved = next(r for r in load_results(BENCHMARK) if r["plot"] == result["plot"])
+    plot(saved, IMG_DIR / result["plot"])
+    render_docs()
+    (work / "result.json").write_text(json.dumps(saved, indent=2))
+    print("results: docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Evaluation end to end: the offline benchmark's calibration, quality during training (MLflow), distributed and
+resumable sampling, and a model trained on shuffled labels scoring chance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+RECIPE = str(REPO_ROOT / "recipes" / "far_tiny_synth64.yaml")
+NUM_CLASSES = 10
+TRAIN_STEPS = 400
+EVAL_IMAGES = 100
+TIMEOUT_S = 600
+SAMPLE_ARGS = ["--num-images", "40", "--batch-size", "5", "--num-iter", "8", "--head-steps", "2", "--no-latency"]
+
+
+@dataclass(frozen=True)
+class SynthData:
+    images: Path
+    codec: Path
+    shards: Path
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_ADDR", None)
+    return env
+
+
+def _cli(*args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "far_scale.cli", *args], capture_output=True, text=True,
+                            timeout=timeout, env=_env(), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _encode(images: Path, codec: Path, out: Path) -> Path:
+    from data_prep.encode import EncodeJob, run_encode
+
+    run_encode(EncodeJob(src=str(images), dst=str(out), codec="pca", codec_weights=str(codec), image_size=64,
+                         images_per_shard=100, batch_size=50, loader_workers=0, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth64(tmp_path_factory) -> SynthData:
+    """The demo's data at a smaller count: 10 classes x 60 synthetic 64 px images, PCA codec, shards."""
+    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.synth import SynthSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("synth64")
+    images = write_dataset(root / "images", SynthSpec(NUM_CLASSES, 60, 64, seed=0), progress=False)
+    codec = root / "pca.safetensors"
+    fit_pca_codec(str(images), str(codec), 64, 8, 16, max_images=600, max_patches=100_000, seed=0)
+    return SynthData(images, codec, _encode(images, codec, root / "shards"))
+
+
+@pytest.fixture(scope="session")
+def bench(synth64, tmp_path_factory):
+    from far_scale.eval.offline import build_benchmark
+
+    path, benchmark, reused = build_benchmark(str(synth64.images), tmp_path_factory.mktemp("cache"),
+                                              str(synth64.shards), verbose=False)
+    assert not reused
+    return path, benchmark
+
+
+def _rows(benchmark) -> dict:
+    return {row.name: row for row in benchmark.calibration}
+
+
+def test_offline_benchmark_calibration_orders_real_recon_random(bench):
+    from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON
+
+    _, benchmark = bench
+    rows = _rows(benchmark)
+    real, recon, random = rows[CALIBRATION_REAL], rows[CALIBRATION_RECON], rows[CALIBRATION_RANDOM]
+    assert benchmark.meta["holdout_accuracy"] == real.accuracy >= 0.95
+    assert real.fd == min(r.fd for r in rows.values())
+    assert random.accuracy < 0.3  # chance is 0.1
+    assert random.fd > 10 * real.fd and random.recall < 0.2
+
+
+def test_offline_benchmark_is_cached_by_data_and_settings(bench, synth64, tmp_path):
+    from far_scale.eval.classifier import ClassifierSettings
+    from far_scale.eval.offline import BenchmarkSettings, benchmark_key, build_benchmark, folder_fingerprint
+
+    path, benchmark = bench
+    again, _, reused = build_benchmark(str(synth64.images), path.parent, str(synth64.shards), verbose=False)
+    assert reused and again == path
+    fingerprint = folder_fingerprint(synth64.images)
+    codec_sha = benchmark.meta["codec"]["weights_sha256"]
+    assert benchmark_key(fingerprint, BenchmarkSettings(), codec_sha) == benchmark.meta["key"]
+    other = BenchmarkSettings(ClassifierSettings(epochs=3))
+    assert benchmark_key(fingerprint, other, codec_sha) != benchmark.meta["key"]
+    copy = shutil.copytree(synth64.images, tmp_path / "copy")
+    first = sorted((copy / "train").rglob("*.JPEG"))[0]
+    first.write_bytes(first.read_bytes() + b"\0")
+    assert folder_fingerprint(copy) != fingerprint
+
+
+def test_real_images_with_shuffled_labels_score_chance_accuracy(bench, synth64):
+    from far_scale.eval.image_sets import iter_source
+
+    _, benchmark = bench
+    batch = next(iter_source(str(synth64.images), 64, 600))
+    labels = np.random.default_rng(0).permutation(batch.labels)
+    row = benchmark.row("shuffled", batch.images, labels)
+    assert row.accuracy < 0.25 and row.fd < 1.0  # the images are real; only the labels are wrong
+
+
+def _train(data: Path, out: Path, bench_path: Path, name: str) -> Path:
+    _cli("train", RECIPE, f"data.url={data}", f"run.output_dir={out}", f"run.name={name}",
+         f"run.max_steps={TRAIN_STEPS}", f"eval.interval_steps={TRAIN_STEPS // 2}", f"eval.num_images={EVAL_IMAGES}",
+         "eval.batch_size=50", f"eval.benchmark={bench_path}", f"checkpoint.interval_steps={TRAIN_STEPS}",
+         "run.log_interval=50")
+    return out / name
+
+
+@pytest.fixture(scope="session")
+def trained_far(synth64, bench, tmp_path_factory) -> Path:
+    return _train(synth64.shards, tmp_path_factory.mktemp("runs"), bench[0], "far")
+
+
+def _final_eval(run_dir: Path) -> dict[str, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("far-scale").experiment_id])[0]
+    return {name: client.get_metric_history(run.info.run_id, f"eval/{name}")
+            for name in ("accuracy", "fd", "precision", "recall", "images_per_s")}
+
+
+@pytest.mark.slow
+def test_training_logs_quality_metrics_to_mlflow_at_each_interval(trained_far):
+    history = _final_eval(trained_far)
+    for name, points in history.items():
+        assert sorted(p.step for p in points) == [TRAIN_STEPS // 2, TRAIN_STEPS], name
+    assert (trained_far / f"samples_step{TRAIN_STEPS:08d}.png").is_file()
+
+
+@pytest.mark.slow
+def test_trained_far_beats_random_latents_on_both_metrics(trained_far, bench):
+    from far_scale.eval.offline import CALIBRATION_RANDOM
+
+    random = _rows(bench[1])[CALIBRATION_RANDOM]
+    final = {name: points[-1].value for name, points in _final_eval(trained_far).items()}
+    assert final["accuracy"] > random.accuracy + 0.3, (final, random)
+    assert final["fd"] < random.fd / 2, (final, random)
+
+
+def _sample(source: Path, out: Path, nproc: int = 1) -> subprocess.Popen:
+    prefix = [sys.executable, "-m", "far_scale.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+        "-m", "far_scale.cli"]
+    return subprocess.Popen([*prefix, "sample", str(source), "--out", str(out), *SAMPLE_ARGS], env=_env(),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def one_rank_samples(trained_far, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples") / "one"
+    _finish(_sample(trained_far, out))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_sample_the_same_bytes_as_one(trained_far, one_rank_samples, tmp_path):
+    _finish(_sample(trained_far, tmp_path / "two", nproc=2))
+    assert (tmp_path / "two" / "samples.npz").read_bytes() == (one_rank_samples / "samples.npz").read_bytes()
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["sampled_now"] == 40
+    with np.load(one_rank_samples / "samples.npz") as data:
+        assert data["arr_0"].shape == (40, 64, 64, 3) and data["arr_0"].dtype == np.uint8
+        assert np.array_equal(data["arr_1"], np.arange(40) % NUM_CLASSES)  # class-balanced
+
+
+@pytest.mark.slow
+def test_killed_sampling_resumes_with_only_the_missing_images(trained_far, one_rank_samples, tmp_path):
+    out = tmp_path / "killed"
+    process = _sample(trained_far, out)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (out / "parts" / "batch_000002.npz").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "sampling ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list((out / "parts").glob("batch_*.npz")))
+    assert 3 <= done < 8 and not (out / "samples.npz").exists()
+    _finish(_sample(trained_far, out))
+    report = json.loads((out / "report.json").read_text())
+    assert report["reused_batches"] == done and report["sampled_now"] == 40 - 5 * done
+    assert (out / "samples.npz").read_bytes() == (one_rank_samples / "samples.npz").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, bench, tmp_path):
+    """The same images under random class folders: the model learns no class, so its class accuracy is chance."""
+    shuffled = tmp_path / "shuffled"
+    files = sorted((synth64.images / "train").rglob("*.JPEG"))
+    classes = sorted(p.name for p in (synth64.images / "train").iterdir())
+    targets = np.random.default_rng(0).permutation(np.arange(len(files)) % len(classes))
+    for index, (file, target) in enumerate(zip(files, targets)):
+        folder = shuffled / "train" / classes[target]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, folder / f"{index:05d}.JPEG")
+    shards = _encode(shuffled, synth64.codec, tmp_path / "shards")
+    run_dir = _train(shards, tmp_path / "runs", bench[0], "far_shuffled")
+    final = {name: points[-1].value for name, points in _final_eval(run_dir).items()}
+    assert final["accuracy"] < 0.3, final  # chance is 0.1

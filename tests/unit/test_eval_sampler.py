@@ -1,0 +1,41 @@
+"""The evaluation sampler's bookkeeping: balanced classes, a disjoint and complete split, per-image seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from far_scale.config.schema import EvalConfig
+from far_scale.eval.sampler import SamplingJob, sampling_options
+
+
+def test_classes_are_balanced_and_batches_split_disjointly_over_ranks():
+    job = SamplingJob(num_images=103, num_classes=10, batch_size=8, seed=3)
+    labels = job.labels(np.arange(100))
+    assert np.bincount(labels).tolist() == [10] * 10
+    for world_size in (1, 2, 3, 5):
+        batches = [b for rank in range(world_size) for b in job.batches_of_rank(rank, world_size)]
+        indices = np.concatenate([job.indices(b) for b in batches])
+        assert sorted(indices.tolist()) == list(range(103)), world_size
+
+
+def test_an_image_seed_depends_on_the_run_seed_and_its_index_only():
+    small, large = SamplingJob(50, 10, 4, seed=7), SamplingJob(50, 10, 25, seed=7)
+    indices = np.arange(50)
+    assert small.image_seeds(indices) == large.image_seeds(indices)
+    assert len(set(small.image_seeds(indices))) == 50
+    assert SamplingJob(50, 10, 4, seed=8).image_seeds(indices[:5]) != small.image_seeds(indices[:5])
+
+
+def test_explicit_sampling_settings_override_the_recipe():
+    ev = EvalConfig(num_iter=64, cfg_scale=2.0, temperature=0.9)
+    options = sampling_options(ev, "shortcut", seq_len=32)
+    assert (options.num_iter, options.head_steps, options.cfg_scale, options.temperature) == (32, 8, 2.0, 0.9)
+    options = sampling_options(ev, "diffusion", 256, num_iter=16, cfg_scale=1.0, temperature=1.0)
+    assert (options.num_iter, options.head_steps, options.cfg_scale, options.temperature) == (16, 100, 1.0, 1.0)
+    assert sampling_options(ev, "shortcut", 256, head_steps=2).head_steps == 2
+
+
+def test_a_job_rejects_empty_sizes():
+    with pytest.raises(ValueError, match="batch_size"):
+        SamplingJob(10, 10, 0)
