@@ -432,7 +432,8 @@ class Trainer:
             if self.scorer is not None:
                 features.append(self.scorer.features(batch.images))
                 labels.append(batch.labels)
-            grid.extend(batch.images[: max(0, ev.grid_images - len(grid))])
+            if self.env.is_main:
+                grid.extend(batch.images[: max(0, ev.grid_images - len(grid))])
         del model, generator
         gathered = all_gather_objects((concat_features(features), labels, seconds))
         if not self.env.is_main:

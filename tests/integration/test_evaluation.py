@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT
 
 RECIPE = str(REPO_ROOT / "recipes" / "far_tiny_synth64.yaml")
 NUM_CLASSES = 10
@@ -162,11 +162,11 @@ def test_trained_far_beats_random_latents_on_both_metrics(trained_far, bench):
 
 
 def _sample(source: Path, out: Path, nproc: int = 1) -> subprocess.Popen:
-    prefix = [sys.executable, "-m", "far_scale.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        "-m", "far_scale.cli"]
-    return subprocess.Popen([*prefix, "sample", str(source), "--out", str(out), *SAMPLE_ARGS], env=_env(),
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # N ranks: the launcher users run (torchrun --standalone underneath).
+    command = ["sample"] if nproc == 1 else ["launch", "local-sample", "--nproc", str(nproc)]
+    return subprocess.Popen([sys.executable, "-m", "far_scale.cli", *command, str(source), "--out", str(out),
+                             *SAMPLE_ARGS], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(process: subprocess.Popen) -> str:
