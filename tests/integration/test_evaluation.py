@@ -91,6 +91,7 @@ def test_offline_benchmark_calibration_orders_real_recon_random(bench):
     assert real.fd == min(r.fd for r in rows.values())
     assert random.accuracy < 0.3  # chance is 0.1
     assert random.fd > 10 * real.fd and random.recall < 0.2
+    assert recon.accuracy >= 0.9 and recon.fd < random.fd / 10  # the codec keeps what the classifier sees
 
 
 def test_offline_benchmark_is_cached_by_data_and_settings(bench, synth64, tmp_path):
