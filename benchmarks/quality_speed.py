@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,29 +77,21 @@ def learning_curve(run_dir: Path) -> list[dict]:
 
 
 def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[dict]:
-    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
-    from far_scale.eval.sampler import SamplingJob
+    """The same points as `far-scale eval sweep` evaluates (without logging child runs)."""
+    from far_scale.eval.sample import load_sampling_model
+    from far_scale.eval.sweep import SweepPoint, evaluate_point
 
     loaded = load_sampling_model(run_dir, device=device)
     steps = args.far_steps if label == "FAR" else args.mar_steps
-    points = [(k, o, args.cfg[0]) for k in args.num_iter for o in steps]
-    points += [(args.num_iter[0], o, w) for w in args.cfg[1:] for o in steps]
+    points = [SweepPoint(k, o, args.cfg[0]) for k in args.num_iter for o in steps]
+    points += [SweepPoint(args.num_iter[0], o, w) for w in args.cfg[1:] for o in steps]
     rows = []
-    for k, o, w in points:
-        request = SampleRequest(str(run_dir), "", num_iter=k, head_steps=o, cfg_scale=w)
-        generator = build_generator(loaded, request, device)
-        job = SamplingJob(args.num_images, loaded.meta["data"]["num_classes"], args.batch, seed=0)
-        images, labels, seconds = [], [], 0.0
-        for batch_id in range(job.num_batches):
-            batch, spent = generator.timed_images(job, job.indices(batch_id))
-            images.append(batch.images)
-            labels.append(batch.labels)
-            seconds += spent
-        row = bench.row(f"{label} K={k} steps={o} cfg={w}", np.concatenate(images), np.concatenate(labels))
-        rows.append({"model": label, "K": k, "head_steps": o, "cfg": w, "images_per_s": args.num_images / seconds,
-                     **{key: getattr(row, key) for key in ("accuracy", "fd", "precision", "recall")}})
-        print(f"{label} K={k} steps={o} cfg={w}: {rows[-1]['images_per_s']:.2f} img/s, accuracy "
-              f"{row.accuracy:.3f}, FD {row.fd:.2f}", flush=True)
+    for point in points:
+        metrics = evaluate_point(loaded, point, bench, args.num_images, args.batch, 0, device)
+        rows.append({"model": label, "K": point.num_iter, "head_steps": point.head_steps, "cfg": point.cfg_scale,
+                     **metrics})
+        print(f"{label} {point.key}: {metrics['images_per_s']:.2f} img/s, accuracy {metrics['accuracy']:.3f}, "
+              f"FD {metrics['fd']:.2f}", flush=True)
     return rows
 
 

@@ -147,6 +147,31 @@ def _eval_ref_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_sweep(args: argparse.Namespace) -> int:
+    from far_scale.eval.sweep import run_sweep, sweep_points
+
+    if bool(args.bench) == bool(args.inception):
+        raise ValueError("name one quality metric: --bench (offline benchmark) or --inception with --ref (FID)")
+    if args.bench:
+        from far_scale.eval.offline import OfflineBenchmark
+
+        scorer = OfflineBenchmark.load(args.bench)
+    else:
+        from far_scale.eval.fid import build_inception_scorer
+
+        if not args.ref:
+            raise ValueError("--inception needs --ref (reference statistics)")
+        scorer = build_inception_scorer(args.inception, args.ref, args.device)
+    floats = [float(v) for v in args.cfg_scale.split(",")]
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    result = run_sweep(args.source, sweep_points(ints(args.num_iter), ints(args.head_steps), floats), scorer,
+                       args.out, num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+                       device=args.device, precision=args.precision, tracking_uri=args.tracking_uri)
+    print(f"{result.created} points evaluated, {result.reused} already logged; plots: "
+          + ", ".join(str(p) for p in result.plots))
+    return 0
+
+
 def _benchmark_settings(args: argparse.Namespace):
     from far_scale.eval.classifier import ClassifierSettings
     from far_scale.eval.offline import BenchmarkSettings
@@ -398,6 +423,24 @@ def _add_eval_commands(commands) -> None:
     ref.add_argument("--keep-features", action="store_true", help="store the features (enables precision/recall)")
     ref.add_argument("--codec-weights", default=None, help="override the latent dataset's codec weights path")
     ref.set_defaults(handler=_eval_ref_stats)
+
+    sweep = sub.add_parser("sweep", help="quality and images/s over K x head steps x CFG, each point an MLflow child "
+                           "run of the training run (re-runs skip logged points)")
+    sweep.add_argument("source", help="run directory (its latest checkpoint) or export directory")
+    sweep.add_argument("--num-iter", default="16,32,64", help="K values")
+    sweep.add_argument("--head-steps", default="1,2,4,8", help="O for FAR, DDPM steps for MAR (e.g. 25,50,100)")
+    sweep.add_argument("--cfg-scale", default="1,2,3")
+    sweep.add_argument("--num-images", type=int, default=200)
+    sweep.add_argument("--batch-size", type=int, default=100)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--bench", default=None, help="offline benchmark file (far-scale eval offline-setup)")
+    sweep.add_argument("--inception", default=None, help="FID Inception weights (with --ref)")
+    sweep.add_argument("--ref", default=None, help="FID reference statistics")
+    sweep.add_argument("--tracking-uri", default=None, help="default: the run's own store")
+    sweep.add_argument("--out", default="runs/sweep", help="directory for the plots")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    sweep.set_defaults(handler=_eval_sweep)
 
     setup = sub.add_parser("offline-setup", help="train the offline benchmark's classifier and calibrate it "
                            "(cached by a checksum of data and settings)")

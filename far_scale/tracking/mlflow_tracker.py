@@ -22,6 +22,9 @@ HEALTH_TIMEOUT_S = 2.0
 RETRY_INTERVAL_S = 30.0
 MAX_PARAM_LENGTH = 500
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
+# MLflow 3 opens experiments by kind; without this tag its UI shows far-scale's runs in the GenAI view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -58,6 +61,7 @@ class Tracker:
         self._pending_params: dict[str, str] = {}
         self._pending_tags: dict[str, str] = {}
         self._pending_artifacts: list[tuple[str, Optional[str]]] = []
+        self._pending_images: list[tuple[Any, str, int]] = []
         self.dropped_metrics = 0
         self._next_attempt = 0.0
         self._warned = False
@@ -98,9 +102,12 @@ class Tracker:
             experiment = client.get_experiment_by_name(self.experiment)
             if experiment is None:
                 location = self.artifact_dir.resolve().as_uri() if "://" not in self.uri or self.uri.startswith("sqlite") else None
-                experiment_id = client.create_experiment(self.experiment, artifact_location=location)
+                experiment_id = client.create_experiment(self.experiment, artifact_location=location,
+                                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 experiment_id = experiment.experiment_id
+                if EXPERIMENT_KIND_TAG not in experiment.tags:
+                    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             if self.run_id is None:
                 self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
             else:
@@ -155,6 +162,12 @@ class Tracker:
             self._pending_artifacts.append((str(path), artifact_path))
             self.flush()
 
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image (uint8 HWC array) under ``key`` at ``step``: the UI's image view shows a step slider."""
+        if self.enabled:
+            self._pending_images.append((image, key, step))
+            self.flush()
+
     def flush(self) -> None:
         """Send what is buffered; on failure keep it for the next call."""
         if not self.enabled or not self._connect():
@@ -179,6 +192,10 @@ class Tracker:
                 path, artifact_path = self._pending_artifacts[0]
                 self._client.log_artifact(self.run_id, path, artifact_path)
                 self._pending_artifacts.pop(0)
+            while self._pending_images:
+                image, key, step = self._pending_images[0]
+                self._client.log_image(self.run_id, image, key=key, step=step)
+                self._pending_images.pop(0)
         except Exception as exc:
             log.warning("MLflow logging failed (%s); %d metrics kept for retry", exc, len(self._buffer))
             self._client = None if self.uri.startswith(("http://", "https://")) else self._client

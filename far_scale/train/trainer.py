@@ -31,7 +31,7 @@ from far_scale.config.schema import Config
 from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
-from far_scale.eval.grid import save_grid
+from far_scale.eval.grid import save_image_atomic, tile
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.eval.scoring import build_scorer, concat_features
 from far_scale.models.model import build_model
@@ -50,6 +50,7 @@ METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "stop_request"  # touched by the SLURM batch script: checkpoint and exit EXIT_PREEMPTED
 PREEMPTED_MARKER = "preempted.json"  # written on such an exit; the batch script requeues on it
 GRID_FILE = "samples_step{step:08d}.png"
+GRID_KEY = "samples"  # MLflow image key: one image per evaluation step
 
 
 def micro_batch_seed(seed: int, step: int, global_micro: int) -> int:
@@ -449,8 +450,9 @@ class Trainer:
               f"{options.head_steps}, cfg {options.cfg_scale}): "
               + " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()), flush=True)
         if grid:
-            path = save_grid(np.stack(grid), self.run_dir / GRID_FILE.format(step=self.step), self.data.num_classes)
-            self.tracker.log_artifact(path, "samples")
+            image = tile(np.stack(grid), self.data.num_classes)
+            save_image_atomic(image, self.run_dir / GRID_FILE.format(step=self.step))
+            self.tracker.log_image(np.asarray(image), GRID_KEY, self.step)
         return metrics
 
 

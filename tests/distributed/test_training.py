@@ -192,8 +192,10 @@ def test_mlflow_store_holds_the_run_and_resume_appends(resume_runs):
             assert client.get_metric_history(run.info.run_id, metric), metric
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "config.yaml" in artifacts
-        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-        assert samples and samples[0].endswith(".png")
+        # Sample grids are MLflow images under the key "samples" with their step (the UI's step slider).
+        images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+        assert any(p.startswith("images/samples+step+8+") and p.endswith(".png") for p in images), images
+        assert client.get_experiment_by_name("far-scale").tags["mlflow.experimentKind"] == "custom_model_development"
         assert run.data.tags["checkpoint/step"] == "8"
 
 

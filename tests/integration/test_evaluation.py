@@ -20,7 +20,8 @@ from tests.conftest import REPO_ROOT
 
 RECIPE = str(REPO_ROOT / "recipes" / "far_tiny_synth64.yaml")
 NUM_CLASSES = 10
-TRAIN_STEPS = 400
+TRAIN_STEPS = 400  # measured: class accuracy ~0.56 after 300 steps, ~0.93 after 500 (docs/benchmarks.md)
+SHUFFLED_STEPS = 300
 EVAL_IMAGES = 100
 TIMEOUT_S = 600
 SAMPLE_ARGS = ["--num-images", "40", "--batch-size", "5", "--num-iter", "8", "--head-steps", "2", "--no-latency"]
@@ -33,15 +34,15 @@ class SynthData:
     shards: Path
 
 
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _env(threads: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env.pop("MASTER_ADDR", None)
     return env
 
 
-def _cli(*args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+def _cli(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "far_scale.cli", *args], capture_output=True, text=True,
-                            timeout=timeout, env=_env(), cwd=REPO_ROOT)
+                            timeout=TIMEOUT_S, env=_env(threads), cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -122,11 +123,12 @@ def test_real_images_with_shuffled_labels_score_chance_accuracy(bench, synth64):
     assert row.accuracy < 0.25 and row.fd < 1.0  # the images are real; only the labels are wrong
 
 
-def _train(data: Path, out: Path, bench_path: Path, name: str) -> Path:
+def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAIN_STEPS) -> Path:
+    # One rank with both cores: tests run one at a time.
     _cli("train", RECIPE, f"data.url={data}", f"run.output_dir={out}", f"run.name={name}",
-         f"run.max_steps={TRAIN_STEPS}", f"eval.interval_steps={TRAIN_STEPS // 2}", f"eval.num_images={EVAL_IMAGES}",
-         "eval.batch_size=50", f"eval.benchmark={bench_path}", f"checkpoint.interval_steps={TRAIN_STEPS}",
-         "run.log_interval=50")
+         f"run.max_steps={steps}", f"eval.interval_steps={steps // 2}", f"eval.num_images={EVAL_IMAGES}",
+         "eval.batch_size=50", f"eval.benchmark={bench_path}", f"checkpoint.interval_steps={steps}",
+         "run.log_interval=50", threads=2)
     return out / name
 
 
@@ -225,6 +227,34 @@ def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, benc
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, folder / f"{index:05d}.JPEG")
     shards = _encode(shuffled, synth64.codec, tmp_path / "shards")
-    run_dir = _train(shards, tmp_path / "runs", bench[0], "far_shuffled")
+    run_dir = _train(shards, tmp_path / "runs", bench[0], "far_shuffled", SHUFFLED_STEPS)
     final = {name: points[-1].value for name, points in _final_eval(run_dir).items()}
     assert final["accuracy"] < 0.3, final  # chance is 0.1
+    # ... although it learned what the images look like (not just noise):
+    from far_scale.eval.offline import CALIBRATION_RANDOM
+
+    assert final["fd"] < 0.75 * _rows(bench[1])[CALIBRATION_RANDOM].fd, final
+
+
+@pytest.mark.slow
+def test_sweep_logs_one_child_run_per_point_and_skips_them_when_rerun(trained_far, bench, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = ["eval", "sweep", str(trained_far), "--num-iter", "4,8", "--head-steps", "2", "--cfg-scale", "1,2",
+            "--num-images", "20", "--batch-size", "10", "--bench", str(bench[0]), "--out", str(tmp_path)]
+    assert "4 points evaluated, 0 already logged" in _cli(*args).stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_far / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("far-scale")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "far")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [
+        "K4-steps2-cfg1", "K4-steps2-cfg2", "K8-steps2-cfg1", "K8-steps2-cfg2"]
+    for child in children:
+        assert child.data.params["num_iter"] in ("4", "8") and child.data.params["head_steps"] == "2"
+        assert child.data.params["cfg_scale"] in ("1.0", "2.0") and child.data.params["num_images"] == "20"
+        assert {"accuracy", "fd", "precision", "recall", "images_per_s"} <= set(child.data.metrics)
+    assert "0 points evaluated, 4 already logged" in _cli(*args).stdout
+    assert len(client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 4
+    assert (tmp_path / "sweep_fd_vs_cfg.png").is_file() and (tmp_path / "sweep_fd_vs_speed.png").is_file()

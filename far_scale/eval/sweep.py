@@ -1,0 +1,182 @@
+"""``far-scale eval sweep``: quality and speed over sampling settings, one MLflow child run per point.
+
+Each point (K, head steps, CFG scale) samples the same class-balanced image set with the EMA weights,
+times it (images/s of sampling and decoding) and scores it (the offline benchmark, or FID/IS). Points
+are logged as child runs of the evaluated training run (``mlflow.parentRunId``) with their settings as
+params; a re-run finds the points already logged and skips them. Plots: quality vs CFG per K and head
+steps (the shape of the FAR paper's Figure 5) and quality vs images/s with the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from far_scale.eval.sampler import SamplingJob
+from far_scale.eval.scoring import Scorer, concat_features
+
+POINT_TAG = "far_scale.sweep_point"
+PARENT_TAG = "mlflow.parentRunId"
+SPEED = "images_per_s"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    num_iter: int
+    head_steps: int
+    cfg_scale: float
+
+    @property
+    def key(self) -> str:
+        return f"K{self.num_iter}-steps{self.head_steps}-cfg{self.cfg_scale:g}"
+
+
+def sweep_points(num_iter: Sequence[int], head_steps: Sequence[int], cfg_scale: Sequence[float]) -> list[SweepPoint]:
+    return [SweepPoint(k, o, w) for k, o, w in itertools.product(num_iter, head_steps, cfg_scale)]
+
+
+def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, batch_size: int, seed: int,
+                   device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """Sample ``num_images`` class-balanced images at ``point``; their scores and images/s (sampling + decoding)."""
+    from far_scale.eval.sample import SampleRequest, build_generator
+
+    request = SampleRequest(source="", out="", num_iter=point.num_iter, head_steps=point.head_steps,
+                            cfg_scale=point.cfg_scale, precision=precision)
+    generator = build_generator(loaded, request, device)
+    job = SamplingJob(num_images, loaded.meta["data"]["num_classes"], batch_size, seed)
+    generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
+    features, labels, seconds = [], [], 0.0
+    for batch_id in range(job.num_batches):
+        batch, spent = generator.timed_images(job, job.indices(batch_id))
+        seconds += spent
+        features.append(scorer.features(batch.images))
+        labels.append(batch.labels)
+    scores = scorer.score(concat_features(features), np.concatenate(labels))
+    return {**scores, SPEED: num_images / seconds}
+
+
+def higher_is_better(metric: str) -> bool:
+    from far_scale.tracking.compare import higher_is_better as rule
+
+    return rule(metric)
+
+
+def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
+    """Points no other point beats on both ``metric`` and images/s."""
+    sign = 1 if higher_is_better(metric) else -1
+    front = []
+    for row in rows:
+        dominated = any(other is not row and sign * other[metric] >= sign * row[metric] and other[SPEED] >= row[SPEED]
+                        and (sign * other[metric] > sign * row[metric] or other[SPEED] > row[SPEED])
+                        for other in rows)
+        if not dominated:
+            front.append(row)
+    return sorted(front, key=lambda r: r[SPEED])
+
+
+def plot_sweep(rows: Sequence[dict], metric: str, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    direction = "higher" if higher_is_better(metric) else "lower"
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, o in sorted({(r["num_iter"], r["head_steps"]) for r in rows}):
+        line = sorted((r["cfg_scale"], r[metric]) for r in rows if (r["num_iter"], r["head_steps"]) == (k, o))
+        ax.plot([c for c, _ in line], [v for _, v in line], marker="o", label=f"K={k}, steps={o}")
+    ax.set_xlabel("CFG scale")
+    ax.set_ylabel(f"{metric} ({direction} is better)")
+    ax.set_title(f"{title}: {metric} vs CFG (cf. FAR Fig. 5)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    cfg_path = out / f"sweep_{metric}_vs_cfg.png"
+    fig.savefig(cfg_path, dpi=110, metadata={"Description": f"x: CFG scale; y: {metric}"})
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.scatter([r[SPEED] for r in rows], [r[metric] for r in rows], color="tab:blue", label="sweep points")
+    for r in rows:
+        ax.annotate(f"K{r['num_iter']}/{r['head_steps']}/w{r['cfg_scale']:g}", (r[SPEED], r[metric]), fontsize=6,
+                    xytext=(2, 2), textcoords="offset points")
+    front = pareto_front(rows, metric)
+    ax.plot([r[SPEED] for r in front], [r[metric] for r in front], color="tab:red", marker="o", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("images / s (sampling + decoding, log scale)")
+    ax.set_ylabel(f"{metric} ({direction} is better)")
+    ax.set_title(f"{title}: quality vs speed")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    speed_path = out / f"sweep_{metric}_vs_speed.png"
+    fig.savefig(speed_path, dpi=110, metadata={"Description": f"x: images / s; y: {metric}"})
+    plt.close(fig)
+    return [cfg_path, speed_path]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: list[dict]
+    created: int
+    reused: int
+    plots: list[Path]
+
+
+def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: str | Path, *, num_images: int,
+              batch_size: int, seed: int = 0, device: str = "cpu", precision: str = "fp32",
+              tracking_uri: Optional[str] = None, primary_metric: Optional[str] = None) -> SweepResult:
+    """Evaluate every point not yet logged under the training run; log each as a child run; plot all."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from far_scale.eval.sample import load_sampling_model
+
+    torch_device = torch.device(device)
+    loaded = load_sampling_model(source, device=torch_device)
+    parent_id = loaded.meta.get("mlflow_run_id")
+    uri = tracking_uri or loaded.cfg.tracking.uri or _run_store(Path(source))
+    if not parent_id or not uri:
+        raise ValueError(f"{source} names no MLflow run to attach the sweep to (meta.json has no mlflow_run_id, or "
+                         "its store is unknown): pass --tracking-uri")
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    existing = {run.data.tags[POINT_TAG]: run for run in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        if POINT_TAG in run.data.tags}
+    rows, created = [], 0
+    for point in points:
+        if point.key in existing:
+            metrics = dict(existing[point.key].data.metrics)
+            print(f"{point.key}: already logged (run {existing[point.key].info.run_id[:8]}), skipped", flush=True)
+        else:
+            metrics = evaluate_point(loaded, point, scorer, num_images, batch_size, seed, torch_device, precision)
+            child = client.create_run(parent.info.experiment_id, run_name=point.key,
+                                      tags={PARENT_TAG: parent_id, POINT_TAG: point.key})
+            params = {**asdict(point), "num_images": num_images, "seed": seed, "precision": precision,
+                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.get("step")}
+            client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                             metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+            client.set_terminated(child.info.run_id)
+            created += 1
+            print(f"{point.key}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        rows.append({**asdict(point), **metrics})
+    metric = primary_metric or next(m for m in ("fid", "fd", "accuracy") if m in rows[0])
+    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.get('step')}")
+    for path in plots:
+        client.log_artifact(parent_id, str(path), "sweep")
+    return SweepResult(rows, created, len(points) - created, plots)
+
+
+def _run_store(source: Path) -> Optional[str]:
+    """The embedded store of the run a checkpoint or export directory belongs to, if it is on this disk."""
+    for directory in (source, *source.parents):
+        if (directory / "mlflow.db").is_file():
+            return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    return None
