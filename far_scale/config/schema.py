@@ -137,6 +137,9 @@ class TrackingConfig(Section):
     """MLflow tracking URI; empty means an embedded sqlite store under the run directory."""
     experiment: str = "far-scale"
     run_name: str = ""
+    system_metrics: bool = True
+    """One MLflow system-metrics monitor per node (local rank 0), restarted after a server outage."""
+    system_metrics_interval_s: float = Field(default=10.0, gt=0.0)
 
 
 class EvalConfig(Section):

@@ -1,4 +1,6 @@
-"""MLflow tracking from rank 0: params, batched metrics, artifacts, system metrics; survives outages.
+"""MLflow tracking from rank 0: params, batched metrics, artifacts, images; survives outages.
+
+System metrics (one monitor per node) are ``far_scale.tracking.system_metrics``.
 
 The default store is embedded (sqlite + an artifact folder under the run directory), so
 nothing must be started. With an ``http(s)://`` server, an unreachable server never stops
@@ -50,12 +52,11 @@ class Tracker:
     """Rank 0's MLflow run. Every method is a no-op when tracking is disabled."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, artifact_dir: Path,
-                 run_id: Optional[str] = None, enabled: bool = True, system_metrics: bool = True):
+                 run_id: Optional[str] = None, enabled: bool = True):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.artifact_dir = artifact_dir
         self.enabled = enabled
         self.run_id = run_id
-        self.system_metrics = system_metrics
         self._client = None
         self._buffer: list = []
         self._pending_params: dict[str, str] = {}
@@ -65,7 +66,6 @@ class Tracker:
         self.dropped_metrics = 0
         self._next_attempt = 0.0
         self._warned = False
-        self._system_monitor = None
         if enabled:
             self._connect()
 
@@ -113,7 +113,6 @@ class Tracker:
             else:
                 client.update_run(self.run_id, status="RUNNING")
             self._client = client
-            self._start_system_metrics()
             if self._warned:
                 log.warning("MLflow at %s answers again; sending buffered data", self.uri)
             return True
@@ -121,17 +120,6 @@ class Tracker:
             log.warning("MLflow at %s failed (%s); will retry", self.uri, exc)
             self._warned = True
             return False
-
-    def _start_system_metrics(self) -> None:
-        if not self.system_metrics or self._system_monitor is not None:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._system_monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
-            self._system_monitor.start()
-        except Exception as exc:
-            log.warning("MLflow system metrics unavailable: %s", exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
@@ -205,12 +193,6 @@ class Tracker:
         if not self.enabled:
             return
         self.flush()
-        if self._system_monitor is not None:
-            try:
-                self._system_monitor.finish()
-            except Exception as exc:
-                log.warning("stopping MLflow system metrics failed: %s", exc)
-            self._system_monitor = None
         if self.online:
             try:
                 self._client.set_terminated(self.run_id, status=status)

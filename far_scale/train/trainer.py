@@ -36,6 +36,7 @@ from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batche
 from far_scale.eval.scoring import build_scorer, concat_features
 from far_scale.models.model import build_model
 from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
+from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.ema import EMA
 from far_scale.train.flops import peak_flops, train_flops_per_image
@@ -98,6 +99,7 @@ class Trainer:
         self.nonfinite = 0
         self.stop_requested = False
         self.tracker: Optional[Tracker] = None
+        self.node_metrics: Optional[NodeSystemMetrics] = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -144,12 +146,31 @@ class Trainer:
             run_id = self._restore(resume, universal)
         if env.is_main:
             self._start_tracking(run_id)
+        self._start_node_metrics()
         self.codec = self._load_codec()
         self.scorer = build_scorer(cfg.eval, env.device)
         self.flops_per_image = train_flops_per_image(cfg.model, self.dims, self.data, EXPECTED_MASK_RATIO)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(name) if env.device.type == "cuda" else None
         self._print_plan(resume)
+
+    def _tracking_uri(self) -> str:
+        return self.cfg.tracking.uri or default_tracking_uri(self.run_dir)
+
+    def _start_node_metrics(self) -> None:
+        """System metrics from each node's local rank 0 into rank 0's MLflow run (a collective)."""
+        run_id = all_gather_objects(self.tracker.run_id if self.tracker is not None else None)[0]
+        tracking = self.cfg.tracking
+        if self.env.local_rank == 0 and tracking.enabled and tracking.system_metrics:
+            self.node_metrics = start_node_metrics(self._tracking_uri(), run_id, tracking.system_metrics_interval_s)
+
+    def _keep_node_metrics(self) -> None:
+        """Restart this node's monitor after a server outage; on rank 0 start it once the run exists."""
+        if self.node_metrics is not None:
+            self.node_metrics.ensure_running()
+        elif self.env.is_main and self.tracker.run_id and self.cfg.tracking.system_metrics:
+            self.node_metrics = start_node_metrics(self._tracking_uri(), self.tracker.run_id,
+                                                   self.cfg.tracking.system_metrics_interval_s)
 
     def _load_codec(self):
         """The dataset's codec for decoding samples, or None (and a warning) when its weights are not here."""
@@ -197,8 +218,7 @@ class Trainer:
 
     def _start_tracking(self, run_id: Optional[str]) -> None:
         tracking = self.cfg.tracking
-        uri = tracking.uri or default_tracking_uri(self.run_dir)
-        self.tracker = Tracker(uri, tracking.experiment, tracking.run_name or self.cfg.run.name,
+        self.tracker = Tracker(self._tracking_uri(), tracking.experiment, tracking.run_name or self.cfg.run.name,
                                self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled)
         if run_id is None:
             self.tracker.log_params({"config": self.cfg.model_dump(mode="json"),
@@ -306,6 +326,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.step % self.cfg.run.log_interval == 0 or self.step == self.total_steps:
                     self._log_window(window, bar)
+                    self._keep_node_metrics()
                     window = Window()
                 if self.step % self.cfg.eval.interval_steps == 0:
                     self.evaluate()
@@ -321,6 +342,8 @@ class Trainer:
             return self._finish(0, "FINISHED", bar)
         except BaseException:
             bar.close()
+            if self.node_metrics is not None:
+                self.node_metrics.finish()
             if self.tracker is not None:
                 self.tracker.close("FAILED")
             raise
@@ -329,6 +352,8 @@ class Trainer:
         """Close the bar and the MLflow run, then leave together: under `srun --kill-on-bad-exit` the first
         rank to exit non-zero ends the others, so nothing may remain to be done after this barrier."""
         bar.close()
+        if self.node_metrics is not None:
+            self.node_metrics.finish()
         if self.tracker is not None:
             self.tracker.close(status)
         barrier()

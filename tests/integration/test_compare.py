@@ -21,7 +21,7 @@ def _log_run(uri: str, artifacts: Path, name: str, arch: str, lr: float, final_a
     from far_scale.config.schema import Config
     from far_scale.tracking.mlflow_tracker import Tracker
 
-    tracker = Tracker(uri, "far-scale", name, artifacts, system_metrics=False)
+    tracker = Tracker(uri, "far-scale", name, artifacts)
     config = Config.model_validate({"model": {"arch": arch}, "optim": {"lr": lr}, "run": {"max_steps": 20}})
     tracker.log_params({"config": config.model_dump(mode="json")})
     for step in range(1, 21):

@@ -117,7 +117,8 @@ def test_dry_run_for_64_nodes_of_8_gpus(monkeypatch, tmp_path):
 
 @pytest.mark.slurm
 def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
-    job = _submit_training(slurm_env, _train_overrides(latent_dataset, tmp_path, 4))
+    job = _submit_training(slurm_env, _train_overrides(latent_dataset, tmp_path, 4,
+                                                       "tracking.system_metrics_interval_s=0.5"))
     _wait_state(slurm_env, job, {"COMPLETED"})
     run_dir = tmp_path / "slurm"
     # Both nodes joined one process group: one rank each, a log per node, the trainer saw 2 ranks.
@@ -125,7 +126,11 @@ def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
     assert (run_dir / "slurm" / "node0.log").is_file() and (run_dir / "slurm" / "node1.log").is_file()
     assert "on 2 x cpu" in _node_logs(run_dir)
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 4
-    assert len(_mlflow_runs(run_dir)) == 1
+    runs = _mlflow_runs(run_dir)
+    assert len(runs) == 1
+    # One system-metrics monitor per node, each under its node id.
+    assert {"system/node0/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= set(
+        runs[0].data.metrics), sorted(runs[0].data.metrics)
 
 
 @pytest.mark.slurm
