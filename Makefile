@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# Debian packages the tests need (slurm-wlm, munge for the tests marked `slurm`); a no-op when present.
+# Debian packages the tests need (slurm-wlm, munge: tests marked `slurm`; chromium: `browser`); no-op when present.
 system-deps:
-	bash launchers/slurm/local-cluster.sh install
+	bash scripts/system-deps.sh
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
