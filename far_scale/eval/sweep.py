@@ -19,6 +19,7 @@ import torch
 
 from far_scale.eval.sampler import SamplingJob
 from far_scale.eval.scoring import Scorer, concat_features
+from far_scale.tracking.plots import new_axes, save_axes
 
 POINT_TAG = "far_scale.sweep_point"
 PARENT_TAG = "mlflow.parentRunId"
@@ -80,44 +81,23 @@ def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
 
 
 def plot_sweep(rows: Sequence[dict], metric: str, out: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    direction = "higher" if higher_is_better(metric) else "lower"
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    """Quality vs CFG, one line per (K, head steps); quality vs images/s with the Pareto front."""
+    ylabel = f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)"
+    fig, ax = new_axes()
     for k, o in sorted({(r["num_iter"], r["head_steps"]) for r in rows}):
         line = sorted((r["cfg_scale"], r[metric]) for r in rows if (r["num_iter"], r["head_steps"]) == (k, o))
         ax.plot([c for c, _ in line], [v for _, v in line], marker="o", label=f"K={k}, steps={o}")
-    ax.set_xlabel("CFG scale")
-    ax.set_ylabel(f"{metric} ({direction} is better)")
-    ax.set_title(f"{title}: {metric} vs CFG (cf. FAR Fig. 5)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    cfg_path = out / f"sweep_{metric}_vs_cfg.png"
-    fig.savefig(cfg_path, dpi=110, metadata={"Description": f"x: CFG scale; y: {metric}"})
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cfg_path = save_axes(fig, ax, out / f"sweep_{metric}_vs_cfg.png", f"{title}: {metric} vs CFG (cf. FAR Fig. 5)",
+                         "CFG scale", ylabel)
+    fig, ax = new_axes()
     ax.scatter([r[SPEED] for r in rows], [r[metric] for r in rows], color="tab:blue", label="sweep points")
     for r in rows:
         ax.annotate(f"K{r['num_iter']}/{r['head_steps']}/w{r['cfg_scale']:g}", (r[SPEED], r[metric]), fontsize=6,
                     xytext=(2, 2), textcoords="offset points")
     front = pareto_front(rows, metric)
     ax.plot([r[SPEED] for r in front], [r[metric] for r in front], color="tab:red", marker="o", label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("images / s (sampling + decoding, log scale)")
-    ax.set_ylabel(f"{metric} ({direction} is better)")
-    ax.set_title(f"{title}: quality vs speed")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    speed_path = out / f"sweep_{metric}_vs_speed.png"
-    fig.savefig(speed_path, dpi=110, metadata={"Description": f"x: images / s; y: {metric}"})
-    plt.close(fig)
+    speed_path = save_axes(fig, ax, out / f"sweep_{metric}_vs_speed.png", f"{title}: quality vs speed",
+                           "images / s (sampling + decoding, log scale)", ylabel, log_x=True)
     return [cfg_path, speed_path]
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from far_scale.tracking.plots import new_axes, save_axes
+
 DEFAULT_EXPERIMENT = "far-scale"
 COMPARE_EXPERIMENT = "far-scale-compare"
 DEFAULT_METRICS = ("loss", "eval/accuracy", "eval/fd", "eval/precision", "eval/recall", "eval/fid", "eval/is",
@@ -171,27 +173,10 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series, log_x: bool = False) -> Path:
     """One overlay plot; ``series`` = [(label, xs, ys)]. Returns the PNG path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = new_axes()
     for label, xs, ys in series:
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if log_x:
-        ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The axis labels also go into the PNG's text chunks, so tools (and tests) can read what a plot shows.
-    fig.savefig(path, dpi=110, metadata={"Title": title, "Description": f"x: {xlabel}; y: {ylabel}"})
-    plt.close(fig)
-    return path
+    return save_axes(fig, ax, path, title, xlabel, ylabel, log_x)
 
 
 def write_plots(records: Sequence[RunRecord], out: Path) -> list[Path]:
