@@ -61,6 +61,13 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes
     handle.close()
 
 
+@contextlib.contextmanager
+def local_atomic_writer(path) -> Iterator[IO[bytes]]:
+    """``atomic_writer`` for a path on this machine."""
+    with atomic_writer(LocalFileSystem(), str(path)) as handle:
+        yield handle
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     with atomic_writer(fs, path) as handle:
         handle.write(data)

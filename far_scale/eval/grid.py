@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from far_scale.data.storage import local_atomic_writer
+
 
 def tile(pixels, columns: int) -> Image.Image:
     """``pixels`` uint8 [N, H, W, 3] -> one image with ``columns`` tiles per row."""
@@ -19,11 +21,9 @@ def tile(pixels, columns: int) -> Image.Image:
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> Path:
-    """Write a PNG via a hidden partial file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    """Write a PNG so that it appears only complete."""
+    with local_atomic_writer(path) as handle:
+        image.save(handle, format="PNG")
     return path
 
 

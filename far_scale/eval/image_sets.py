@@ -7,7 +7,6 @@ statistics, the offline benchmark and sample files are computed by one code path
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from far_scale.data.contract import MANIFEST_NAME
 from far_scale.data.images import list_images, load_image, to_uint8
+from far_scale.data.storage import local_atomic_writer
 
 IMAGES_KEY = "arr_0"  # ADM's reference batches and sample files: uint8 NHWC images
 LABELS_KEY = "arr_1"  # and their class labels
@@ -34,17 +34,12 @@ class ImageBatch:
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """``np.savez`` with fixed zip metadata, written atomically (hidden partial file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as handle:
+    with local_atomic_writer(path) as handle:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, array in arrays.items():
                 buffer = io.BytesIO()
                 np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
                 archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE_TIME), buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
     return path
 
 

@@ -20,10 +20,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from far_scale.codecs.base import sha256_file
 from far_scale.data.images import list_images, load_image, to_uint8
+from far_scale.data.storage import local_atomic_writer
 from far_scale.eval.classifier import ClassifierSettings, ConvClassifier, classify, train_classifier
 from far_scale.eval.metrics import FeatureStats, frechet_distance, precision_recall
 
@@ -107,10 +108,8 @@ class OfflineBenchmark:
     def save(self, path: Path) -> Path:
         tensors = {f"{MODEL_PREFIX}{k}": v.contiguous() for k, v in self.model.state_dict().items()}
         tensors[REFERENCE_KEY] = torch.from_numpy(np.ascontiguousarray(self.reference, dtype=np.float32))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(tmp), metadata={"far_scale_offline_benchmark": json.dumps(self.meta)})
-        tmp.replace(path)
+        with local_atomic_writer(path) as handle:
+            handle.write(save(tensors, metadata={"far_scale_offline_benchmark": json.dumps(self.meta)}))
         return path
 
     @classmethod
