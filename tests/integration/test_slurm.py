@@ -118,7 +118,7 @@ def test_dry_run_for_64_nodes_of_8_gpus(monkeypatch, tmp_path):
 @pytest.mark.slurm
 def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
     job = _submit_training(slurm_env, _train_overrides(latent_dataset, tmp_path, 4,
-                                                       "tracking.system_metrics_interval_s=0.5"))
+                                                       "tracking.system_metrics_interval_s=0.1"))
     _wait_state(slurm_env, job, {"COMPLETED"})
     run_dir = tmp_path / "slurm"
     # Both nodes joined one process group: one rank each, a log per node, the trainer saw 2 ranks.
@@ -128,7 +128,8 @@ def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 4
     runs = _mlflow_runs(run_dir)
     assert len(runs) == 1
-    # One system-metrics monitor per node, each under its node id.
+    # One system-metrics monitor per node, each under its node id (a 4-step job lives ~1 s after the monitors
+    # start: they sample every 0.1 s here).
     assert {"system/node0/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= set(
         runs[0].data.metrics), sorted(runs[0].data.metrics)
 
