@@ -279,7 +279,7 @@ def _add_slurm_resources(parser: argparse.ArgumentParser, nodes: bool) -> None:
 
 
 def _add_launch_commands(commands) -> None:
-    launch = commands.add_parser("launch", help="run training on this machine (torchrun) or a SLURM cluster")
+    launch = commands.add_parser("launch", help="run training (or sampling) on this machine (torchrun) or a SLURM cluster")
     sub = launch.add_subparsers(dest="launch_command", required=True, metavar="TARGET")
 
     local = sub.add_parser("local", help="torchrun with N processes on this machine")
@@ -396,7 +396,7 @@ def _add_data_commands(commands) -> None:
 def _add_eval_commands(commands) -> None:
     from far_scale.eval.inception import WEIGHTS_FILE
 
-    ev = commands.add_parser("eval", help="quality of sample sets: FID/IS, reference statistics, offline benchmark",
+    ev = commands.add_parser("eval", help="quality of sample sets: FID/IS, reference statistics, offline benchmark, sampling sweeps",
                              description="See docs/evaluation.md.")
     sub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
 
