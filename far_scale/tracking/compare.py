@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from far_scale.data.storage import local_atomic_writer
 from far_scale.tracking.plots import new_axes, save_axes
 
 DEFAULT_EXPERIMENT = "far-scale"
@@ -227,8 +228,9 @@ def compare(records: Sequence[RunRecord], out: str | Path, metrics: Sequence[str
     header, rows = comparison_rows(records, summarize(records, metrics))
     table = markdown(header, rows)
     files = [out / "comparison.md", out / "comparison.csv"]
-    files[0].write_text(table + "\n")
-    files[1].write_text(csv_text(header, rows))
+    for path, text in zip(files, (table + "\n", csv_text(header, rows))):
+        with local_atomic_writer(path) as handle:
+            handle.write(text.encode())
     plots = write_plots(records, out)
     run_id = _log_comparison(records, [*files, *plots], log_to, experiment) if log_to else None
     return Comparison(table, differing_params(records), plots, files, run_id)
