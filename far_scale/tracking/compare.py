@@ -239,7 +239,15 @@ def compare(records: Sequence[RunRecord], out: str | Path, metrics: Sequence[str
 def _log_comparison(records: Sequence[RunRecord], files: Sequence[Path], uri: str, experiment: str) -> str:
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    if found is None:
+        # A sqlite store keeps its artifacts beside it (as the trainer's store does), not in ./mlruns of
+        # whatever directory the command ran in; a server uses its own artifact root.
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
     run = client.create_run(experiment_id, run_name="compare " + " vs ".join(r.name for r in records)[:200],
                             tags={"far_scale.compared_runs": ",".join(r.run_id for r in records)})
     for path in files:

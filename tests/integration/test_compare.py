@@ -93,6 +93,8 @@ def test_compare_lists_only_differing_params_and_marks_the_best(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     logged = {a.path for a in client.list_artifacts(result.run_id, "comparison")}
     assert "comparison/comparison.md" in logged and "comparison/loss_vs_step.png" in logged
+    # The artifacts live beside the sqlite store, not in ./mlruns of the working directory.
+    assert client.get_run(result.run_id).info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     filtered = collect_runs([], uri, filter_string="params.`config.model.arch` = 'mar'")
     assert [r.name for r in filtered] == ["mar-run"]
 
@@ -105,6 +107,7 @@ def test_compare_command_on_two_run_directories(tmp_path):
     out = tmp_path / "out"
     text = _cli(str(tmp_path / "far-run"), str(tmp_path / "mar-run"), "--out", str(out))
     _check_output(text, out)
+    assert (tmp_path / "far-run" / "mlartifacts").is_dir() and not (REPO_ROOT / "mlruns").exists()
     with pytest.raises(AssertionError, match="not a run directory"):
         _cli(str(tmp_path / "nowhere"))
 
