@@ -106,6 +106,8 @@ def _iter_latent_dataset(url: str, batch_size: int, limit: Optional[int],
         return batch
 
     for entry in manifest["shards"]:
+        if limit is not None and seen >= limit:
+            break  # no further shard is read once the limit is reached
         for sample in iter_tar_bytes(fs.cat_file(join(root, entry["name"])), entry["name"]):
             if limit is not None and seen >= limit:
                 break

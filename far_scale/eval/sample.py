@@ -9,7 +9,6 @@ assembles the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,8 +29,6 @@ from far_scale.models.model import ARModel, build_model
 from far_scale.models.registry import resolve_dims
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW, resolve_checkpoint
-
-log = logging.getLogger("far_scale.eval")
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"

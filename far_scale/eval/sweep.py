@@ -17,8 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from far_scale.eval.sampler import SamplingJob
+from far_scale.eval.sampler import SamplingJob, iter_rank_batches
 from far_scale.eval.scoring import Scorer, concat_features
+from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
 
 POINT_TAG = "far_scale.sweep_point"
@@ -52,19 +53,12 @@ def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, b
     job = SamplingJob(num_images, loaded.meta["data"]["num_classes"], batch_size, seed)
     generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
     features, labels, seconds = [], [], 0.0
-    for batch_id in range(job.num_batches):
-        batch, spent = generator.timed_images(job, job.indices(batch_id))
+    for _, batch, spent in iter_rank_batches(generator, job, rank=0, world_size=1):
         seconds += spent
         features.append(scorer.features(batch.images))
         labels.append(batch.labels)
     scores = scorer.score(concat_features(features), np.concatenate(labels))
     return {**scores, SPEED: num_images / seconds}
-
-
-def higher_is_better(metric: str) -> bool:
-    from far_scale.tracking.compare import higher_is_better as rule
-
-    return rule(metric)
 
 
 def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
