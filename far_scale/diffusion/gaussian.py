@@ -138,20 +138,33 @@ class GaussianDiffusion:
         mse = (eps - noise).pow(2).mean(-1)
         return {"mse": mse, "vb": vb}
 
+    def p_mean_variance_at(self, eps: torch.Tensor, var_values: torch.Tensor, xt: torch.Tensor, index: int):
+        """``p_mean_variance`` when every row is at timestep ``index``: the schedule as host scalars."""
+        min_log, max_log = float(self.posterior_log_variance_clipped[index]), float(self.log_betas[index])
+        frac = (var_values + 1) / 2
+        log_variance = frac * max_log + (1 - frac) * min_log
+        x0 = float(self.sqrt_recip_alphas_cumprod[index]) * xt - float(self.sqrt_recipm1_alphas_cumprod[index]) * eps
+        mean = float(self.posterior_mean_coef1[index]) * x0 + float(self.posterior_mean_coef2[index]) * xt
+        return mean, log_variance
+
     def sample(self, model: Callable, noise: torch.Tensor, temperature: float,
-               step_noise: torch.Tensor) -> torch.Tensor:
+               step_noise: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """Ancestral sampling over this chain from ``noise`` [N, D]; ``model(x, t_original)`` returns eps and
         variance values. ``step_noise`` [N, num_timesteps - 1, D] holds the standard-normal draw of each step
-        but the last (which returns the mean), in sampling order."""
+        but the last (which returns the mean), in sampling order. ``fast`` uses ``p_mean_variance_at``
+        (no per-step host-to-device schedule copies or gathers)."""
         if step_noise.shape[1] != self.num_timesteps - 1:
             raise ValueError(f"step_noise has {step_noise.shape[1]} draws per row; this {self.num_timesteps}-step "
                              f"chain needs {self.num_timesteps - 1}")
         x = noise
         for draw, index in enumerate(reversed(range(self.num_timesteps))):
-            t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
-            original_t = torch.full_like(t, self.timestep_map[index])
+            original_t = torch.full((x.shape[0],), self.timestep_map[index], device=x.device, dtype=torch.long)
             eps, var_values = model(x, original_t).chunk(2, dim=-1)
-            mean, log_variance = self.p_mean_variance(eps, var_values, x, t)
+            if fast:
+                mean, log_variance = self.p_mean_variance_at(eps, var_values, x, index)
+            else:
+                t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+                mean, log_variance = self.p_mean_variance(eps, var_values, x, t)
             if index == 0:
                 x = mean
             else:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, init_backbone_weights
+from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, TokenCache, init_backbone_weights
 
 EMBED_INIT_STD = 0.02
 
@@ -72,6 +72,7 @@ class TokenBackbone(nn.Module):
         super().__init__()
         self.seq_len = seq_len
         self.token_dim = token_dim
+        self.num_classes = num_classes
         self.width = width
         self.condition = ClassCondition(num_classes, width, class_dropout)
         self.token_proj = nn.Linear(token_dim, width)
@@ -123,45 +124,87 @@ class MaskedBackbone(TokenBackbone):
         """One random permutation of token positions per image."""
         return random_orders(batch, self.seq_len, device, generator)
 
-    def _with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
-        buffer = torch.zeros(mask.shape[0], self.num_buffer_tokens, dtype=torch.bool, device=mask.device)
-        return torch.cat([buffer, mask], dim=1)
+    def sequence_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Encoder/decoder sequence positions of the buffer followed by token ``positions`` [B, n]."""
+        buffer = torch.arange(self.num_buffer_tokens, device=positions.device).expand(positions.shape[0], -1)
+        return torch.cat([buffer, positions + self.num_buffer_tokens], dim=1)
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Encoder over the buffer (all slots hold ``cond``) and the unmasked tokens.
+    def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-        ``mask`` is ``[B, L]`` bool, True where a token is masked; every row must mask the same count.
+    def encode(self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor,
+               cache: Optional[TokenCache] = None) -> torch.Tensor:
+        """Encoder over the buffer (all slots hold ``cond``) and the visible tokens.
+
+        ``visible`` [B, n] holds the visible token positions in ascending order (the same count in every
+        row); selecting them by gather keeps shapes known on the host (no boolean indexing, no sync).
         """
         batch = tokens.shape[0]
         x = self.token_proj(tokens)
         buffer = cond[:, None, :].to(x.dtype).expand(batch, self.num_buffer_tokens, self.width)
         x = self.token_proj_norm(torch.cat([buffer, x], dim=1) + self.encoder_pos)
-        visible = ~self._with_buffer(mask)
-        x = x[visible].reshape(batch, -1, self.width)
-        return self.encoder_norm(self.encoder(x))
+        index = self.sequence_positions(visible)
+        if cache is not None:
+            cache.set_pass(index, lazy=False)
+        return self.encoder_norm(self.encoder(self._rows(x, index), cache=cache))
 
-    def decode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decoder over all positions, mask tokens where the encoder saw nothing; returns ``z``."""
+    def decode(self, x: torch.Tensor, visible: torch.Tensor, cache: Optional[TokenCache] = None) -> torch.Tensor:
+        """Decoder over all positions, mask tokens where the encoder saw nothing; returns ``z`` [B, L, W]."""
         x = self.decoder_embed(x)
-        batch = x.shape[0]
-        visible = ~self._with_buffer(mask)
-        padded = self.mask_token.to(x.dtype).expand(batch, visible.shape[1], self.width)
-        x = padded.masked_scatter(visible[..., None], x)
-        x = self.decoder_norm(self.decoder(x + self.decoder_pos))
+        batch, total = x.shape[0], self.num_buffer_tokens + self.seq_len
+        index = self.sequence_positions(visible)
+        padded = self.mask_token.to(x.dtype).expand(batch, total, self.width)
+        x = padded.scatter(1, index[..., None].expand(-1, -1, self.width), x)
+        if cache is not None:
+            cache.set_pass(torch.arange(total, device=x.device).expand(batch, -1), lazy=False)
+        x = self.decoder_norm(self.decoder(x + self.decoder_pos, cache=cache))
         return x[:, self.num_buffer_tokens :] + self.head_pos
 
-    def predict(self, tokens: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(tokens, mask, cond), mask)
+    def predict(self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor,
+                caches: Optional[tuple[TokenCache, TokenCache]] = None) -> torch.Tensor:
+        """``z`` at every position; with ``caches`` (encoder, decoder) also records their keys and values."""
+        encoder_cache, decoder_cache = caches if caches is not None else (None, None)
+        return self.decode(self.encode(tokens, visible, cond, encoder_cache), visible, decoder_cache)
+
+    def new_token_caches(self, batch: int, *, device, dtype) -> tuple[TokenCache, TokenCache]:
+        """Encoder and decoder ``TokenCache`` for lazy passes (``predict_lazy``)."""
+        total = self.num_buffer_tokens + self.seq_len
+        return tuple(
+            TokenCache(len(stack.blocks), batch, stack.blocks[0].attn.num_heads, total,
+                       self.width // stack.blocks[0].attn.num_heads, device=device, dtype=dtype)
+            for stack in (self.encoder, self.decoder)
+        )
+
+    def predict_lazy(self, tokens: torch.Tensor, new: torch.Tensor, query: torch.Tensor, visible_keys: torch.Tensor,
+                     caches: tuple[TokenCache, TokenCache]) -> torch.Tensor:
+        """``z`` [B, n, W] at positions ``query`` [B, n], reusing cached keys and values (token caching).
+
+        Only the tokens revealed since the last pass (``new`` [B, m]) go through the encoder, attending
+        to the cached encoder keys where ``visible_keys`` [B, buffer + L]; the decoder recomputes those
+        positions (their input changed from the mask token) and the queried ones, attending to every
+        cached decoder position. Every other position keeps its features from an earlier pass.
+        """
+        encoder_cache, decoder_cache = caches
+        nb = self.num_buffer_tokens
+        x = self.token_proj(self._rows(tokens, new))
+        x = self.token_proj_norm(x + self.encoder_pos[0, new + nb])
+        encoder_cache.set_pass(new + nb, lazy=True, key_mask=visible_keys)
+        x = self.decoder_embed(self.encoder_norm(self.encoder(x, cache=encoder_cache)))
+        x = torch.cat([x + self.decoder_pos[0, new + nb],
+                       self.mask_token.to(x.dtype) + self.decoder_pos[0, query + nb]], dim=1)
+        decoder_cache.set_pass(torch.cat([new, query], dim=1) + nb, lazy=True)
+        x = self.decoder_norm(self.decoder(x, cache=decoder_cache))
+        return x[:, new.shape[1] :] + self.head_pos[0, query]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: returns ``z`` and the loss mask (True on masked tokens)."""
+        """Training pass: returns ``z`` and the masked positions [B, n] (ascending) the loss is computed on."""
         batch = tokens.shape[0]
         ratio = sample_mask_ratio(*self.mask_ratio)
         num_masked = math.ceil(self.seq_len * ratio)
         orders = self.random_orders(batch, tokens.device)
-        mask = torch.zeros(batch, self.seq_len, dtype=torch.bool, device=tokens.device)
-        mask.scatter_(1, orders[:, :num_masked], True)
-        return self.predict(tokens, mask, self.condition(labels)), mask
+        masked = orders[:, :num_masked].sort(dim=1).values
+        visible = orders[:, num_masked:].sort(dim=1).values
+        return self.predict(tokens, visible, self.condition(labels)), masked
 
 
 class CausalBackbone(TokenBackbone):
@@ -210,6 +253,6 @@ class CausalBackbone(TokenBackbone):
         return self.norm(x) + self.head_pos[:, start:end]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced training pass: ``z`` for every position and an all-True loss mask."""
+        """Teacher-forced training pass: ``z`` and the loss positions (all of them) [B, L]."""
         z = self.hidden(self.embed_inputs(self.condition(labels), tokens[:, :-1]))
-        return z, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return z, torch.arange(self.seq_len, device=tokens.device).expand(tokens.shape[0], -1)

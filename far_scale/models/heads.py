@@ -1,4 +1,4 @@
-"""Per-token heads behind one interface (SPEC §3): ``loss(target, z, weight)`` and ``sample(z, ...)``.
+"""Per-token heads behind one interface (SPEC §3): ``loss(target, z)`` and ``sample(z, ...)``.
 
 Both heads share the adaLN MLP body of MAR (``SimpleMLPAdaLN``). The diffusion head
 (MAR baseline) denoises with a DDPM chain; the shortcut head (FAR) integrates a learned
@@ -103,14 +103,14 @@ class AdaLNMLP(nn.Module):
         cond = self.cond_proj(z)
         for embedder, values in zip(self.scalar_embedders, scalars):
             cond = cond + embedder(values)
+        return self.apply_condition(x, cond)
+
+    def apply_condition(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The body given the summed condition (``cond_proj(z)`` plus the scalar embeddings)."""
         x = self.input_proj(x)
         for block in self.blocks:
             x = block(x, cond)
         return self.final(x, cond)
-
-
-def _weighted_mean(per_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def _guided(output: torch.Tensor, cfg_scale: Optional[CfgScale]) -> torch.Tensor:
@@ -149,9 +149,9 @@ class ShortcutHead(nn.Module):
         s2 = self.velocity(x_mid, t + half[:, 0].double(), half_level, z, target_net)
         return ((s1 + s2) / 2).clamp(-self.clip_value, self.clip_value)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+    def loss(self, target: torch.Tensor, z: torch.Tensor,
              target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Rows ``target`` [N, C] conditioned on ``z`` [N, W]; ``weight`` [N] selects rows (masked tokens).
+        """Mean loss over rows ``target`` [N, C] conditioned on ``z`` [N, W] (the caller gathers the rows to train).
 
         ``target_net`` (e.g. the EMA copy of ``self.net``) gives the self-consistency targets;
         None uses the live weights without gradient.
@@ -166,11 +166,10 @@ class ShortcutHead(nn.Module):
         else:
             goal = flow_target
         per_row = (self.velocity(x_t, draws.t, draws.level, z) - goal).float().pow(2).mean(-1)
-        weight = weight.to(per_row.dtype)
-        parts = {"flow_matching": _weighted_mean(per_row[:k], weight[:k])}
+        parts = {"flow_matching": per_row[:k].mean()}
         if k < target.shape[0]:
-            parts["self_consistency"] = _weighted_mean(per_row[k:], weight[k:])
-        return _weighted_mean(per_row, weight), parts
+            parts["self_consistency"] = per_row[k:].mean()
+        return per_row.mean(), parts
 
     @staticmethod
     def num_noise_draws(num_steps: int) -> int:
@@ -178,20 +177,32 @@ class ShortcutHead(nn.Module):
         del num_steps
         return 1
 
+    @staticmethod
+    def anneal_steps(first: int, last: int, progress: float) -> int:
+        """Head steps at ``progress`` in [0, 1] of a schedule from ``first`` to ``last``: geometric, powers of two."""
+        low, high = num_level_bits(first), num_level_bits(last)
+        return 2 ** round(low + (high - low) * progress)
+
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
-               cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+               cfg_scale: Optional[CfgScale] = None, fast: bool = False) -> torch.Tensor:
         """O-step Euler integration from tau * N(0, I). With ``cfg_scale``, ``z`` is [cond; uncond].
 
-        ``noise`` [rows, num_noise_draws, D] holds the standard-normal draws (one row per token).
+        ``noise`` [rows, num_noise_draws, D] holds the standard-normal draws (one row per token);
+        ``fast`` is accepted for a uniform interface (this head has one path).
         """
-        level_value = num_level_bits(num_steps)
+        del fast
+        rows = z.shape[0]
         x = temperature * noise[:, 0].to(z.dtype)
-        level = torch.full((z.shape[0],), level_value, device=z.device, dtype=torch.long)
+        time_embedder, level_embedder = self.net.scalar_embedders
+        # z and the step level are the same at every Euler step: project and embed them once.
+        z_cond = self.net.cond_proj(z)
+        level_cond = level_embedder(torch.full((rows,), num_level_bits(num_steps), device=z.device, dtype=torch.long))
         for i in range(num_steps):
-            t = torch.full((z.shape[0],), i / num_steps, device=z.device, dtype=torch.float64)
+            t = torch.full((rows,), i / num_steps, device=z.device, dtype=torch.float64)
+            cond = z_cond + time_embedder(t * FLOW_TIME_EMBED_SCALE) + level_cond
             x_in = torch.cat([x, x]) if cfg_scale is not None else x
-            x = x + _guided(self.velocity(x_in, t, level, z), cfg_scale) / num_steps
+            x = x + _guided(self.net.apply_condition(x_in, cond), cfg_scale) / num_steps
         return x
 
 
@@ -208,33 +219,41 @@ class DiffusionHead(nn.Module):
         self.diffusion = GaussianDiffusion.create(noise_schedule, num_train_timesteps)
         self._respaced = lru_cache(maxsize=8)(self.diffusion.respaced)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+    def loss(self, target: torch.Tensor, z: torch.Tensor,
              target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean hybrid loss over rows ``target`` [N, C] conditioned on ``z`` [N, W]."""
         del target_net  # the diffusion objective has no bootstrap target
         t = torch.randint(0, self.diffusion.num_timesteps, (target.shape[0],), device=target.device)
         terms = self.diffusion.training_losses(lambda x, tt: self.net(x, (tt,), z), target, t)
-        weight = weight.to(torch.float32)
-        parts = {name: _weighted_mean(value.float(), weight) for name, value in terms.items()}
+        parts = {name: value.float().mean() for name, value in terms.items()}
         return parts["mse"] + parts["vb"], parts
 
     def num_noise_draws(self, num_steps: int) -> int:
         """Standard-normal draws per token that ``sample`` consumes: the start and one per step but the last."""
         return self._respaced(num_steps).num_timesteps
 
+    @staticmethod
+    def anneal_steps(first: int, last: int, progress: float) -> int:
+        """DDPM steps at ``progress`` in [0, 1] of a schedule from ``first`` to ``last``: linear."""
+        return max(1, round(first + (last - first) * progress))
+
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
-               cfg_scale: Optional[CfgScale] = None) -> torch.Tensor:
+               cfg_scale: Optional[CfgScale] = None, fast: bool = False) -> torch.Tensor:
         """Respaced ancestral sampling; CFG mixes eps, each half keeps its own variance.
 
-        ``noise`` [rows, num_noise_draws, D]: the chain's start, then the noise of each step.
+        ``noise`` [rows, num_noise_draws, D]: the chain's start, then the noise of each step. ``fast``
+        takes each step's schedule coefficients as host scalars instead of per-row gathers.
         """
         noise = noise.to(z.dtype)
+        z_cond = self.net.cond_proj(z)  # once per chain, not once per step
+        time_embedder = self.net.scalar_embedders[0]
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if cfg_scale is None:
-                return self.net(x, (t,), z)
-            out = self.net(torch.cat([x, x]), (torch.cat([t, t]),), z)
+                return self.net.apply_condition(x, z_cond + time_embedder(t))
+            out = self.net.apply_condition(torch.cat([x, x]), z_cond + time_embedder(torch.cat([t, t])))
             eps, var_values = out.chunk(2, dim=-1)
             return torch.cat([_guided(eps, cfg_scale), var_values.chunk(2, dim=0)[0]], dim=-1)
 
-        return self._respaced(num_steps).sample(model, noise[:, 0], temperature, noise[:, 1:])
+        return self._respaced(num_steps).sample(model, noise[:, 0], temperature, noise[:, 1:], fast=fast)

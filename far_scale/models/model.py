@@ -34,21 +34,28 @@ class ARModel(nn.Module):
     def token_dim(self) -> int:
         return self.backbone.token_dim
 
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
     def forward(self, latents: torch.Tensor, labels: torch.Tensor,
                 target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
         """``latents`` [B, L, D] (scaled), ``labels`` [B]; ``target_net`` feeds shortcut targets (EMA head net)."""
-        z, mask = self.backbone(latents, labels)
-        return self.head_loss(latents, z, mask, target_net)
+        z, positions = self.backbone(latents, labels)
+        return self.head_loss(latents, z, positions, target_net)
 
-    def head_loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
+    def head_loss(self, target: torch.Tensor, z: torch.Tensor, positions: torch.Tensor,
                   target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
-        """The head's loss on tokens ``target`` [B, L, D] given ``z`` [B, L, W], counted where ``mask``."""
-        rows = target.shape[0] * target.shape[1]
+        """The head's loss on tokens ``target`` [B, L, D] given ``z`` [B, L, W], at ``positions`` [B, n] only.
+
+        The rows are gathered before the head, so no head work is spent on visible tokens.
+        """
+        index = positions[..., None]
+        target_rows = target.gather(1, index.expand(-1, -1, target.shape[-1])).flatten(0, 1)
+        cond = z.gather(1, index.expand(-1, -1, z.shape[-1])).flatten(0, 1)
         # Each token is repeated num_repeats times with independent noise/time draws (SPEC §3).
-        target_rows = target.reshape(rows, -1).repeat(self.num_repeats, 1)
-        cond = z.reshape(rows, -1).repeat(self.num_repeats, 1)
-        weight = mask.reshape(rows).repeat(self.num_repeats)
-        loss, parts = self.head.loss(target_rows, cond, weight, target_net=target_net)
+        loss, parts = self.head.loss(target_rows.repeat(self.num_repeats, 1), cond.repeat(self.num_repeats, 1),
+                                     target_net=target_net)
         return {"loss": loss, **parts}
 
 

@@ -21,19 +21,51 @@ from far_scale.models.model import ARModel
 
 @dataclass(frozen=True)
 class SamplingOptions:
+    """How to generate. The acceleration options (from ``head_steps_end`` on) are off by default; each one
+    is a no-op at its default, and with all of them off the sampler is the reference MAR/FAR sampler."""
+
     num_iter: int = 64
     """K: backbone passes of masked generation (ignored by causal models: one per token)."""
     head_steps: int = 8
+    """O (shortcut head) or DDPM steps (diffusion head) per token; the first iteration's with ``head_steps_end``."""
     cfg_scale: float = 1.0
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = 1.0
     use_cfg: Optional[bool] = None
     """Double the batch for guidance; None means ``cfg_scale != 1``."""
     use_kv_cache: bool = True
+    head_steps_end: Optional[int] = None
+    """Head-step schedule (after DiSA): head steps annealed from ``head_steps`` to this value as the share
+    of known tokens grows (geometric in powers of two for the shortcut head, linear for DDPM)."""
+    mask_schedule_power: float = 1.0
+    """Masked share after iteration k is cos(pi/2 * (k/K)^p): p = 1 is MAR's cosine; p > 1 spends more
+    iterations on the first (structure) tokens and fewer on the last (detail) ones (after GtR)."""
+    backbone_refresh_every: int = 1
+    """Token caching (after LazyMAR): a full backbone pass every R iterations; in between only the tokens
+    revealed since the last pass and the ones generated now are recomputed, against cached keys/values."""
+    guidance_refresh_every: int = 1
+    """Guidance caching (after LazyMAR): the conditional and unconditional backbone passes every G
+    iterations; in between one conditional pass, with the cached difference standing in for the other."""
+    fast_ddpm: bool = False
+    """Diffusion head: step coefficients as host scalars (no per-step schedule gathers or copies)."""
+
+    def __post_init__(self):
+        for name in ("num_iter", "head_steps", "backbone_refresh_every", "guidance_refresh_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling option {name} must be >= 1, got {getattr(self, name)}")
+        if self.head_steps_end is not None and self.head_steps_end < 1:
+            raise ValueError(f"sampling option head_steps_end must be >= 1, got {self.head_steps_end}")
+        if not self.mask_schedule_power > 0:
+            raise ValueError(f"sampling option mask_schedule_power must be > 0, got {self.mask_schedule_power}")
 
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0 if self.use_cfg is None else self.use_cfg
+
+    @property
+    def max_head_steps(self) -> int:
+        """The most head steps any token takes (sizes the pre-drawn noise)."""
+        return max(self.head_steps, self.head_steps_end or self.head_steps)
 
 
 @dataclass(frozen=True)
@@ -46,7 +78,7 @@ class SamplingNoise:
     @staticmethod
     def shape_for(model: ARModel, options: SamplingOptions) -> tuple[int, int, int]:
         """(tokens, draws per token, token dim) of one image."""
-        return model.seq_len, model.head.num_noise_draws(options.head_steps), model.token_dim
+        return model.seq_len, model.head.num_noise_draws(options.max_head_steps), model.token_dim
 
     @classmethod
     def from_generator(cls, model: ARModel, options: SamplingOptions, batch: int,
@@ -78,10 +110,52 @@ def guidance_scale(options: SamplingOptions, num_generated: int, seq_len: int) -
     return 1.0 + (options.cfg_scale - 1.0) * num_generated / seq_len
 
 
-def num_masked_after(step: int, num_iter: int, seq_len: int, num_masked_now: int) -> int:
-    """Tokens still masked after iteration ``step``: cosine schedule, >= 1 and fewer than now."""
-    target = math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))
+def num_masked_after(step: int, num_iter: int, seq_len: int, num_masked_now: int, power: float = 1.0) -> int:
+    """Tokens still masked after iteration ``step``: cos(pi/2 * ((step+1)/K)^power) of them, >= 1 and fewer than now."""
+    target = math.floor(seq_len * math.cos(math.pi / 2 * ((step + 1) / num_iter) ** power))
     return max(1, min(num_masked_now - 1, target))
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """One step of generation, fixed on the host before sampling starts (so the loop never syncs)."""
+
+    start: int
+    """Tokens known before this iteration (they are ``orders[:, :start]``)."""
+    end: int
+    """Tokens known after it: this iteration generates ``orders[:, start:end]``."""
+    head_steps: int
+    cfg: Optional[float]
+    full_backbone: bool
+    """Masked models: a full backbone pass (else a lazy one against the token cache)."""
+    both_halves: bool
+    """With guidance: conditional and unconditional passes (else the cached difference stands in)."""
+
+
+def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_steps) -> list[Iteration]:
+    """Every iteration's tokens, head steps, guidance scale and caching decisions.
+
+    ``kind`` is the backbone's (``masked``: K iterations on MAR's schedule; ``causal``: one per token);
+    ``anneal_steps(first, last, progress)`` is the head's head-step schedule.
+    """
+    caching_guidance = options.guided and options.guidance_refresh_every > 1
+    plan, start = [], 0
+    num_iter = min(options.num_iter, seq_len) if kind == "masked" else seq_len
+    for step in range(num_iter):
+        if kind == "masked":
+            last = step == num_iter - 1
+            end = seq_len if last else seq_len - num_masked_after(step, num_iter, seq_len, seq_len - start,
+                                                                  options.mask_schedule_power)
+        else:
+            end = start + 1
+        steps = options.head_steps if options.head_steps_end is None else anneal_steps(
+            options.head_steps, options.head_steps_end, start / seq_len)
+        both = options.guided and (not caching_guidance or step % options.guidance_refresh_every == 0)
+        # Cached guidance differences need every position: a pass of both halves is a full one.
+        full = step % options.backbone_refresh_every == 0 or (caching_guidance and both)
+        plan.append(Iteration(start, end, steps, guidance_scale(options, end, seq_len), full, both))
+        start = end
+    return plan
 
 
 def _conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -91,37 +165,96 @@ def _conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Ten
     return cond
 
 
+def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype activations have: autocast's where it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for [B, L, ...] ``x`` and [B, n] ``index`` (a gather: no sync, no dynamic shape)."""
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x])
+
+
+class _MaskedBackbonePasses:
+    """The backbone side of masked generation: full or lazy passes, with or without guidance caching.
+
+    Returns ``z`` at the positions generated in an iteration, [rows, n, W] with rows = 2B
+    ([conditional; unconditional]) under guidance.
+    """
+
+    def __init__(self, model: ARModel, options: SamplingOptions, cond: torch.Tensor, batch: int):
+        self.backbone, self.options, self.cond, self.batch = model.backbone, options, cond, batch
+        self.guided = options.guided
+        self.caching_guidance = self.guided and options.guidance_refresh_every > 1
+        self.difference: Optional[torch.Tensor] = None  # z_cond - z_uncond at every position, last both-halves pass
+        self.caches = None
+        if options.backbone_refresh_every > 1:
+            # The cache follows the conditional rows only when the unconditional ones are not computed every time.
+            rows = batch if self.caching_guidance or not self.guided else 2 * batch
+            self.caches = self.backbone.new_token_caches(
+                rows, device=cond.device, dtype=_compute_dtype(cond.device, self.backbone.head_pos.dtype))
+
+    def __call__(self, it: Iteration, previous: Optional[Iteration], tokens: torch.Tensor, orders: torch.Tensor,
+                 chosen: torch.Tensor) -> torch.Tensor:
+        batch = self.batch
+        doubled = self.guided and (it.both_halves or not self.caching_guidance)
+        if it.full_backbone:
+            visible = orders[:, : it.start].sort(dim=1).values
+            if doubled:
+                z = self.backbone.predict(_twice(tokens), _twice(visible), self.cond, self.caches)
+            else:
+                z = self.backbone.predict(tokens, visible, self.cond[:batch], self.caches)
+            if self.caching_guidance and doubled:
+                self.difference = z[:batch] - z[batch:]
+            z = _rows(z, _twice(chosen) if doubled else chosen)
+        else:
+            new = orders[:, previous.start : previous.end]
+            visible_keys = torch.zeros(batch, self.backbone.seq_len, dtype=torch.bool, device=orders.device)
+            visible_keys.scatter_(1, orders[:, : it.start], True)
+            buffer = torch.ones(batch, self.backbone.num_buffer_tokens, dtype=torch.bool, device=orders.device)
+            visible_keys = torch.cat([buffer, visible_keys], dim=1)
+            if doubled:
+                z = self.backbone.predict_lazy(_twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys),
+                                               self.caches)
+            else:
+                z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.caches)
+        if self.guided and not doubled:
+            z = torch.cat([z, z - _rows(self.difference, chosen).to(z.dtype)])
+        return z
+
+
 @torch.no_grad()
 def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
                   noise: SamplingNoise) -> torch.Tensor:
-    """MAR/FAR generation: K iterations, each one backbone pass and a head pass on new tokens."""
-    backbone = model.backbone
-    batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
+    """MAR/FAR generation: K iterations, each a backbone pass and a head pass on the tokens it reveals.
+
+    Tokens are revealed in each image's random order (``noise.orders``); the counts per iteration
+    are planned on the host, so the loop selects tokens by gather/scatter and never syncs.
+    """
+    backbone, head = model.backbone, model.head
+    batch, seq_len = labels.shape[0], backbone.seq_len
     dtype = backbone.head_pos.dtype
-    tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=device, dtype=dtype)
-    mask = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=labels.device, dtype=dtype)
     orders = noise.orders
-    cond = _conditions(model, labels, options.guided)
-    num_masked = seq_len
-    for step in range(options.num_iter):
-        if num_masked == 0:
-            break
-        if options.guided:
-            z = backbone.predict(torch.cat([tokens, tokens]), torch.cat([mask, mask]), cond)
-        else:
-            z = backbone.predict(tokens, mask, cond)
-        last = step == options.num_iter - 1
-        remaining = 0 if last else num_masked_after(step, options.num_iter, seq_len, num_masked)
-        # Tokens are revealed in each image's random order; the last `remaining` stay masked.
-        next_mask = torch.zeros_like(mask)
-        if remaining:
-            next_mask.scatter_(1, orders[:, seq_len - remaining :], True)
-        chosen = mask & ~next_mask
-        z_rows = torch.cat([z[:batch][chosen], z[batch:][chosen]]) if options.guided else z[chosen]
-        scale = guidance_scale(options, seq_len - remaining, seq_len)
-        tokens[chosen] = model.head.sample(z_rows, options.head_steps, options.temperature, noise.tokens[chosen],
-                                           scale).to(dtype)
-        mask, num_masked = next_mask, remaining
+    passes = _MaskedBackbonePasses(model, options, _conditions(model, labels, options.guided), batch)
+    previous = None
+    for it in plan_generation(options, seq_len, backbone.kind, head.anneal_steps):
+        # Ascending positions: the rows reach the head in the order boolean-mask indexing gave them.
+        chosen = orders[:, it.start : it.end].sort(dim=1).values
+        z = passes(it, previous, tokens, orders, chosen)
+        head_noise = _rows(noise.tokens, chosen).flatten(0, 1)[:, : head.num_noise_draws(it.head_steps)]
+        new_tokens = head.sample(z.flatten(0, 1), it.head_steps, options.temperature, head_noise, it.cfg,
+                                 fast=options.fast_ddpm)
+        tokens.scatter_(1, chosen[..., None].expand(-1, -1, backbone.token_dim),
+                        new_tokens.view(batch, -1, backbone.token_dim).to(dtype))
+        previous = it
     return tokens
 
 
@@ -129,25 +262,26 @@ def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions
 def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
                   noise: SamplingNoise) -> torch.Tensor:
     """FAR-Causal generation, one token per step, with the KV cache or by full recomputation."""
-    backbone = model.backbone
+    backbone, head = model.backbone, model.head
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
     dtype = backbone.head_pos.dtype
     cond = _conditions(model, labels, options.guided)
     rows = cond.shape[0]
     tokens = torch.zeros(rows, seq_len, backbone.token_dim, device=device, dtype=dtype)
-    cache = backbone.new_cache(rows, device=device, dtype=dtype) if options.use_kv_cache else None
-    for i in range(seq_len):
+    # The cache holds what attention computes in: bf16 under autocast, never re-cast per step.
+    cache = (backbone.new_cache(rows, device=device, dtype=_compute_dtype(device, dtype))
+             if options.use_kv_cache else None)
+    for i, it in enumerate(plan_generation(options, seq_len, backbone.kind, head.anneal_steps)):
         if cache is not None:
             new_input = cond[:, None, :].to(dtype) if i == 0 else backbone.token_proj(tokens[:, i - 1 : i])
             z = backbone.hidden(new_input, start=i, cache=cache)[:, -1]
         else:
             z = backbone.hidden(backbone.embed_inputs(cond, tokens[:, :i]))[:, -1]
-        scale = guidance_scale(options, i + 1, seq_len)
-        new_token = model.head.sample(z, options.head_steps, options.temperature, noise.tokens[:, i], scale).to(dtype)
+        head_noise = noise.tokens[:, i, : head.num_noise_draws(it.head_steps)]
+        new_token = head.sample(z, it.head_steps, options.temperature, head_noise, it.cfg,
+                                fast=options.fast_ddpm).to(dtype)
         tokens[:, i] = torch.cat([new_token, new_token]) if options.guided else new_token
     return tokens[:batch]
-
-
 def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: NoiseSource = None) -> torch.Tensor:
     """Latent tokens [B, L, D] (in the model's scaled space) for class ``labels``.
 

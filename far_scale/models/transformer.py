@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,31 @@ class LayerKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+class LayerTokenCache:
+    """Keys and values of one attention layer at every position of a fixed-length sequence.
+
+    Used by masked generation with token caching: a full pass *records* the keys and values of the
+    positions it computes (its own attention is unchanged); a lazy pass computes only some positions,
+    writes their keys and values and lets them attend to every cached position allowed by ``key_mask``.
+    ``positions`` [B, n] (the sequence positions of the pass's rows) and ``key_mask`` are set by the
+    caller before each pass; the cache's batch may be the first rows of a recording pass (the
+    conditional half of a guidance-doubled batch).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys
+        self.values = values
+        self.positions: Optional[torch.Tensor] = None
+        self.key_mask: Optional[torch.Tensor] = None
+        self.lazy = False
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = self.keys.shape[0]
+        index = self.positions[:rows, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.keys.scatter_(2, index, k[:rows].to(self.keys.dtype))
+        self.values.scatter_(2, index, v[:rows].to(self.values.dtype))
+
+
 class KVCache:
     """One ``LayerKVCache`` per block, created by the caller with the device/dtype it decodes in."""
 
@@ -45,6 +70,26 @@ class KVCache:
         return self.layers[0].length
 
 
+class TokenCache:
+    """One ``LayerTokenCache`` per block (``[batch, heads, max_len, head_dim]`` keys and values)."""
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int, *, device, dtype):
+        shape = (batch, num_heads, max_len, head_dim)
+        self.layers = [
+            LayerTokenCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(num_layers)
+        ]
+
+    def set_pass(self, positions: torch.Tensor, *, lazy: bool, key_mask: Optional[torch.Tensor] = None) -> None:
+        """The next pass's row positions [B, n]; lazy passes attend to the cache (where ``key_mask`` [B, max_len])."""
+        for layer in self.layers:
+            layer.positions, layer.lazy, layer.key_mask = positions, lazy, key_mask
+
+
+AnyLayerCache = Union[LayerKVCache, LayerTokenCache]
+AnyCache = Union[KVCache, TokenCache]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
@@ -54,18 +99,24 @@ class Attention(nn.Module):
         self.attn_dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[AnyLayerCache] = None) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        is_causal = causal
-        if cache is not None:
+        is_causal, attn_mask = causal, None
+        if isinstance(cache, LayerKVCache):
             if length > 1 and cache.length > 0:
                 raise ValueError("a KV cache takes either a prefill from empty or one token at a time")
             k, v = cache.append(k, v)
             # A single new query may attend to every cached position.
             is_causal = causal and length > 1
+        elif isinstance(cache, LayerTokenCache):
+            cache.write(k, v)
+            if cache.lazy:
+                k, v = cache.keys.to(q.dtype), cache.values.to(q.dtype)
+                if cache.key_mask is not None:
+                    attn_mask = cache.key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=is_causal
         )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
 
@@ -92,7 +143,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[AnyLayerCache] = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), causal=causal, cache=cache)
         return x + self.mlp(self.norm2(x))
 
@@ -105,7 +156,7 @@ class BlockStack(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, cache: Optional[AnyCache] = None) -> torch.Tensor:
         for index, block in enumerate(self.blocks):
             layer_cache = cache.layers[index] if cache is not None else None
             if self.activation_checkpointing and self.training and layer_cache is None:

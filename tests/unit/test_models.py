@@ -61,21 +61,16 @@ def test_mask_ratio_samples_lie_in_range():
 def test_loss_only_on_masked_tokens():
     model = small_model("far")
     latents, labels = torch.randn(2, 16, 8), torch.tensor([0, 1])
-    torch.manual_seed(1)
-    z, mask = model.backbone(latents, labels)
-    assert mask.any() and (~mask).any() or mask.all()
-    # Force a known visible position so the test is meaningful regardless of the draw.
-    mask = mask.clone()
-    mask[:, 0] = False
+    z, _ = model.backbone(latents, labels)
+    positions = torch.arange(1, 16).expand(2, -1)  # position 0 is visible: no loss on it
     changed_visible = latents.clone()
     changed_visible[:, 0] += 5.0
-    masked_pos = int(mask[0].nonzero()[0])
     changed_masked = latents.clone()
-    changed_masked[0, masked_pos] += 5.0
+    changed_masked[0, 3] += 5.0
 
     def loss(target):
         torch.manual_seed(2)
-        return model.head_loss(target, z, mask)["loss"]
+        return model.head_loss(target, z, positions)["loss"]
 
     assert torch.equal(loss(latents), loss(changed_visible))
     assert not torch.equal(loss(latents), loss(changed_masked))
@@ -84,9 +79,45 @@ def test_loss_only_on_masked_tokens():
 def test_masked_training_pass_masks_at_least_the_minimum_ratio():
     model = small_model("mar")
     for _ in range(20):
-        _, mask = model.backbone(torch.randn(3, 16, 8), torch.tensor([0, 1, 2]))
-        counts = mask.sum(1)
-        assert torch.all(counts == counts[0]) and counts[0] >= 0.7 * 16
+        _, positions = model.backbone(torch.randn(3, 16, 8), torch.tensor([0, 1, 2]))
+        assert positions.shape[0] == 3 and positions.shape[1] >= 0.7 * 16
+        for row in positions:
+            assert torch.equal(row, row.unique())  # ascending, no repeats
+
+
+def test_masked_rows_only_loss_equals_the_zero_weighted_loss(monkeypatch):
+    """Gathering the masked rows before the head gives today's weighted loss and gradients on the same draws."""
+    from far_scale.diffusion.shortcut import ShortcutDraws
+    import far_scale.models.heads as heads
+
+    head = small_model("far", self_consistency_fraction=0.25).head
+    perturb(head)
+    masked_target, masked_z = torch.randn(8, 8), torch.randn(8, 128, requires_grad=True)
+    torch.manual_seed(6)
+    draws = draw_shortcut_rows(masked_target, head.num_levels, head.self_consistency_fraction)
+    monkeypatch.setattr(heads, "draw_shortcut_rows", lambda *args: draws)
+    loss = head.loss(masked_target, masked_z)[0]
+    grads = torch.autograd.grad(loss, [masked_z, *head.parameters()])
+
+    # Reference: the same rows among 4 visible ones weighted by zero, flow rows first as before.
+    k, visible = draws.num_flow, 4
+    target = torch.cat([masked_target[:k], torch.randn(visible, 8), masked_target[k:]])
+    z_visible = torch.randn(visible, 128)
+    z = torch.cat([masked_z[:k], z_visible, masked_z[k:]])
+    noise = torch.cat([draws.noise[:k], torch.randn(visible, 8), draws.noise[k:]])
+    t = torch.cat([draws.t[:k], torch.zeros(visible, dtype=torch.float64), draws.t[k:]])
+    level = torch.cat([draws.level[:k], torch.full((visible,), 7), draws.level[k:]])
+    weight = torch.cat([torch.ones(k), torch.zeros(visible), torch.ones(8 - k)])
+    full = ShortcutDraws(noise=noise, t=t, level=level, num_flow=k + visible)
+    x_t = interpolate(full.noise, target, full.t)
+    n = full.num_flow
+    goal = torch.cat([target[:n] - full.noise[:n],
+                      head.consistency_target(x_t[n:], full.t[n:], full.level[n:], z[n:].detach())])
+    per_row = (head.velocity(x_t, full.t, full.level, z) - goal).pow(2).mean(-1)
+    reference = (per_row * weight).sum() / weight.sum()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(reference, [masked_z, *head.parameters()])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_self_consistency_target_has_no_gradient():
@@ -100,9 +131,9 @@ def test_self_consistency_target_has_no_gradient():
 def test_self_consistency_gradient_flows_only_through_prediction():
     head = small_model("far", self_consistency_fraction=0.5).head
     perturb(head)
-    target, z, weight = torch.randn(8, 8), torch.randn(8, 128), torch.ones(8)
+    target, z = torch.randn(8, 8), torch.randn(8, 128)
     torch.manual_seed(3)
-    loss, parts = head.loss(target, z, weight)
+    loss, parts = head.loss(target, z)
     assert set(parts) == {"flow_matching", "self_consistency"}
     grads = torch.autograd.grad(loss, list(head.parameters()))
     # Recompute with the targets as constants: identical gradients mean no path through the targets.
@@ -120,9 +151,9 @@ def test_self_consistency_gradient_flows_only_through_prediction():
 def test_finest_step_only_is_plain_flow_matching():
     head = small_model("far", self_consistency_fraction=0.0).head
     perturb(head)
-    x1, z, weight = torch.randn(32, 8), torch.randn(32, 128), torch.ones(32)
+    x1, z = torch.randn(32, 8), torch.randn(32, 128)
     torch.manual_seed(4)
-    loss, parts = head.loss(x1, z, weight)
+    loss, parts = head.loss(x1, z)
     assert set(parts) == {"flow_matching"}
     torch.manual_seed(4)
     x0 = torch.randn_like(x1)

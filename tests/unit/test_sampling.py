@@ -1,0 +1,209 @@
+"""The sampler: bit-identical to the reference with every acceleration off, each option's math, no host syncs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from far_scale.config.schema import HeadConfig, ModelConfig
+from far_scale.data.spec import DataSpec
+from far_scale.models.heads import DiffusionHead, ShortcutHead
+from far_scale.models.model import build_model
+from far_scale.models.sampling import SamplingOptions, _conditions, generate, plan_generation
+
+GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_samples.json"
+SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
+# Cases and model construction exactly as when the golden digests were written (reference sampler).
+GOLDEN_CASES = {
+    "far_plain": ("far", dict(num_iter=5, head_steps=4)),
+    "far_cfg": ("far", dict(num_iter=5, head_steps=2, cfg_scale=2.5)),
+    "far_cfg_constant": ("far", dict(num_iter=16, head_steps=8, cfg_scale=3.0, cfg_schedule="constant")),
+    "mar_cfg": ("mar", dict(num_iter=4, head_steps=10, cfg_scale=2.5)),
+    "mar_plain": ("mar", dict(num_iter=3, head_steps=25, temperature=0.9)),
+    "causal_cfg": ("far_causal", dict(head_steps=2, cfg_scale=2.5)),
+}
+NO_OP_OPTIONS = dict(backbone_refresh_every=1, guidance_refresh_every=1, mask_schedule_power=1.0)
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0,
+                                    head=HeadConfig()), SMALL).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def sample(model, **options):
+    return generate(model, torch.tensor([0, 1, 3]), SamplingOptions(**options), torch.Generator().manual_seed(1))
+
+
+def digest(samples: torch.Tensor) -> str:
+    return hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_every_option_off_is_bit_identical_to_the_reference_sampler(case):
+    golden = json.loads(GOLDEN.read_text())
+    if golden["torch"] != torch.__version__:
+        pytest.skip(f"digests written with torch {golden['torch']}, running {torch.__version__}")
+    arch, options = GOLDEN_CASES[case]
+    model = build(arch)
+    assert digest(sample(model, **options)) == golden["sha256"][case]
+    # Each option at the value that makes it a no-op changes nothing either.
+    no_op = dict(NO_OP_OPTIONS, head_steps_end=options.get("head_steps", 8))
+    assert digest(sample(model, **options, **no_op)) == golden["sha256"][case]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_lazy_pass_equals_a_full_pass_when_the_cache_is_current(guided):
+    """With keys/values recorded by a full pass over the same known tokens, a lazy pass recomputes the same z."""
+    model = build("far")
+    backbone = model.backbone
+    labels, batch = torch.tensor([0, 1, 3]), 3
+    cond = _conditions(model, labels, guided)
+    rows = cond.shape[0]
+    tokens = torch.randn(rows, 16, 8)
+    orders = torch.argsort(torch.rand(batch, 16), dim=1)
+    orders = torch.cat([orders, orders]) if guided else orders
+    known, new, query = orders[:, :7].sort(1).values, orders[:, 4:7], orders[:, 7:10].sort(1).values
+    with torch.no_grad():
+        caches = backbone.new_token_caches(rows, device="cpu", dtype=torch.float32)
+        full = backbone.predict(tokens, known, cond, caches)
+        visible_keys = torch.zeros(rows, 2 + 16, dtype=torch.bool)
+        visible_keys[:, :2] = True
+        visible_keys.scatter_(1, known + 2, True)
+        lazy = backbone.predict_lazy(tokens, new, query, visible_keys, caches)
+    expected = full.gather(1, query[..., None].expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(lazy, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_token_caching_changes_samples_only_between_refreshes():
+    model = build("far")
+    reference = sample(model, num_iter=6, head_steps=2)
+    # Refresh every 6th iteration of 6: only the first is full; the rest reuse caches and differ.
+    cached = sample(model, num_iter=6, head_steps=2, backbone_refresh_every=6)
+    assert cached.shape == reference.shape and torch.isfinite(cached).all()
+    assert not torch.equal(cached, reference)
+    # The first iteration is a full pass in both: its tokens agree.
+    first = plan_generation(SamplingOptions(num_iter=6), 16, "masked", ShortcutHead.anneal_steps)[0]
+    orders = torch.argsort(torch.rand(3, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    first_tokens = orders[:, first.start : first.end]
+    gathered = [t.gather(0, first_tokens[..., None].expand(-1, -1, 8)[i]) for i, t in enumerate(reference)]
+    gathered_cached = [t.gather(0, first_tokens[..., None].expand(-1, -1, 8)[i]) for i, t in enumerate(cached)]
+    torch.testing.assert_close(torch.stack(gathered), torch.stack(gathered_cached))
+
+
+def test_guidance_caching_keeps_the_conditional_rows_intact():
+    """At w = 1 guidance returns the conditional output whatever the unconditional one: caching it changes nothing."""
+    model = build("far")
+    # Same backbone refresh pattern in both (passes of both halves are full ones); only rounding differs.
+    for token_refresh, guidance_refresh in ((1, 3), (2, 2)):
+        conditional = sample(model, num_iter=6, head_steps=2, backbone_refresh_every=token_refresh)
+        cached = sample(model, num_iter=6, head_steps=2, cfg_scale=1.0, use_cfg=True,
+                        backbone_refresh_every=token_refresh, guidance_refresh_every=guidance_refresh)
+        torch.testing.assert_close(cached, conditional, atol=1e-4, rtol=1e-4)
+    guided = sample(model, num_iter=6, head_steps=2, cfg_scale=3.0)
+    assert not torch.equal(sample(model, num_iter=6, head_steps=2, cfg_scale=3.0, guidance_refresh_every=3), guided)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 1.5, 3.0])
+@pytest.mark.parametrize("num_iter", [1, 4, 16, 64])
+def test_plans_reveal_every_token_exactly_once(power, num_iter):
+    plan = plan_generation(SamplingOptions(num_iter=num_iter, mask_schedule_power=power), 256, "masked",
+                           ShortcutHead.anneal_steps)
+    assert len(plan) == num_iter and plan[0].start == 0 and plan[-1].end == 256
+    assert all(a.end == b.start and a.end > a.start for a, b in zip(plan, plan[1:]))
+
+
+def test_structure_first_schedule_spends_more_iterations_on_the_first_tokens():
+    cosine = plan_generation(SamplingOptions(num_iter=16), 256, "masked", ShortcutHead.anneal_steps)
+    slow_start = plan_generation(SamplingOptions(num_iter=16, mask_schedule_power=2.0), 256, "masked",
+                                 ShortcutHead.anneal_steps)
+    assert slow_start[7].end < cosine[7].end  # fewer tokens known after half the iterations
+
+
+def test_head_step_schedules():
+    plan = plan_generation(SamplingOptions(num_iter=16, head_steps=8, head_steps_end=1), 256, "masked",
+                           ShortcutHead.anneal_steps)
+    steps = [it.head_steps for it in plan]
+    assert steps[0] == 8 and steps[-1] == 1 and steps == sorted(steps, reverse=True)
+    assert set(steps) <= {1, 2, 4, 8}
+    assert [DiffusionHead.anneal_steps(100, 20, p) for p in (0.0, 0.5, 1.0)] == [100, 60, 20]
+    model = build("far")
+    annealed = sample(model, num_iter=4, head_steps=8, head_steps_end=1)
+    assert torch.isfinite(annealed).all() and not torch.equal(annealed, sample(model, num_iter=4, head_steps=8))
+    mar = build("mar")
+    assert torch.isfinite(sample(mar, num_iter=3, head_steps=20, head_steps_end=5, temperature=0.5)).all()
+
+
+def test_plan_refreshes():
+    options = SamplingOptions(num_iter=8, cfg_scale=2.0, backbone_refresh_every=4, guidance_refresh_every=3)
+    plan = plan_generation(options, 64, "masked", ShortcutHead.anneal_steps)
+    assert [it.both_halves for it in plan] == [i % 3 == 0 for i in range(8)]
+    # Passes of both halves refresh the backbone too (the cached difference needs every position).
+    assert [it.full_backbone for it in plan] == [i % 4 == 0 or i % 3 == 0 for i in range(8)]
+
+
+def test_fast_ddpm_chain_matches_the_reference_chain():
+    mar = build("mar")
+    options = dict(num_iter=3, head_steps=10, temperature=0.5)
+    torch.testing.assert_close(sample(mar, fast_ddpm=True, **options), sample(mar, **options), rtol=1e-4, atol=1e-3)
+
+
+class SyncOps(TorchDispatchMode):
+    """Records every op that makes the host wait for the device or has a data-dependent output shape."""
+
+    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+               "aten.is_nonzero.default", "aten.equal.default", "aten.unique_consecutive.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in self.SYNCING or boolean_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("far", dict(num_iter=6, head_steps=4, cfg_scale=2.0)),
+    ("far", dict(num_iter=6, head_steps=8, head_steps_end=1, cfg_scale=2.0, backbone_refresh_every=2,
+                 guidance_refresh_every=3, mask_schedule_power=1.5)),
+    ("mar", dict(num_iter=4, head_steps=10, cfg_scale=2.0, fast_ddpm=True)),
+    ("far_causal", dict(head_steps=2, cfg_scale=2.0)),
+])
+def test_sampling_loop_has_no_host_syncs(arch, options):
+    model = build(arch)
+    with SyncOps() as ops:
+        sample(model, **options)
+    assert ops.found == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_loop_has_no_host_syncs_on_cuda():
+    model = build("far").cuda()
+    options = SamplingOptions(num_iter=6, head_steps=4, cfg_scale=2.0, backbone_refresh_every=2,
+                              guidance_refresh_every=3)
+    labels = torch.tensor([0, 1, 3], device="cuda")
+    from far_scale.models.sampling import SamplingNoise, sample_masked
+
+    noise = SamplingNoise.from_generator(model, options, 3, torch.Generator(device="cuda").manual_seed(0), "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample_masked(model, labels, options, noise)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
