@@ -1,9 +1,16 @@
 """Sampling speed: FAR (shortcut head, O steps) vs MAR (diffusion head, DDPM steps) on the same backbone.
 
-For each K (backbone passes of masked generation) and head setting, measures images/s and
-the head's share of inference time; also FAR-Causal with and without the KV cache.
-Results go to benchmarks/results/*.json, docs/benchmarks.md and a plot shaped like FAR's
-Figure 4 in docs/img/. Run ``python benchmarks/sampling_speed.py --help``.
+Three modes, one process each, results in benchmarks/results/*.json, docs/benchmarks.md and docs/img/:
+
+- default: for each K (backbone passes of masked generation) and head setting, images/s and the head's
+  share of inference time (the shape of FAR's Figure 4); FAR-Causal with and without the KV cache.
+- ``--techniques``: images/s of every sampling acceleration (benchmarks/techniques.py) against MAR 100
+  steps, faithful and tuned, same backbone weights (random), any size; the GPU command is
+  ``--techniques --device cuda --dtype bf16 --sizes base,large --batch 64,256``.
+- ``--pareto``: the same techniques on trained tiny FAR and MAR models (``benchmarks/quality_speed.py``
+  trains them), each point scored on the offline benchmark: quality vs images/s with the Pareto front.
+
+Run ``python benchmarks/sampling_speed.py --help``.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from report import (  # noqa: E402
     write_doc_section,
 )
 
-from far_scale.config.schema import ModelConfig  # noqa: E402
+from bench_models import build_pair  # noqa: E402
+
 from far_scale.data.spec import DataSpec  # noqa: E402
-from far_scale.models.model import ARModel, build_model  # noqa: E402
+from far_scale.models.model import ARModel  # noqa: E402
 from far_scale.models.sampling import SamplingOptions, generate  # noqa: E402
 
 BENCHMARK = "sampling_speed"
@@ -60,15 +68,6 @@ def measure(model: ARModel, timer: HeadTimer, labels: torch.Tensor, options: Sam
     seconds = median_seconds(run, device, repeats, warmup=0)
     head_seconds = timer.seconds / repeats
     return {"seconds": seconds, "images_per_s": labels.shape[0] / seconds, "head_share": min(1.0, head_seconds / seconds)}
-
-
-def build_pair(size: str, data: DataSpec, device: torch.device) -> tuple[ARModel, ARModel, ARModel]:
-    """MAR and FAR sharing one backbone's weights, plus a FAR-Causal of the same size."""
-    mar = build_model(ModelConfig(arch="mar", size=size), data).to(device).eval()
-    far = build_model(ModelConfig(arch="far", size=size), data).to(device).eval()
-    far.backbone.load_state_dict(mar.backbone.state_dict())
-    causal = build_model(ModelConfig(arch="far_causal", size=size), data).to(device).eval()
-    return mar, far, causal
 
 
 def run_size(args, size: str, device: torch.device) -> dict:

@@ -113,7 +113,7 @@ def _sample(args: argparse.Namespace) -> int:
     report = run_sampling(SampleRequest(
         args.source, args.out, args.num_images, args.batch_size, args.num_iter, args.head_steps, args.cfg_scale,
         args.temperature, args.seed, args.device, args.precision, args.raw_weights, args.grid_images,
-        not args.no_latency))
+        not args.no_latency, tuple(args.overrides)))
     if report:
         speed = f"{report['images_per_s']:.3f} images/s" if report["images_per_s"] else "all batches reused"
         latency = (f", {report['seconds_per_image_batch1']:.3f} s per image at batch 1"
@@ -517,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--raw-weights", action="store_true", help="the raw instead of the EMA weights (exports)")
     sample.add_argument("--grid-images", type=int, default=100, help="images in grid.png (0: none)")
     sample.add_argument("--no-latency", action="store_true", help="skip timing one image at batch 1")
+    sample.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE",
+                        help="sampling settings of the recipe's eval section, e.g. eval.backbone_refresh_every=4 "
+                        "eval.guidance_refresh_every=2 eval.head_steps_end=1 (see docs/sampling.md)")
     sample.set_defaults(handler=_sample)
     _add_eval_commands(commands)
 

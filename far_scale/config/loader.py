@@ -187,6 +187,6 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def config_from_yaml(text: str, source: str = "<resolved config>") -> Config:
-    """Inverse of ``config_to_yaml``."""
-    return build_config(parse_yaml_text(text, source) or {}, source)
+def config_from_yaml(text: str, source: str = "<resolved config>", overrides: Iterable[str] = ()) -> Config:
+    """Inverse of ``config_to_yaml``, with optional dotted overrides applied on top."""
+    return build_config(apply_overrides(parse_yaml_text(text, source) or {}, overrides), source)

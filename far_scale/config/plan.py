@@ -53,19 +53,21 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
         if dims.width % dims.num_heads:
             problems.append(f"model.width={dims.width} is not divisible by model.num_heads={dims.num_heads}")
         head = cfg.model.head
-        steps = cfg.eval.head_steps
-        if dims.head_kind == "shortcut":
-            if not _is_power_of_two(head.num_levels):
-                problems.append(f"model.head.num_levels={head.num_levels} must be a power of two")
-            if steps is not None and not (_is_power_of_two(steps) and steps <= head.num_levels):
+        if dims.head_kind == "shortcut" and not _is_power_of_two(head.num_levels):
+            problems.append(f"model.head.num_levels={head.num_levels} must be a power of two")
+        for name in ("head_steps", "head_steps_end"):
+            steps = getattr(cfg.eval, name)
+            if steps is None:
+                continue
+            if dims.head_kind == "shortcut" and not (_is_power_of_two(steps) and steps <= head.num_levels):
                 problems.append(
-                    f"eval.head_steps={steps} must be a power of two <= model.head.num_levels={head.num_levels} "
+                    f"eval.{name}={steps} must be a power of two <= model.head.num_levels={head.num_levels} "
                     "for the shortcut head"
                 )
-        elif steps is not None and steps > head.num_train_timesteps:
-            problems.append(
-                f"eval.head_steps={steps} exceeds model.head.num_train_timesteps={head.num_train_timesteps}"
-            )
+            elif dims.head_kind == "diffusion" and steps > head.num_train_timesteps:
+                problems.append(
+                    f"eval.{name}={steps} exceeds model.head.num_train_timesteps={head.num_train_timesteps}"
+                )
     if bool(cfg.eval.inception_weights) != bool(cfg.eval.reference_stats):
         problems.append("eval.inception_weights and eval.reference_stats go together: set both for FID during "
                         "training, or neither")

@@ -150,6 +150,20 @@ class EvalConfig(Section):
     cfg_scale: float = Field(default=1.0, ge=0.0)
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = Field(default=1.0, gt=0.0)
+    head_steps_end: Optional[int] = Field(default=None, ge=1)
+    """Head-step schedule: anneal O (or DDPM steps) from ``head_steps`` to this as tokens become known
+    (after DiSA); None keeps ``head_steps`` for every token."""
+    mask_schedule_power: float = Field(default=1.0, gt=0.0)
+    """Masked share after iteration k is cos(pi/2 (k/K)^p); 1 is MAR's cosine, > 1 generates the first
+    (structure) tokens over more iterations and the last (detail) ones over fewer (after GtR)."""
+    backbone_refresh_every: int = Field(default=1, ge=1)
+    """Token caching (after LazyMAR): a full backbone pass every R iterations, lazy passes in between;
+    1 turns it off."""
+    guidance_refresh_every: int = Field(default=1, ge=1)
+    """Guidance caching (after LazyMAR): the unconditional backbone pass every G iterations, the cached
+    conditional-unconditional difference in between; 1 turns it off."""
+    fast_ddpm: bool = False
+    """Diffusion head: the DDPM chain's coefficients as host scalars (tuned MAR sampler)."""
     num_images: int = Field(default=50_000, ge=1)
     """Images sampled (class-balanced, over all ranks) at each evaluation when a quality metric is set."""
     batch_size: int = Field(default=64, ge=1)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
-from far_scale.config.loader import config_from_yaml
+from far_scale.config.loader import ConfigError, config_from_yaml
+from far_scale.config.plan import check_config
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
 from far_scale.eval.grid import save_grid
@@ -35,6 +36,7 @@ GRID_FILE = "grid.png"
 REPORT_FILE = "report.json"
 SETTINGS_FILE = "settings.json"
 PARTS_DIR = "parts"
+EVAL_PREFIX = "eval."
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class SampleRequest:
     raw_weights: bool = False
     grid_images: int = 100
     latency: bool = True
+    overrides: tuple[str, ...] = ()
+    """Dotted ``eval.*`` overrides of the run's recipe, e.g. ``eval.backbone_refresh_every=4``."""
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,25 @@ class LoadedModel:
 
 
 def load_sampling_model(source: str | Path, raw_weights: bool = False,
-                        device: torch.device | str = "cpu") -> LoadedModel:
-    """EMA (or raw) weights, config and data info of an export directory or of a run's latest checkpoint."""
+                        device: torch.device | str = "cpu", overrides: tuple[str, ...] = ()) -> LoadedModel:
+    """EMA (or raw) weights, config and data info of an export directory or of a run's latest checkpoint.
+
+    ``overrides`` (dotted, ``eval.*`` only: the weights fix everything else) change how it samples.
+    """
+    foreign = [o for o in overrides if not o.startswith(EVAL_PREFIX)]
+    if foreign:
+        raise ValueError(f"sampling overrides must set eval.* fields (the model is fixed by its weights); got "
+                         f"{', '.join(foreign)}")
     source = Path(source)
     directory = source if (source / EXPORT_EMA).is_file() else resolve_checkpoint(source).path
     weights = directory / (EXPORT_RAW if raw_weights else EXPORT_EMA)
     if not weights.is_file():
         hint = " (raw weights exist only in exports: `far-scale export`)" if raw_weights else ""
         raise FileNotFoundError(f"no weights at {weights}{hint}")
-    cfg = config_from_yaml((directory / EXPORT_CONFIG).read_text(), str(directory / EXPORT_CONFIG))
+    cfg = config_from_yaml((directory / EXPORT_CONFIG).read_text(), str(directory / EXPORT_CONFIG), overrides)
+    problems = check_config(cfg, world_size=1)
+    if problems:
+        raise ConfigError(problems, f"{directory / EXPORT_CONFIG} with {' '.join(overrides)}")
     meta = json.loads((directory / EXPORT_META).read_text())
     data = meta["data"]
     model = build_model(cfg.model, DataSpec(data["seq_len"], data["token_dim"], data["num_classes"]))
@@ -146,7 +160,7 @@ def run_sampling(request: SampleRequest) -> dict:
         device = env.device if env.device.type == "cuda" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(request.device)
-    loaded = load_sampling_model(request.source, request.raw_weights, device)
+    loaded = load_sampling_model(request.source, request.raw_weights, device, request.overrides)
     generator = build_generator(loaded, request, device)
     job = SamplingJob(request.num_images, loaded.meta["data"]["num_classes"], request.batch_size, request.seed)
     store = SampleStore(request.out)

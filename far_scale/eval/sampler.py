@@ -61,12 +61,15 @@ class SamplingJob:
 def sampling_options(ev: EvalConfig, head_kind: str, seq_len: int, *, num_iter: Optional[int] = None,
                      head_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
                      temperature: Optional[float] = None) -> SamplingOptions:
-    """The recipe's ``eval`` settings with explicit values taking precedence (None keeps the recipe's)."""
+    """The recipe's ``eval`` settings (acceleration options included) with explicit values taking precedence
+    (None keeps the recipe's)."""
     return SamplingOptions(
         num_iter=min(num_iter or ev.num_iter, seq_len),
         head_steps=resolve_head_steps(head_steps or ev.head_steps, head_kind),
         cfg_scale=ev.cfg_scale if cfg_scale is None else cfg_scale, cfg_schedule=ev.cfg_schedule,
-        temperature=ev.temperature if temperature is None else temperature)
+        temperature=ev.temperature if temperature is None else temperature, head_steps_end=ev.head_steps_end,
+        mask_schedule_power=ev.mask_schedule_power, backbone_refresh_every=ev.backbone_refresh_every,
+        guidance_refresh_every=ev.guidance_refresh_every, fast_ddpm=ev.fast_ddpm)
 
 
 class ImageGenerator:
@@ -77,6 +80,10 @@ class ImageGenerator:
         self.model, self.codec, self.scale, self.options = model, codec, scale, options
         self.device, self.precision = device, precision
         codec.to(device)
+
+    def with_options(self, options: SamplingOptions) -> "ImageGenerator":
+        """The same model and codec sampling with other settings."""
+        return ImageGenerator(self.model, self.codec, self.scale, options, self.device, self.precision)
 
     def images(self, job: SamplingJob, indices: np.ndarray) -> ImageBatch:
         labels = job.labels(indices)

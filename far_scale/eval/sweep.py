@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from far_scale.eval.sampler import SamplingJob, iter_rank_batches
+from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches
 from far_scale.eval.scoring import Scorer, concat_features
 from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
@@ -49,8 +49,13 @@ def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, b
 
     request = SampleRequest(source="", out="", num_iter=point.num_iter, head_steps=point.head_steps,
                             cfg_scale=point.cfg_scale, precision=precision)
-    generator = build_generator(loaded, request, device)
-    job = SamplingJob(num_images, loaded.meta["data"]["num_classes"], batch_size, seed)
+    return score_generator(build_generator(loaded, request, device), scorer, num_images, batch_size, seed)
+
+
+def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, batch_size: int,
+                    seed: int) -> dict[str, float]:
+    """Scores of ``num_images`` class-balanced images from ``generator`` and their images/s (one rank)."""
+    job = SamplingJob(num_images, generator.model.num_classes, batch_size, seed)
     generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
     features, labels, seconds = [], [], 0.0
     for _, batch, spent in iter_rank_batches(generator, job, rank=0, world_size=1):
