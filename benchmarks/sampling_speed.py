@@ -29,6 +29,7 @@ from report import (  # noqa: E402
     write_doc_section,
 )
 
+import sampling_study  # noqa: E402
 from bench_models import build_pair  # noqa: E402
 
 from far_scale.data.spec import DataSpec  # noqa: E402
@@ -70,11 +71,11 @@ def measure(model: ARModel, timer: HeadTimer, labels: torch.Tensor, options: Sam
     return {"seconds": seconds, "images_per_s": labels.shape[0] / seconds, "head_share": min(1.0, head_seconds / seconds)}
 
 
-def run_size(args, size: str, device: torch.device) -> dict:
+def run_size(args, size: str, batch: int, device: torch.device) -> dict:
     data = DataSpec(seq_len=args.seq_len, token_dim=args.token_dim, num_classes=1000)
     mar, far, causal = build_pair(size, data, device)
     timers = {id(m): HeadTimer(m, device) for m in (mar, far, causal)}
-    labels = torch.arange(args.batch, device=device) % data.num_classes
+    labels = torch.arange(batch, device=device) % data.num_classes
     bf16 = device.type == "cuda" and args.dtype == "bf16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
     rows = []
@@ -92,7 +93,7 @@ def run_size(args, size: str, device: torch.device) -> dict:
             rows.append({"model": f"FAR-Causal ({'KV cache' if use_cache else 'no cache'})", "K": data.seq_len,
                          "head_steps": o, **result})
             print(f"[{size}] FAR-Causal cache={use_cache} O={o}: {result['images_per_s']:.3f} img/s", flush=True)
-    return {"size": size, "batch": args.batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32",
+    return {"size": size, "batch": batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32",
             "cfg": args.cfg, "rows": rows}
 
 
@@ -173,10 +174,11 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="tiny", help="comma-separated presets, e.g. tiny,base")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on GPU (CPU: fp32)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=ints, default=[16], help="batch sizes, e.g. 64,256")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--token-dim", type=int, default=16)
-    parser.add_argument("--num-iter", type=ints, default=[32, 64, 256], help="K values")
+    parser.add_argument("--num-iter", type=ints, default=None,
+                        help="K values (default 32,64,256; with --techniques 64)")
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
     parser.add_argument("--causal-steps", type=ints, default=[8])
@@ -188,7 +190,22 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="also write the plot here (the demo); results still go to docs")
     parser.add_argument("--no-docs", action="store_true", help="do not write results into docs/")
     parser.add_argument("--tag", default="", help="suffix of the result key, to keep several runs of one size")
+    parser.add_argument("--techniques", action="store_true",
+                        help="speed of every sampling acceleration against MAR 100 steps (faithful, tuned)")
+    parser.add_argument("--train-step", action="store_true",
+                        help="forward+backward time of FAR vs MAR training steps (same backbone weights)")
+    parser.add_argument("--pareto", action="store_true",
+                        help="quality and speed of every acceleration on the trained tiny models in --runs")
+    parser.add_argument("--runs", default="runs/bench-quality",
+                        help="--pareto: quality_speed.py's work directory (data, offline benchmark, trained runs)")
+    parser.add_argument("--pareto-far-k", type=ints, default=[8, 16], help="--pareto: K values of FAR")
+    parser.add_argument("--pareto-mar-k", type=ints, default=[16], help="--pareto: K values of MAR")
+    parser.add_argument("--pareto-cfg", type=float, default=2.0, help="--pareto: CFG scale")
+    parser.add_argument("--pareto-images", type=int, default=200, help="--pareto: images per point")
+    parser.add_argument("--pareto-batch", type=int, default=100, help="--pareto: sampling batch")
     args = parser.parse_args(argv)
+    if args.num_iter is None:
+        args.num_iter = [64] if args.techniques else [32, 64, 256]
     if args.quick:
         args.num_iter, args.far_steps, args.mar_steps, args.causal_steps = [32], [8], [25], [8]
         args.causal_no_cache = False
@@ -201,9 +218,31 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     machine = describe_machine(device)
     command = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tag = f"_{args.tag}" if args.tag else ""
+    if args.pareto:
+        result = {**sampling_study.run_pareto(args, device), "machine": machine, "command": command}
+        print(result["answer"])
+        if not args.no_docs:
+            sampling_study.save_pareto(result, f"{machine['device']}_tiny{tag}")
+        return
+    if args.train_step:
+        for size in args.sizes.split(","):
+            for batch in args.batch:
+                result = {**sampling_study.run_train_step(args, size, batch, device), "machine": machine,
+                          "command": command}
+                if not args.no_docs:
+                    sampling_study.save_train_step(result, f"{machine['device']}_{size}_b{batch}{tag}")
+        return
+    if args.techniques:
+        for size in args.sizes.split(","):
+            for batch in args.batch:
+                result = {**sampling_study.run_speed(args, size, batch, device), "machine": machine, "command": command}
+                if not args.no_docs:
+                    sampling_study.save_speed(result, f"{machine['device']}_{size}_{result['dtype']}_b{batch}{tag}")
+        return
     for size in args.sizes.split(","):
-        result = {**run_size(args, size, device), "machine": machine, "command": command}
-        key = f"{machine['device']}_{size}_{result['dtype']}" + (f"_{args.tag}" if args.tag else "")
+        result = {**run_size(args, size, args.batch[0], device), "machine": machine, "command": command}
+        key = f"{machine['device']}_{size}_{result['dtype']}" + tag
         result["plot"] = f"{BENCHMARK}_{key}.png"
         if args.out:
             out = Path(args.out)

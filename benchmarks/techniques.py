@@ -62,3 +62,26 @@ def speedups(rows: list[dict], key: str = "images_per_s") -> dict[str, dict[str,
         refs = {r["technique"]: r[key] for r in rows if r["K"] == row["K"] and r["technique"] in (MAR_FAITHFUL, MAR_TUNED)}
         out[f"{row['technique']}@K{row['K']}"] = {name: row[key] / value for name, value in refs.items()}
     return out
+
+
+def far_speedup_answer(rows: list[dict], metric: str = "accuracy", tolerance: float = 0.02) -> str:
+    """Per MAR 100-step reference (faithful, tuned): the fastest FAR point within ``tolerance`` of its
+    ``metric`` and no worse on the Fréchet distance by more than 10%, and the ratio of images/s."""
+    lines = []
+    for reference_name in (MAR_FAITHFUL, MAR_TUNED):
+        for ref in [r for r in rows if r["technique"] == reference_name]:
+            what = (f"{reference_name} K={ref['K']} (accuracy {ref['accuracy']:.3f}, FD {ref['fd']:.2f}, "
+                    f"{ref['images_per_s']:.2f} img/s)")
+            matching = [r for r in rows if r["model"] == "FAR" and r[metric] >= ref[metric] - tolerance
+                        and r["fd"] <= 1.1 * ref["fd"]]
+            if not matching:
+                best = max((r for r in rows if r["model"] == "FAR"), key=lambda r: r[metric])
+                lines.append(f"- {what}: no FAR point reaches it; FAR's best is {best['technique']} K={best['K']} "
+                             f"(accuracy {best['accuracy']:.3f}, FD {best['fd']:.2f}, "
+                             f"{best['images_per_s'] / ref['images_per_s']:.1f}x its speed).")
+                continue
+            best = max(matching, key=lambda r: r["images_per_s"])
+            lines.append(f"- {what}: fastest FAR at that quality is {best['technique']} K={best['K']} "
+                         f"(accuracy {best['accuracy']:.3f}, FD {best['fd']:.2f}, {best['images_per_s']:.2f} img/s) "
+                         f"= **{best['images_per_s'] / ref['images_per_s']:.1f}x**")
+    return "\n".join(lines)
