@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import REPO_ROOT, describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+from report import (  # noqa: E402
+    REPO_ROOT, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+)
 
 from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON  # noqa: E402
 
@@ -48,16 +50,33 @@ def prepare_data(work: Path, images_per_class: int) -> tuple[Path, Path]:
     return images, shards
 
 
+def prepare_work(work: Path, images_per_class: int):
+    """Data, codec, shards and the offline benchmark under ``work`` (each reused when present):
+    (images, shards, benchmark path, benchmark)."""
+    from far_scale.eval.offline import build_benchmark
+
+    images, shards = prepare_data(work, images_per_class)
+    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards))
+    return images, shards, bench_path, bench
+
+
 def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:
     """Train one recipe with the real trainer (unless done); returns (run directory, seconds in training steps)."""
-    run_dir = work / "runs" / label.lower()
-    overrides = [f"data.url={shards}", f"run.output_dir={work / 'runs'}", f"run.name={label.lower()}",
+    return train_recipe(RECIPES[label], label.lower(), work, shards, bench, args)
+
+
+def train_recipe(recipe: str, name: str, work: Path, shards: Path, bench: Path, args,
+                 extra: tuple[str, ...] = ()) -> tuple[Path, float]:
+    """``far-scale train recipe`` as run ``name`` under ``work/runs`` with the benchmark's settings and ``extra``
+    overrides (unless a finished run is there); returns (run directory, seconds in training steps)."""
+    run_dir = work / "runs" / name
+    overrides = [f"data.url={shards}", f"run.output_dir={work / 'runs'}", f"run.name={name}",
                  f"run.max_steps={args.steps}", f"eval.interval_steps={args.eval_interval}",
                  f"eval.num_images={args.num_images}", "eval.batch_size=50", f"eval.benchmark={bench}",
-                 f"checkpoint.interval_steps={args.steps}", "run.log_interval=50"]
+                 f"checkpoint.interval_steps={args.steps}", "run.log_interval=50", *extra]
     if not (run_dir / "checkpoints" / "latest.json").is_file() or args.retrain:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        subprocess.run([sys.executable, "-m", "far_scale.cli", "train", RECIPES[label], *overrides], check=True,
+        subprocess.run([sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides], check=True,
                        cwd=REPO_ROOT, env=env)
     # The trainer's per-step record: step time without start-up and evaluation.
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -156,12 +175,9 @@ def plot(result: dict, path: Path) -> None:
 def render_docs() -> None:
     parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
     for result in load_results(BENCHMARK):
-        machine = result["machine"]
+        parts += result_heading(f"tiny, {result['steps']} training steps each,", result,
+                                f"{result['num_images']} images per point")
         parts += [
-            f"### tiny, {result['steps']} training steps each, on {machine['name']} ({machine['device']}, "
-            f"{machine['torch_threads']} threads), {result['num_images']} images per point",
-            f"Date: {result['date']}. Command: `{result['command']}`",
-            "",
             "Training (same budget, 1 rank, batch 64; time in training steps): " + "; ".join(
                 f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
             "",
@@ -193,35 +209,37 @@ def render_docs() -> None:
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, eval_interval: int, num_images: int) -> None:
+    """Work directory, training budget, evaluation and output options shared by the training benchmarks."""
+    parser.add_argument("--work", default="runs/bench-quality", help="data, runs and cache (reused when present)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
+    parser.add_argument("--eval-interval", type=int, default=eval_interval)
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--num-images", type=int, default=num_images, help="images per point (and per eval)")
+    parser.add_argument("--batch", type=int, default=100, help="sampling batch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="print only; write nothing into docs/ or results/")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    parser.add_argument("--work", default="runs/bench-quality", help="data, runs and cache (reused when present)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
-    parser.add_argument("--eval-interval", type=int, default=200)
-    parser.add_argument("--images-per-class", type=int, default=100)
-    parser.add_argument("--num-images", type=int, default=200, help="images per sweep point (and per eval)")
-    parser.add_argument("--batch", type=int, default=100, help="sampling batch")
+    add_training_arguments(parser, eval_interval=200, num_images=200)
     parser.add_argument("--num-iter", type=ints, default=[16, 32, 64], help="K values (the first one for CFG)")
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
     parser.add_argument("--cfg", type=floats, default=[2.0, 1.0, 3.0], help="CFG scales (the first one for K)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--tag", default="")
-    parser.add_argument("--no-docs", action="store_true", help="print only; write nothing into docs/ or results/")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from far_scale.eval.offline import build_benchmark
-
     work = Path(args.work).resolve()
-    images, shards = prepare_data(work, args.images_per_class)
-    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards))
+    _, shards, bench_path, bench = prepare_work(work, args.images_per_class)
     device = torch.device("cpu")
     result = {"machine": describe_machine(device), "steps": args.steps, "num_images": args.num_images,
               "command": "python benchmarks/quality_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -99,3 +99,11 @@ def write_doc_section(benchmark: str, body: str) -> None:
     tmp = DOC_PATH.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(DOC_PATH)
+
+
+def result_heading(what: str, result: dict, details: str = "") -> list[str]:
+    """A result's heading lines in docs/benchmarks.md: what, machine, details; date and command."""
+    machine = result["machine"]
+    return [f"### {what} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads)"
+            + (f", {details}" if details else ""),
+            f"Date: {result['date']}. Command: `{result['command']}`", ""]

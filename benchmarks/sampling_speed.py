@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    REPO_ROOT, describe_machine, load_results, markdown_table, median_seconds, save_result, synchronize,
-    write_doc_section,
+    REPO_ROOT, describe_machine, load_results, markdown_table, median_seconds, result_heading, save_result,
+    synchronize, write_doc_section,
 )
 
 import sampling_study  # noqa: E402
@@ -134,12 +134,9 @@ def plot(result: dict, path: Path) -> None:
 def render_docs() -> None:
     parts = ["## Sampling speed: FAR vs MAR (`benchmarks/sampling_speed.py`)", ""]
     for result in load_results(BENCHMARK):
-        machine = result["machine"]
+        parts += result_heading(result["size"], result, f"{result['dtype']}, batch {result['batch']}, "
+                                f"{result['seq_len']} tokens, cfg {result['cfg']}")
         parts += [
-            f"### {result['size']} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads), "
-            f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, cfg {result['cfg']}",
-            f"Date: {result['date']}. Command: `{result['command']}`",
-            "",
             markdown_table(
                 ["model", "K", "head steps", "s / batch", "images/s", "head share"],
                 [[r["model"], r["K"], r["head_steps"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.3f}",
@@ -198,10 +195,10 @@ def parse_args(argv=None):
                         help="quality and speed of every acceleration on the trained tiny models in --runs")
     parser.add_argument("--runs", default="runs/bench-quality",
                         help="--pareto: quality_speed.py's work directory (data, offline benchmark, trained runs)")
-    parser.add_argument("--pareto-far-k", type=ints, default=[8, 16], help="--pareto: K values of FAR")
+    parser.add_argument("--pareto-far-k", type=ints, default=[4, 8, 16], help="--pareto: K values of FAR")
     parser.add_argument("--pareto-mar-k", type=ints, default=[16], help="--pareto: K values of MAR")
     parser.add_argument("--pareto-cfg", type=float, default=2.0, help="--pareto: CFG scale")
-    parser.add_argument("--pareto-images", type=int, default=200, help="--pareto: images per point")
+    parser.add_argument("--pareto-images", type=int, default=500, help="--pareto: images per point")
     parser.add_argument("--pareto-batch", type=int, default=100, help="--pareto: sampling batch")
     args = parser.parse_args(argv)
     if args.num_iter is None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from bench_models import build_pair
-from report import REPO_ROOT, load_results, markdown_table, median_seconds, save_result, write_doc_section
+from report import (
+    REPO_ROOT, load_results, markdown_table, median_seconds, result_heading, save_result, write_doc_section,
+)
 from techniques import MAR_FAITHFUL, MAR_TUNED, TECHNIQUES, far_speedup_answer, speedups
 
 from far_scale.data.spec import DataSpec
@@ -70,12 +72,9 @@ def render_speed_docs() -> None:
              "Speed-ups are against MAR with 100 DDPM steps at the same K: *faithful* is MAR's reference "
              "chain, *tuned* the host-scalar chain (`fast_ddpm`). Quality of each technique: next section.", ""]
     for result in load_results(SPEED_BENCHMARK):
-        machine = result["machine"]
+        parts += result_heading(result["size"], result, f"{result['dtype']}, batch {result['batch']}, "
+                                f"{result['seq_len']} tokens, CFG {result['cfg']}")
         parts += [
-            f"### {result['size']} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads), "
-            f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, CFG {result['cfg']}",
-            f"Date: {result['date']}. Command: `{result['command']}`",
-            "",
             markdown_table(
                 ["technique", "K", "s / batch", "images/s", "vs MAR-100 faithful", "vs MAR-100 tuned"],
                 [[r["technique"], r["K"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.3f}",
@@ -137,26 +136,33 @@ def plot_pareto(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax, metric, better, label in ((axes[0], "accuracy", True, "class accuracy (higher is better)"),
-                                      (axes[1], "fd", False, "Fréchet distance (lower is better)")):
+                                      (axes[1], "fd", False, "Fréchet distance (lower is better, log scale)")):
         for model, marker in (("FAR", "o"), ("MAR", "s")):
-            sub = [r for r in result["rows"] if r["model"] == model]
-            ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker, label=model,
-                       alpha=0.7)
+            for k in sorted({r["K"] for r in result["rows"] if r["model"] == model}):
+                sub = [r for r in result["rows"] if r["model"] == model and r["K"] == k]
+                ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker,
+                           label=f"{model} K={k}", alpha=0.75)
         front = pareto_front(result["rows"], metric, better)
         ax.plot([r["images_per_s"] for r in front], [r[metric] for r in front], "k--", linewidth=1,
                 label="Pareto front")
-        for r in front:
-            ax.annotate(f"{r['technique']} K{r['K']}", (r["images_per_s"], r[metric]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+        for i, r in enumerate(front):
+            ax.annotate(f"{r['technique']} K{r['K']}", (r["images_per_s"], r[metric]), fontsize=6,
+                        xytext=(-150, 12 + 9 * i if better else -14 - 9 * i), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.4})
         for cal in result["calibration"]:
+            if metric == "fd" and cal["fd"] > 10 * max(r["fd"] for r in result["rows"]):
+                continue  # random tokens: off the scale
             ax.axhline(cal[metric], linewidth=0.8, linestyle=":", color="grey")
-            ax.annotate(cal["name"], (ax.get_xlim()[0], cal[metric]), fontsize=6, color="grey")
+            ax.annotate(cal["name"], (min(r["images_per_s"] for r in result["rows"]), cal[metric]), fontsize=6,
+                        color="grey")
         ax.set_xscale("log")
+        if metric == "fd":
+            ax.set_yscale("log")
         ax.set_xlabel("images / s (sampling + decoding, log scale)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right" if not better else "lower left")
     machine = result["machine"]
     fig.suptitle(f"Sampling accelerations on trained tiny FAR and MAR (offline benchmark, {result['num_images']} "
                  f"images per point, CFG {result['cfg']}): {machine['name']}, {machine['torch_threads']} threads, "
@@ -170,13 +176,10 @@ def plot_pareto(result: dict, path: Path) -> None:
 def render_pareto_docs() -> None:
     parts = ["## Sampling accelerations: quality vs speed (`benchmarks/sampling_speed.py --pareto`)", ""]
     for result in load_results(PARETO_BENCHMARK):
-        machine = result["machine"]
         steps = ", ".join(f"{k} {v} steps" for k, v in result["training_steps"].items())
+        parts += result_heading(f"tiny ({steps})", result, f"{result['num_images']} images per point, "
+                                f"CFG {result['cfg']}")
         parts += [
-            f"### tiny ({steps}) on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads), "
-            f"{result['num_images']} images per point, CFG {result['cfg']}",
-            f"Date: {result['date']}. Command: `{result['command']}`",
-            "",
             markdown_table(["technique", "K", "images/s", "class accuracy", "Fréchet distance", "precision",
                             "recall"],
                            [[r["technique"], r["K"], f"{r['images_per_s']:.2f}", f"{r['accuracy']:.3f}",

@@ -40,6 +40,9 @@ FAR_TECHNIQUES = [
     Technique("FAR O=8, 8->1 + R=2 + G=2", "FAR", 8, {**CACHES, "head_steps_end": 1}),
     Technique("FAR O=8, 8->1 + R=2 + G=2 + p=2", "FAR", 8, {**CACHES, "head_steps_end": 1,
                                                               "mask_schedule_power": 2.0}),
+    Technique("FAR O=8, R=4 + G=4", "FAR", 8, {"backbone_refresh_every": 4, "guidance_refresh_every": 4}),
+    Technique("FAR O=8, R=4 + G=4 + p=2", "FAR", 8, {"backbone_refresh_every": 4, "guidance_refresh_every": 4,
+                                                      "mask_schedule_power": 2.0}),
     Technique("FAR O=4, 4->1 + R=4 + G=4", "FAR", 4, {"backbone_refresh_every": 4, "guidance_refresh_every": 4,
                                                        "head_steps_end": 1}),
 ]
