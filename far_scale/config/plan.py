@@ -68,6 +68,13 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
                 problems.append(
                     f"eval.{name}={steps} exceeds model.head.num_train_timesteps={head.num_train_timesteps}"
                 )
+    if cfg.model.head.guidance_distillation_scale != 1.0:
+        if dims is not None and dims.head_kind != "shortcut":
+            problems.append("model.head.guidance_distillation_scale applies to the shortcut head (arch far or "
+                            f"far_causal), not to model.arch={cfg.model.arch}")
+        if cfg.model.class_dropout <= 0:
+            problems.append("model.head.guidance_distillation_scale needs model.class_dropout > 0: the null class "
+                            "that gives the unconditional velocity is otherwise never trained")
     if bool(cfg.eval.inception_weights) != bool(cfg.eval.reference_stats):
         problems.append("eval.inception_weights and eval.reference_stats go together: set both for FID during "
                         "training, or neither")

@@ -36,8 +36,18 @@ class HeadConfig(Section):
     num_levels: int = Field(default=128, ge=2)
     """Finest step size is 1/num_levels (a power of two)."""
     self_consistency_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
-    consistency_target: Literal["ema", "live"] = "ema"
-    """Which weights produce the stop-gradient self-consistency targets."""
+    consistency_target: Literal["ema", "live", "eval_ema"] = "ema"
+    """Which weights produce the stop-gradient self-consistency targets: ``ema`` an EMA of the head of its own
+    (``target_ema_decay``, as the reference shortcut-model code), ``live`` the current weights, ``eval_ema``
+    the evaluation EMA (``optim.ema_decay``; slow: its targets lag the head by ~1/(1 - decay) steps)."""
+    target_ema_decay: float = Field(default=0.999, ge=0.0, lt=1.0)
+    """Decay of the target EMA (``consistency_target: ema``), independent of ``optim.ema_decay``."""
+    target_ema_warmup_steps: int = Field(default=0, ge=0)
+    """Ramp the target EMA's decay linearly from 0 over this many steps, so early targets follow the head."""
+    guidance_distillation_scale: float = Field(default=1.0, ge=1.0)
+    """Guidance distillation: the self-consistency targets built from finest-level half steps use
+    v_u + w (v_c - v_u) (an extra no-gradient backbone pass under the null class per step), so the
+    coarse levels learn the guided flow; sample them with ``eval.cfg_scale=1``. 1 turns it off."""
     clip_value: float = Field(default=4.0, gt=0.0)
 
 

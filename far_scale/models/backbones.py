@@ -8,7 +8,7 @@ tokens. Shapes come from the caller (``DataSpec``), never from constants here.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -16,6 +16,15 @@ from torch import nn
 from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, TokenCache, init_backbone_weights
 
 EMBED_INIT_STD = 0.02
+
+
+class TrainingPass(NamedTuple):
+    """A backbone's training output: ``z`` [B, L, W], the positions [B, n] that carry a loss and, when
+    asked for (guidance distillation), ``z`` of the same inputs under the null class."""
+
+    z: torch.Tensor
+    positions: torch.Tensor
+    z_unconditional: Optional[torch.Tensor] = None
 
 
 
@@ -196,15 +205,21 @@ class MaskedBackbone(TokenBackbone):
         x = self.decoder_norm(self.decoder(x, cache=decoder_cache))
         return x[:, new.shape[1] :] + self.head_pos[0, query]
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: returns ``z`` and the masked positions [B, n] (ascending) the loss is computed on."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, unconditional: bool = False) -> TrainingPass:
+        """Training pass: ``z`` and the masked positions [B, n] (ascending) the loss is computed on; with
+        ``unconditional`` also ``z`` of the same inputs under the null class (no gradient)."""
         batch = tokens.shape[0]
         ratio = sample_mask_ratio(*self.mask_ratio)
         num_masked = math.ceil(self.seq_len * ratio)
         orders = self.random_orders(batch, tokens.device)
         masked = orders[:, :num_masked].sort(dim=1).values
         visible = orders[:, num_masked:].sort(dim=1).values
-        return self.predict(tokens, visible, self.condition(labels)), masked
+        z = self.predict(tokens, visible, self.condition(labels))
+        z_null = None
+        if unconditional:
+            with torch.no_grad():
+                z_null = self.predict(tokens, visible, self.condition.unconditional(batch))
+        return TrainingPass(z, masked, z_null)
 
 
 class CausalBackbone(TokenBackbone):
@@ -252,7 +267,12 @@ class CausalBackbone(TokenBackbone):
         x = self.blocks(inputs + self.pos[:, start:end], causal=True, cache=cache)
         return self.norm(x) + self.head_pos[:, start:end]
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced training pass: ``z`` and the loss positions (all of them) [B, L]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, unconditional: bool = False) -> TrainingPass:
+        """Teacher-forced training pass: ``z`` and the loss positions (all of them) [B, L]; with
+        ``unconditional`` also ``z`` under the null class (no gradient)."""
         z = self.hidden(self.embed_inputs(self.condition(labels), tokens[:, :-1]))
-        return z, torch.arange(self.seq_len, device=tokens.device).expand(tokens.shape[0], -1)
+        z_null = None
+        if unconditional:
+            with torch.no_grad():
+                z_null = self.hidden(self.embed_inputs(self.condition.unconditional(tokens.shape[0]), tokens[:, :-1]))
+        return TrainingPass(z, torch.arange(self.seq_len, device=tokens.device).expand(tokens.shape[0], -1), z_null)

@@ -127,10 +127,12 @@ class ShortcutHead(nn.Module):
     kind = "shortcut"
 
     def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, *,
-                 num_levels: int, self_consistency_fraction: float, clip_value: float):
+                 num_levels: int, self_consistency_fraction: float, clip_value: float,
+                 guidance_distillation_scale: float = 1.0):
         super().__init__()
         self.token_dim = token_dim
         self.num_levels = num_levels
+        self.guidance_distillation_scale = guidance_distillation_scale
         self.self_consistency_fraction = self_consistency_fraction
         self.clip_value = clip_value
         self.net = AdaLNMLP(token_dim, width, token_dim, z_channels, depth, num_scalars=2)
@@ -153,20 +155,41 @@ class ShortcutHead(nn.Module):
         levels = torch.arange(num_level_bits(self.num_levels) + 1, device=device)
         return time_embedder(times * FLOW_TIME_EMBED_SCALE), level_embedder(levels)
 
+    @property
+    def needs_unconditional(self) -> bool:
+        """Whether ``loss`` wants ``z`` under the null class too (guidance distillation)."""
+        return self.guidance_distillation_scale != 1.0
+
     @torch.no_grad()
-    def consistency_target(self, x_t, t, level, z, target_net: Optional[nn.Module] = None) -> torch.Tensor:
-        """stop-grad[(s1 + s2) / 2] of two half steps at level + 1, clipped."""
+    def consistency_target(self, x_t, t, level, z, target_net: Optional[nn.Module] = None,
+                           z_unconditional: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """stop-grad[(s1 + s2) / 2] of two half steps at level + 1, clipped.
+
+        With ``z_unconditional`` (guidance distillation), half steps at the finest level are guided:
+        v_u + w (v_c - v_u); coarser half steps come from levels that already learned the guided flow.
+        """
         half_level = level + 1
         half = step_size(half_level).to(x_t.dtype)[:, None]
-        s1 = self.velocity(x_t, t, half_level, z, target_net)
+        guided_rows = (half_level == num_level_bits(self.num_levels))[:, None]
+
+        def half_step_velocity(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            conditional = self.velocity(x, tt, half_level, z, target_net)
+            if z_unconditional is None:
+                return conditional
+            unconditional = self.velocity(x, tt, half_level, z_unconditional, target_net)
+            guided = unconditional + self.guidance_distillation_scale * (conditional - unconditional)
+            return torch.where(guided_rows, guided, conditional)
+
+        s1 = half_step_velocity(x_t, t)
         x_mid = (x_t + half * s1).clamp(-self.clip_value, self.clip_value)
-        s2 = self.velocity(x_mid, t + half[:, 0].double(), half_level, z, target_net)
+        s2 = half_step_velocity(x_mid, t + half[:, 0].double())
         return ((s1 + s2) / 2).clamp(-self.clip_value, self.clip_value)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor,
-             target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, target: torch.Tensor, z: torch.Tensor, target_net: Optional[nn.Module] = None,
+             z_unconditional: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over rows ``target`` [N, C] conditioned on ``z`` [N, W] (the caller gathers the rows to train).
 
+        ``z_unconditional`` [N, W] (guidance distillation) guides the finest-level half steps of the targets.
         ``target_net`` (e.g. the EMA copy of ``self.net``) gives the self-consistency targets;
         None uses the live weights without gradient.
         """
@@ -175,7 +198,8 @@ class ShortcutHead(nn.Module):
         k = draws.num_flow
         flow_target = target[:k] - draws.noise[:k]
         if k < target.shape[0]:
-            sc_target = self.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:].detach(), target_net)
+            sc_target = self.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:].detach(), target_net,
+                                                None if z_unconditional is None else z_unconditional[k:])
             goal = torch.cat([flow_target, sc_target.to(flow_target.dtype)])
         else:
             goal = flow_target
@@ -235,10 +259,12 @@ class DiffusionHead(nn.Module):
         self.diffusion = GaussianDiffusion.create(noise_schedule, num_train_timesteps)
         self._respaced = lru_cache(maxsize=8)(self.diffusion.respaced)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor,
-             target_net: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    needs_unconditional = False
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, target_net: Optional[nn.Module] = None,
+             z_unconditional: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean hybrid loss over rows ``target`` [N, C] conditioned on ``z`` [N, W]."""
-        del target_net  # the diffusion objective has no bootstrap target
+        del target_net, z_unconditional  # the diffusion objective has no bootstrap target
         t = torch.randint(0, self.diffusion.num_timesteps, (target.shape[0],), device=target.device)
         terms = self.diffusion.training_losses(lambda x, tt: self.net(x, (tt,), z), target, t)
         parts = {name: value.float().mean() for name, value in terms.items()}

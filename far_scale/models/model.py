@@ -13,6 +13,10 @@ from far_scale.models.backbones import CausalBackbone, MaskedBackbone
 from far_scale.models.heads import DiffusionHead, ShortcutHead
 from far_scale.models.registry import ModelDims, resolve_dims
 
+# Parameter-name prefix of the network that produces the shortcut head's self-consistency targets
+# (a copy of ``head.net`` running on EMA weights).
+TARGET_NET_PREFIX = "head.net."
+
 Backbone = Union[MaskedBackbone, CausalBackbone]
 Head = Union[ShortcutHead, DiffusionHead]
 
@@ -41,21 +45,24 @@ class ARModel(nn.Module):
     def forward(self, latents: torch.Tensor, labels: torch.Tensor,
                 target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
         """``latents`` [B, L, D] (scaled), ``labels`` [B]; ``target_net`` feeds shortcut targets (EMA head net)."""
-        z, positions = self.backbone(latents, labels)
-        return self.head_loss(latents, z, positions, target_net)
+        out = self.backbone(latents, labels, unconditional=self.head.needs_unconditional)
+        return self.head_loss(latents, out.z, out.positions, target_net, out.z_unconditional)
 
     def head_loss(self, target: torch.Tensor, z: torch.Tensor, positions: torch.Tensor,
-                  target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+                  target_net: Optional[nn.Module] = None,
+                  z_unconditional: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """The head's loss on tokens ``target`` [B, L, D] given ``z`` [B, L, W], at ``positions`` [B, n] only.
 
         The rows are gathered before the head, so no head work is spent on visible tokens.
         """
         index = positions[..., None]
-        target_rows = target.gather(1, index.expand(-1, -1, target.shape[-1])).flatten(0, 1)
-        cond = z.gather(1, index.expand(-1, -1, z.shape[-1])).flatten(0, 1)
-        # Each token is repeated num_repeats times with independent noise/time draws (SPEC §3).
-        loss, parts = self.head.loss(target_rows.repeat(self.num_repeats, 1), cond.repeat(self.num_repeats, 1),
-                                     target_net=target_net)
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            # Each token is repeated num_repeats times with independent noise/time draws (SPEC §3).
+            return x.gather(1, index.expand(-1, -1, x.shape[-1])).flatten(0, 1).repeat(self.num_repeats, 1)
+
+        loss, parts = self.head.loss(rows(target), rows(z), target_net=target_net,
+                                     z_unconditional=None if z_unconditional is None else rows(z_unconditional))
         return {"loss": loss, **parts}
 
 
@@ -78,6 +85,7 @@ def build_model(model: ModelConfig, data: DataSpec, dims: Optional[ModelDims] = 
         head: Head = ShortcutHead(
             data.token_dim, dims.width, dims.head_width, dims.head_depth, num_levels=head_cfg.num_levels,
             self_consistency_fraction=head_cfg.self_consistency_fraction, clip_value=head_cfg.clip_value,
+            guidance_distillation_scale=head_cfg.guidance_distillation_scale,
         )
     else:
         head = DiffusionHead(

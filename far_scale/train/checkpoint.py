@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 LATEST = "latest.json"
 EMA_FILE = "ema.safetensors"
+TARGET_EMA_FILE = "target_ema.safetensors"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 UNIVERSAL_DIR = "universal"
@@ -60,18 +61,27 @@ def write_latest(ref: CheckpointRef) -> None:
     write_text_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
 
 
-def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor]) -> None:
-    """Files read without unpickling: resolved config, metadata, full EMA weights."""
+def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor],
+                   target_ema_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Files read without unpickling: resolved config, metadata, full EMA weights (and the target EMA's)."""
     ref.path.mkdir(parents=True, exist_ok=True)
     write_text_atomic(ref.path / CONFIG_FILE, config_yaml)
     write_text_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
-    tmp = ref.path / f".{EMA_FILE}.partial"
-    save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-    tmp.replace(ref.path / EMA_FILE)
+    states = {EMA_FILE: ema_state, TARGET_EMA_FILE: target_ema_state}
+    for name, state in states.items():
+        if state is None:
+            continue
+        tmp = ref.path / f".{name}.partial"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(ref.path / name)
 
 
-def load_ema(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / EMA_FILE))
+def load_ema(path: Path, name: str = EMA_FILE) -> dict[str, torch.Tensor]:
+    """The evaluation EMA (or, with ``name=TARGET_EMA_FILE``, the target EMA) of a checkpoint."""
+    if not (path / name).is_file():
+        raise FileNotFoundError(f"{path / name} is missing: the checkpoint was written without it (e.g. by a run "
+                                "with another model.head.consistency_target)")
+    return load_file(str(path / name))
 
 
 def prune(directory: Path, keep_last: int, protect: str) -> list[str]:

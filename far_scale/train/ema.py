@@ -4,7 +4,8 @@ Under ZeRO-3 each rank owns a flat partition of every parameter (``param.ds_tens
 the EMA of the backbone is kept as the EMA of those partitions (sharded, fp32, no
 gather per step). The head's EMA is kept whole on every rank, read from gathered
 parameters each step, because the shortcut head's self-consistency targets run it.
-Full tensors are assembled only to save, export or sample.
+Full tensors are assembled only to save, export or sample. An EMA may cover a subset of the weights
+(``prefix``): the shortcut head's target network is an EMA of ``head.net.`` with a decay of its own.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def _partition_of(full: torch.Tensor, param: torch.Tensor, rank: int, world_size
     return flat[rank * size : (rank + 1) * size].clone()
 
 
+def ramped_decay(decay: float, step: int, warmup_steps: int) -> float:
+    """``decay`` after ``warmup_steps`` optimizer steps, ramped linearly from 0 before (0 steps: constant)."""
+    if warmup_steps <= 0:
+        return decay
+    return decay * min(1.0, step / warmup_steps)
+
+
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, *, gather: Callable[[Iterable], ContextManager] = gathered):
+    def __init__(self, model: nn.Module, decay: float, *, prefix: str = "",
+                 gather: Callable[[Iterable], ContextManager] = gathered):
         self.decay = decay
         self.gather = gather
-        self.params = dict(model.named_parameters())
+        self.params = {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.shadow: dict[str, torch.Tensor] = {}
@@ -50,16 +59,20 @@ class EMA:
         return [n for n, p in self.params.items() if not self._replicated(n, p)]
 
     @torch.no_grad()
-    def update(self) -> None:
-        weight = 1.0 - self.decay
+    def update(self, decay: float | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights (``decay`` defaults to the EMA's own), in a few
+        multi-tensor kernels instead of one per parameter."""
+        weight = 1.0 - (self.decay if decay is None else decay)
         sharded = set(self._sharded_names())
-        for name in sharded:
-            self.shadow[name].lerp_(self.params[name].ds_tensor.float(), weight)
-        replicated = [self.params[n] for n in self.params if n not in sharded]
-        with self.gather([p for p in replicated if is_partitioned(p)]):
-            for name, param in self.params.items():
-                if name not in sharded:
-                    self.shadow[name].lerp_(param.data.float(), weight)
+        if sharded:
+            names = sorted(sharded)
+            torch._foreach_lerp_([self.shadow[n] for n in names],
+                                 [self.params[n].ds_tensor.float() for n in names], weight)
+        replicated = [n for n in self.params if n not in sharded]
+        with self.gather([self.params[n] for n in replicated if is_partitioned(self.params[n])]):
+            if replicated:
+                torch._foreach_lerp_([self.shadow[n] for n in replicated],
+                                     [self.params[n].data.float() for n in replicated], weight)
 
     def bind(self, module: nn.Module, prefix: str) -> nn.Module:
         """Make ``module`` (an unpartitioned copy, e.g. of the head taken before the engine was built)

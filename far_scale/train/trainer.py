@@ -34,11 +34,11 @@ from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
 from far_scale.eval.grid import save_image_atomic, tile
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.eval.scoring import build_scorer, concat_features
-from far_scale.models.model import build_model
+from far_scale.models.model import TARGET_NET_PREFIX, build_model
 from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
 from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 from far_scale.train import checkpoint as ckpt
-from far_scale.train.ema import EMA
+from far_scale.train.ema import EMA, ramped_decay
 from far_scale.train.flops import peak_flops, train_flops_per_image
 from far_scale.train.optim import parameter_groups, schedule_for
 
@@ -126,9 +126,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.data)
         self.dims = self.plan.dims
-        uses_ema_targets = self.dims.head_kind == "shortcut" and cfg.model.head.consistency_target == "ema"
+        target_kind = cfg.model.head.consistency_target if self.dims.head_kind == "shortcut" else "live"
         # Only the head's MLP is copied before ZeRO may partition it: the bootstrap targets run on it.
-        target_template = copy.deepcopy(model.head.net) if uses_ema_targets else None
+        target_template = copy.deepcopy(model.head.net) if target_kind != "live" else None
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
         resume = ckpt.read_latest(self.ckpt_dir)
@@ -139,7 +139,11 @@ class Trainer:
         self.engine = ds.build_engine(model, cfg, env.world_size, env.device, self.precision, groups,
                                       self.lr_at(0), load_universal=universal)
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
-        self.target_net = (self.ema.bind(target_template.to(env.device), "head.net.")
+        # The target EMA (consistency_target: ema) covers the head's MLP only, with a decay of its own.
+        self.target_ema = (EMA(self.engine.module, cfg.model.head.target_ema_decay, prefix=TARGET_NET_PREFIX)
+                           if target_kind == "ema" else None)
+        target_source = self.target_ema if target_kind == "ema" else self.ema
+        self.target_net = (target_source.bind(target_template.to(env.device), TARGET_NET_PREFIX)
                            if target_template is not None else None)
         run_id = None
         if resume is not None:
@@ -212,6 +216,8 @@ class Trainer:
                 log.warning("world size changed with data.split=shards: the interrupted epoch's remaining samples "
                             "cannot be located exactly; continuing at the start of epoch %d", saved.epoch + 1)
         self.ema.load_full_state_dict(ckpt.load_ema(ref.path))
+        if self.target_ema is not None:
+            self.target_ema.load_full_state_dict(ckpt.load_ema(ref.path, ckpt.TARGET_EMA_FILE))
         if self.env.is_main:
             log.warning("resumed from %s at step %d", ref.path, self.step)
         return client.get("mlflow_run_id")
@@ -285,6 +291,10 @@ class Trainer:
             micro += 1
         start = time.perf_counter()
         self.ema.update()
+        if self.target_ema is not None:
+            head = self.cfg.model.head
+            # self.step counts completed steps before this one: the ramp starts at decay 0.
+            self.target_ema.update(ramped_decay(head.target_ema_decay, self.step, head.target_ema_warmup_steps))
         if self.env.is_main and (self.run_dir / STOP_FILE).exists():
             self.stop_requested = True
         names = sorted(parts_sum)
@@ -421,12 +431,13 @@ class Trainer:
                   "nonfinite": self.nonfinite}
         ds.save_checkpoint(self.engine, str(self.ckpt_dir), ref.tag, client)
         ema_state = self.ema.full_state_dict()
+        target_ema_state = self.target_ema.full_state_dict() if self.target_ema is not None else None
         if self.env.is_main:
             meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
                     "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len,
                              "token_dim": self.data.token_dim, "num_classes": self.data.num_classes,
                              "scale": self.loader.scale, "codec": self.loader.manifest["codec"]}}
-            ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state)
+            ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state, target_ema_state)
         barrier()
         if self.env.is_main:
             ckpt.write_latest(ref)

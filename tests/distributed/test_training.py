@@ -26,6 +26,10 @@ LAUNCH_TIMEOUT_S = 420
 # growing slowly through Adam; 1e-4 relative over 6 steps is far below any real divergence (a wrong
 # gradient scale or data split changes the loss at the 1e-2 level).
 PARITY_RTOL = 1e-4
+# The shortcut head's targets from a target EMA of its own (decay ramped over 2 steps), distinct from the
+# evaluation EMA (optim.ema_decay=0.9): every checkpoint and resume below carries both.
+TARGET_EMA = ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.5",
+              "model.head.target_ema_warmup_steps=2"]
 
 
 def _common(data_url, out: Path, name: str, *extra: str) -> list[str]:
@@ -71,8 +75,12 @@ def _keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
     return keys
 
 
-def _ema(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "ema.safetensors"))
+def _ema(run_dir: Path, step: int, name: str = "ema.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / name))
+
+
+def _target_ema(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return _ema(run_dir, step, "target_ema.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def parity_runs(latent_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity")
     base = ["data.split=samples", "data.num_workers=0", "run.max_steps=6", "checkpoint.interval_steps=3",
             "checkpoint.keep_last=5", "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=8",
-            "tracking.enabled=false"]
+            "tracking.enabled=false", *TARGET_EMA]
     _train(1, _common(latent_dataset, out, "ref", *base, "parallel.zero_stage=0"))
     for stage in (1, 2, 3):
         _train(2, _common(latent_dataset, out, f"zero{stage}", *base, f"parallel.zero_stage={stage}"))
@@ -99,34 +107,72 @@ def test_zero_stages_on_two_ranks_match_one_rank(parity_runs, stage):
     assert reference[6] < reference[1]
 
 
+def _assert_close_states(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=PARITY_RTOL, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("load", [_ema, _target_ema], ids=["ema", "target_ema"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_ema_under_zero_equals_unsharded_ema(parity_runs, stage):
-    reference, sharded = _ema(parity_runs / "ref", 6), _ema(parity_runs / f"zero{stage}", 6)
-    assert reference.keys() == sharded.keys()
-    for name in reference:
-        torch.testing.assert_close(sharded[name], reference[name], rtol=PARITY_RTOL, atol=1e-6, msg=name)
-    # EMA differs from the raw weights (decay 0.9 over 6 steps), so this compares real averages.
-    raw = _ema(parity_runs / "ref", 3)
-    assert any(not torch.equal(raw[n], reference[n]) for n in reference)
+def test_emas_under_zero_equal_unsharded_ones(parity_runs, stage, load):
+    _assert_close_states(load(parity_runs / f"zero{stage}", 6), load(parity_runs / "ref", 6))
+    # Each EMA differs from its step-3 value (decay 0.9 / 0.5 over 6 steps), so this compares real averages.
+    earlier, reference = load(parity_runs / "ref", 3), load(parity_runs / "ref", 6)
+    assert any(not torch.equal(earlier[n], reference[n]) for n in reference)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(parity_runs, latent_dataset, tmp_path):
-    """A ZeRO-2 checkpoint from 2 ranks continues on 1 rank through DeepSpeed's universal format."""
-    source = parity_runs / "zero2" / "checkpoints"
-    target = tmp_path / "resized" / "checkpoints"
+def test_target_ema_is_an_average_of_its_own(parity_runs):
+    """The target EMA covers the head's MLP with its own decay: distinct from the evaluation EMA's tensors."""
+    ema, target = _ema(parity_runs / "ref", 6), _target_ema(parity_runs / "ref", 6)
+    assert set(target) == {name for name in ema if name.startswith("head.net.")}
+    assert all(not torch.equal(target[name], ema[name]) for name in target if name.endswith("final.linear.weight"))
+
+
+def _resume_from(parity_runs: Path, stage: int, tmp_path: Path, name: str) -> Path:
+    """A fresh run directory holding only the step-3 checkpoint of the 2-rank ZeRO-``stage`` run."""
+    source = parity_runs / f"zero{stage}" / "checkpoints"
+    target = tmp_path / name / "checkpoints"
     target.mkdir(parents=True)
     shutil.copytree(source / "step_00000003", target / "step_00000003")
     (target / "latest.json").write_text(json.dumps({"tag": "step_00000003", "step": 3, "world_size": 2}))
-    result = _train(1, _common(latent_dataset, tmp_path, "resized", "data.split=samples", "data.num_workers=0",
-                               "run.max_steps=6", "checkpoint.interval_steps=3", "parallel.global_batch_size=16",
-                               "parallel.micro_batch_size_per_gpu=8", "parallel.zero_stage=2",
-                               "tracking.enabled=false"))
+    return tmp_path / name
+
+
+def _parity_overrides(data_url, tmp_path: Path, name: str, stage: int) -> list[str]:
+    return _common(data_url, tmp_path, name, "data.split=samples", "data.num_workers=0", "run.max_steps=6",
+                   "checkpoint.interval_steps=3", "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=8",
+                   f"parallel.zero_stage={stage}", "tracking.enabled=false", *TARGET_EMA)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_checkpoint_resumes_on_one_rank(parity_runs, latent_dataset, tmp_path, stage):
+    """A ZeRO checkpoint from 2 ranks continues on 1 rank through DeepSpeed's universal format; both EMAs too."""
+    run_dir = _resume_from(parity_runs, stage, tmp_path, "resized")
+    result = _train(1, _parity_overrides(latent_dataset, tmp_path, "resized", stage))
     assert "universal" in result.stderr
-    resumed = _losses(tmp_path / "resized")
+    resumed = _losses(run_dir)
     reference = _losses(parity_runs / "ref")
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=PARITY_RTOL), step
+    for load in (_ema, _target_ema):
+        _assert_close_states(load(run_dir, 6), load(parity_runs / "ref", 6))
+
+
+def test_zero3_resume_on_the_same_ranks_is_bit_identical(parity_runs, latent_dataset, tmp_path):
+    """ZeRO-3, 2 ranks, resumed from step 3: the same losses and both EMAs, bit for bit."""
+    run_dir = _resume_from(parity_runs, 3, tmp_path, "resumed")
+    _train(2, _parity_overrides(latent_dataset, tmp_path, "resumed", 3))
+    straight, resumed = _losses(parity_runs / "zero3"), _losses(run_dir)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == straight[step], step
+    for load in (_ema, _target_ema):
+        expected, got = load(parity_runs / "zero3", 6), load(run_dir, 6)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
 
 
 def _kill_after_checkpoint(command: list[str], checkpoints: Path, step: int) -> int:
@@ -148,7 +194,7 @@ def resume_runs(latent_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
     base = ["data.split=shards", "data.num_workers=2", "run.max_steps=8", "checkpoint.interval_steps=4",
             "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=4", "parallel.zero_stage=2",
-            "run.record_sample_keys=true"]
+            "run.record_sample_keys=true", *TARGET_EMA]
     _train(2, _common(latent_dataset, out, "straight", *base))
     killed = _common(latent_dataset, out, "killed", *base)
     code = _kill_after_checkpoint(_command(2, killed), out / "killed" / "checkpoints", 4)
@@ -164,6 +210,10 @@ def test_resume_after_sigkill_is_bit_identical(resume_runs):
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == straight[step], step  # exact: same data, same draws, same optimizer state
+    for load in (_ema, _target_ema):
+        expected, got = load(resume_runs / "straight", 8), load(resume_runs / "killed", 8)
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
 
 
 def test_resume_neither_repeats_nor_skips_samples(resume_runs):

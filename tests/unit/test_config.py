@@ -149,6 +149,10 @@ def test_batch_divisibility_names_all_three_numbers():
         ({"eval": {"benchmark": "b.safetensors", "inception_weights": "w.pth", "reference_stats": "s.npz"}},
          "eval.benchmark"),
         ({"model": {"mask_ratio_min": 0.9, "mask_ratio_mean": 0.8}}, "model.mask_ratio_min=0.9"),
+        ({"eval": {"head_steps_end": 3}}, "eval.head_steps_end=3"),
+        ({"model": {"arch": "mar", "head": {"guidance_distillation_scale": 2.0}}},
+         "model.head.guidance_distillation_scale applies to the shortcut head"),
+        ({"model": {"class_dropout": 0.0, "head": {"guidance_distillation_scale": 2.0}}}, "model.class_dropout > 0"),
     ],
 )
 def test_cross_section_rules_name_their_fields(data, fragment):

@@ -61,7 +61,7 @@ def test_mask_ratio_samples_lie_in_range():
 def test_loss_only_on_masked_tokens():
     model = small_model("far")
     latents, labels = torch.randn(2, 16, 8), torch.tensor([0, 1])
-    z, _ = model.backbone(latents, labels)
+    z = model.backbone(latents, labels).z
     positions = torch.arange(1, 16).expand(2, -1)  # position 0 is visible: no loss on it
     changed_visible = latents.clone()
     changed_visible[:, 0] += 5.0
@@ -79,7 +79,7 @@ def test_loss_only_on_masked_tokens():
 def test_masked_training_pass_masks_at_least_the_minimum_ratio():
     model = small_model("mar")
     for _ in range(20):
-        _, positions = model.backbone(torch.randn(3, 16, 8), torch.tensor([0, 1, 2]))
+        positions = model.backbone(torch.randn(3, 16, 8), torch.tensor([0, 1, 2])).positions
         assert positions.shape[0] == 3 and positions.shape[1] >= 0.7 * 16
         for row in positions:
             assert torch.equal(row, row.unique())  # ascending, no repeats
@@ -263,3 +263,28 @@ def test_activation_checkpointing_changes_memory_not_math():
     for a, b in zip(grads_a, grads_b):
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_guidance_distillation_guides_only_finest_half_steps():
+    head = small_model("far", self_consistency_fraction=0.5, guidance_distillation_scale=3.0).head
+    perturb(head)
+    assert head.needs_unconditional and not small_model("far").head.needs_unconditional
+    x_t, z, z_null = torch.randn(6, 8), torch.randn(6, 128), torch.randn(6, 128)
+    t = torch.zeros(6, dtype=torch.float64)
+    level = torch.tensor([6, 6, 6, 2, 2, 2])  # half steps at 7 (the finest of 128 levels) and at 3
+    plain = head.consistency_target(x_t, t, level, z)
+    distilled = head.consistency_target(x_t, t, level, z, z_unconditional=z_null)
+    assert torch.equal(distilled[3:], plain[3:])  # coarser half steps: unguided
+    assert not torch.allclose(distilled[:3], plain[:3])
+    # u + w (c - u) with u = c is c: the same targets as without distillation, exactly.
+    assert torch.equal(head.consistency_target(x_t, t, level, z, z_unconditional=z), plain)
+
+
+def test_guidance_distillation_training_pass_runs_the_null_class_without_gradient():
+    model = small_model("far", guidance_distillation_scale=2.0)
+    perturb(model)
+    out = model.backbone(torch.randn(2, 16, 8), torch.tensor([0, 1]), unconditional=True)
+    assert out.z_unconditional is not None and not out.z_unconditional.requires_grad
+    assert not torch.allclose(out.z_unconditional, out.z)
+    loss = model(torch.randn(2, 16, 8), torch.tensor([0, 1]))["loss"]
+    assert torch.isfinite(loss) and loss.requires_grad
