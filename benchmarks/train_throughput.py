@@ -2,7 +2,7 @@
 
 Trains tiny/base FAR on the machine's CPUs (or GPU) for a few steps per configuration (1 or 2 ranks, ZeRO
 0/2/3) on a synthetic latent dataset it builds, and reads rank 0's per-step records (metrics.jsonl) after
-a warm-up. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
+a warm-up, including its peak memory beside check-config's model-state estimate. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
 Results: benchmarks/results/train_throughput__*.json and docs/benchmarks.md.
 """
 
@@ -62,7 +62,24 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     data_share = statistics.median(r["data_s"] / r["step_time_s"] for r in measured)
     images = micro * nproc
     return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
-            "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share}
+            "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
+            "peak_gib": max(r["memory/peak_gib"] for r in rows), "estimate_gib": estimated_gib(size, nproc, zero)}
+
+
+def estimated_gib(size: str, nproc: int, zero: int) -> float:
+    """``check-config``'s per-rank model-state estimate (params, grads, AdamW, EMA) for this run, fp32."""
+    from far_scale.config.schema import ModelConfig
+    from far_scale.data.spec import DataSpec
+    from far_scale.distributed.deepspeed_config import estimate_model_state_memory
+    from far_scale.models.model import count_parameters_for
+
+    params = count_parameters_for(ModelConfig(arch="far", size=size, num_buffer_tokens=64),
+                                  DataSpec(seq_len=256, token_dim=16, num_classes=10))["total"]
+    return estimate_model_state_memory(params, zero, nproc, "fp32").total / 1024**3
+
+
+def _gib(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "not measured"
 
 
 def loader_only(url: str, batches: int) -> float:
@@ -120,10 +137,14 @@ def main(argv=None) -> None:
         parts += [f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
                   f"Date: {res['date']}. Command: `{res['command']}`", "",
                   markdown_table(["size", "ranks", "ZeRO", "images/step", "step (s)", "images/s", "latents/s",
-                                  "data wait"],
+                                  "data wait", "peak memory, rank 0 (GiB)", "model-state estimate (GiB)"],
                                  [[r["size"], r["ranks"], r["zero"], r["batch"], f"{r['step_s']:.3f}",
                                    f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
-                                   f"{100 * r['data_wait']:.1f}%"] for r in res["runs"]]),
+                                   f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib")]
+                                  for r in res["runs"]]),
+                  "Peak memory is the process's peak RSS on CPU (Python, libraries and activations included) or "
+                  "torch.cuda.max_memory_allocated on a GPU; the estimate counts model states only (check-config).",
+                  "",
                   "", "Loader only (1 worker, batch 64):", "",
                   markdown_table(["source", "latents/s"], res["loader"]), ""]
     write_doc_section(BENCHMARK, "\n".join(parts))

@@ -74,18 +74,18 @@ class ModelStateMemory:
 def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: int, precision: str) -> ModelStateMemory:
     """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and an fp32 EMA.
 
-    Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The EMA
-    is kept in fp32 and sharded like the parameters under ZeRO-3.
+    Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The EMA is
+    kept in fp32 and sharded over the ranks at every stage (``far_scale.train.ema``; the shortcut
+    head's small target network, kept whole, is not counted).
     """
     width = BYTES_PER_PARAM[precision]
     optimizer_bytes = (ADAM_STATES + (1 if precision != "fp32" else 0)) * FP32_BYTES * num_params
     params, grads = width * num_params, width * num_params
-    ema = FP32_BYTES * num_params
+    ema = FP32_BYTES * num_params / world_size
     if zero_stage >= 1:
         optimizer_bytes /= world_size
     if zero_stage >= 2:
         grads /= world_size
     if zero_stage >= 3:
         params /= world_size
-        ema /= world_size
     return ModelStateMemory(params=params, grads=grads, optimizer=optimizer_bytes, ema=ema)

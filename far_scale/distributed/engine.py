@@ -95,6 +95,17 @@ def load_checkpoint(engine, directory: str, tag: str) -> Optional[dict]:
     return client_state if path is not None else None
 
 
+def restore_group_settings(engine, settings: list[dict]) -> None:
+    """Put back each optimizer parameter group's own hyperparameters (e.g. weight decay) after a universal
+    load: DeepSpeed's ZeRO-3 universal loader copies the first group's settings onto every group."""
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(settings):
+        raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after loading, the model defines "
+                           f"{len(settings)}")
+    for group, own in zip(groups, settings):
+        group.update(own)
+
+
 def convert_to_universal(directory: str, tag: str, output: str) -> None:
     """Run DeepSpeed's ``ds_to_universal`` (world-size independent checkpoint) on one rank."""
     out = Path(output)

@@ -48,6 +48,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; launc
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXPECTED_MASK_RATIO = 0.87  # mean of N(1, 0.25) truncated to [0.7, 1]
 METRICS_FILE = "metrics.jsonl"
+MIB = 2**20
 STOP_FILE = "stop_request"  # touched by the SLURM batch script: checkpoint and exit EXIT_PREEMPTED
 PREEMPTED_MARKER = "preempted.json"  # written on such an exit; the batch script requeues on it
 GRID_FILE = "samples_step{step:08d}.png"
@@ -132,22 +133,31 @@ class Trainer:
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
         resume = ckpt.read_latest(self.ckpt_dir)
-        universal = resume is not None and resume.world_size != env.world_size
+        resized = resume is not None and resume.world_size != env.world_size
+        # ZeRO-0 checkpoints hold whole model and optimizer states (DeepSpeed's universal format does not
+        # support them, and they need no conversion); sharded stages go through the universal format.
+        universal = resized and par.zero_stage > 0
         if universal:
             self._convert_to_universal(resume)
+        elif resized and env.is_main:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: ZeRO-0 states are whole, "
+                        "loading them directly", resume.tag, resume.world_size, env.world_size)
         groups = parameter_groups(model, cfg.optim.weight_decay)
+        self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self.engine = ds.build_engine(model, cfg, env.world_size, env.device, self.precision, groups,
                                       self.lr_at(0), load_universal=universal)
-        self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
+        # Sharded over the ranks; whole only where a network runs on it (the target network).
+        self.ema = EMA(self.engine.module, cfg.optim.ema_decay,
+                       whole_prefix=TARGET_NET_PREFIX if target_kind == "eval_ema" else None)
         # The target EMA (consistency_target: ema) covers the head's MLP only, with a decay of its own.
-        self.target_ema = (EMA(self.engine.module, cfg.model.head.target_ema_decay, prefix=TARGET_NET_PREFIX)
-                           if target_kind == "ema" else None)
+        self.target_ema = (EMA(self.engine.module, cfg.model.head.target_ema_decay, prefix=TARGET_NET_PREFIX,
+                               whole_prefix=TARGET_NET_PREFIX) if target_kind == "ema" else None)
         target_source = self.target_ema if target_kind == "ema" else self.ema
         self.target_net = (target_source.bind(target_template.to(env.device), TARGET_NET_PREFIX)
                            if target_template is not None else None)
         run_id = None
         if resume is not None:
-            run_id = self._restore(resume, universal)
+            run_id = self._restore(resume, universal, resized)
         if env.is_main:
             self._start_tracking(run_id)
         self._start_node_metrics()
@@ -194,16 +204,18 @@ class Trainer:
             ds.convert_to_universal(str(resume.directory), resume.tag, str(resume.directory / ckpt.UNIVERSAL_DIR))
         barrier()
 
-    def _restore(self, ref: ckpt.CheckpointRef, universal: bool) -> Optional[str]:
+    def _restore(self, ref: ckpt.CheckpointRef, universal: bool, resized: bool) -> Optional[str]:
         directory = ref.directory / ckpt.UNIVERSAL_DIR if universal else ref.directory
         client = ds.load_checkpoint(self.engine, str(directory), ref.tag)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
+        if universal:
+            ds.restore_group_settings(self.engine, self.group_settings)
         self.step = int(client["step"])
         self.nonfinite = int(client.get("nonfinite", 0))
         positions = client["loader_positions"]
         workers = max(self.cfg.data.num_workers, 1)
-        if not universal:
+        if not resized:
             self.loader.position = LoaderPosition.from_dict(positions[self.env.rank])
             ckpt.restore_rng_state(client["rng_states"][self.env.rank])
         elif self.cfg.data.split == "samples":
@@ -243,6 +255,11 @@ class Trainer:
               f"peak lr {self.plan.lr:g}; data {self.cfg.data.url} ({self.data.seq_len} x {self.data.token_dim} "
               f"tokens, scale {self.loader.scale:.4f})"
               + (f"; resumed at step {self.step}" if resume else ""), flush=True)
+        ema_bytes = self.ema.num_bytes() + (self.target_ema.num_bytes() if self.target_ema is not None else 0)
+        print(f"EMA on rank 0: {ema_bytes / MIB:.2f} MiB of {self.ema.full_num_bytes() / MIB:.2f} MiB "
+              f"(sharded over {self.env.world_size} rank(s)"
+              + (f"; target network {self.target_ema.num_bytes() / MIB:.2f} MiB, whole" if self.target_ema else "")
+              + ")", flush=True)
 
     # ---- one step ---------------------------------------------------------------------------------
     def _micro_step(self, batch: LatentBatch, micro: int) -> tuple[Optional[torch.Tensor], dict]:

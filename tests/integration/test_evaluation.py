@@ -164,11 +164,11 @@ def test_trained_far_beats_random_latents_on_both_metrics(trained_far, bench):
     assert final["fd"] < random.fd / 2, (final, random)
 
 
-def _sample(source: Path, out: Path, nproc: int = 1) -> subprocess.Popen:
+def _sample(source: Path, out: Path, nproc: int = 1, *overrides: str) -> subprocess.Popen:
     # N ranks: the launcher users run (torchrun --standalone underneath).
     command = ["sample"] if nproc == 1 else ["launch", "local-sample", "--nproc", str(nproc)]
     return subprocess.Popen([sys.executable, "-m", "far_scale.cli", *command, str(source), "--out", str(out),
-                             *SAMPLE_ARGS], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             *SAMPLE_ARGS, *overrides], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -195,6 +195,15 @@ def test_two_ranks_sample_the_same_bytes_as_one(trained_far, one_rank_samples, t
     with np.load(one_rank_samples / "samples.npz") as data:
         assert data["arr_0"].shape == (40, 64, 64, 3) and data["arr_0"].dtype == np.uint8
         assert np.array_equal(data["arr_1"], np.arange(40) % NUM_CLASSES)  # class-balanced
+
+
+@pytest.mark.slow
+def test_sampling_options_on_the_command_line_change_the_samples(trained_far, one_rank_samples, tmp_path):
+    _finish(_sample(trained_far, tmp_path / "cached", 1, "eval.backbone_refresh_every=2",
+                    "eval.guidance_refresh_every=2"))
+    settings = json.loads((tmp_path / "cached" / "settings.json").read_text())["options"]
+    assert settings["backbone_refresh_every"] == 2 and settings["guidance_refresh_every"] == 2
+    assert (tmp_path / "cached" / "samples.npz").read_bytes() != (one_rank_samples / "samples.npz").read_bytes()
 
 
 @pytest.mark.slow

@@ -200,8 +200,9 @@ def test_deepspeed_config_follows_recipe_and_world_size():
 def test_memory_estimate_shrinks_with_zero_stage():
     totals = [estimate_model_state_memory(10**9, stage, 8, "bf16").total for stage in range(4)]
     assert totals == sorted(totals, reverse=True) and totals[0] > totals[3]
-    # Unsharded bf16 AdamW: 2 (params) + 2 (grads) + 12 (master + 2 states) bytes, + 4 fp32 EMA.
-    assert totals[0] == pytest.approx(20 * 10**9)
+    # ZeRO-0 bf16 AdamW: 2 (params) + 2 (grads) + 12 (master + 2 states) bytes, + 4 fp32 EMA sharded 8 ways.
+    assert totals[0] == pytest.approx(16.5 * 10**9)
+    assert estimate_model_state_memory(10**9, 2, 8, "bf16").ema == pytest.approx(0.5 * 10**9)
     assert estimate_model_state_memory(10**9, 3, 8, "bf16").total == pytest.approx(20 * 10**9 / 8)
 
 

@@ -39,3 +39,20 @@ def test_explicit_sampling_settings_override_the_recipe():
 def test_a_job_rejects_empty_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         SamplingJob(10, 10, 0)
+
+
+def test_acceleration_options_come_from_the_recipe():
+    ev = EvalConfig(head_steps_end=1, mask_schedule_power=2.0, backbone_refresh_every=4, guidance_refresh_every=2,
+                    fast_ddpm=True)
+    options = sampling_options(ev, "shortcut", seq_len=256, head_steps=8)
+    assert (options.head_steps, options.head_steps_end, options.mask_schedule_power) == (8, 1, 2.0)
+    assert (options.backbone_refresh_every, options.guidance_refresh_every, options.fast_ddpm) == (4, 2, True)
+    plain = sampling_options(EvalConfig(), "shortcut", seq_len=256)
+    assert (plain.head_steps_end, plain.backbone_refresh_every, plain.guidance_refresh_every) == (None, 1, 1)
+
+
+def test_sampling_overrides_may_change_only_how_it_samples(tmp_path):
+    from far_scale.eval.sample import load_sampling_model
+
+    with pytest.raises(ValueError, match="model.arch=mar"):
+        load_sampling_model(tmp_path, overrides=("eval.num_iter=4", "model.arch=mar"))
