@@ -25,7 +25,10 @@ def render_report(cfg: Config, world_size: int, data: DataSpec, data_source: str
     ds_config = build_deepspeed_config(cfg, world_size, precision)
     params = count_parameters_for(cfg.model, data)
     precision = precision or cfg.parallel.precision
-    memory = estimate_model_state_memory(params["total"], cfg.parallel.zero_stage, world_size, precision)
+    # The target network (an EMA of the shortcut head kept whole on every GPU) runs on the head's weights.
+    shortcut_targets = plan.dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
+    memory = estimate_model_state_memory(params["total"], cfg.parallel.zero_stage, world_size, precision,
+                                         whole_ema_params=params["head"] if shortcut_targets else 0)
     dims = plan.dims
     lines = [
         "# resolved config",
@@ -47,7 +50,8 @@ def render_report(cfg: Config, world_size: int, data: DataSpec, data_source: str
         f"# model-state memory per GPU (ZeRO-{cfg.parallel.zero_stage}, {precision}, world size {world_size}; "
         "activations not included)",
         f"params: {memory.params / GIB:.2f} GiB, grads: {memory.grads / GIB:.2f} GiB, "
-        f"optimizer: {memory.optimizer / GIB:.2f} GiB, ema: {memory.ema / GIB:.2f} GiB, "
+        f"optimizer: {memory.optimizer / GIB:.2f} GiB, ema: {memory.ema / GIB:.2f} GiB "
+        f"({'sharded evaluation EMA + whole target network' if shortcut_targets else 'sharded'}), "
         f"total: {memory.total / GIB:.2f} GiB",
         "",
         "# deepspeed config (optimizer: client torch.optim.AdamW; LR schedule: client-side)",

@@ -65,23 +65,25 @@ class ModelStateMemory:
     grads: float
     optimizer: float
     ema: float
+    """The evaluation EMA's share on one GPU and any EMA kept whole (the shortcut head's target network)."""
 
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer + self.ema
 
 
-def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: int, precision: str) -> ModelStateMemory:
-    """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and an fp32 EMA.
+def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: int, precision: str,
+                                whole_ema_params: int = 0) -> ModelStateMemory:
+    """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and the fp32 EMAs.
 
-    Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The EMA is
-    kept in fp32 and sharded over the ranks at every stage (``far_scale.train.ema``; the shortcut
-    head's small target network, kept whole, is not counted).
+    Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The evaluation
+    EMA is sharded over the ranks at every stage (``far_scale.train.ema``); ``whole_ema_params``
+    counts EMA weights kept whole on every GPU (the shortcut head's target network).
     """
     width = BYTES_PER_PARAM[precision]
     optimizer_bytes = (ADAM_STATES + (1 if precision != "fp32" else 0)) * FP32_BYTES * num_params
     params, grads = width * num_params, width * num_params
-    ema = FP32_BYTES * num_params / world_size
+    ema = FP32_BYTES * (num_params / world_size + whole_ema_params)
     if zero_stage >= 1:
         optimizer_bytes /= world_size
     if zero_stage >= 2:

@@ -174,6 +174,19 @@ def test_two_rank_checkpoint_resumes_on_one_rank(parity_runs, latent_dataset, tm
         _assert_close_states(load(run_dir, 6), load(parity_runs / "ref", 6), rtol, atol)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_both_emas_are_restored_exactly_at_another_world_size(parity_runs, latent_dataset, tmp_path, stage):
+    """Resumed on 1 rank at its last step, the run saves again what it restored: the 2-rank EMAs, bit for bit."""
+    run_dir = _resume_from(parity_runs, stage, tmp_path, "restored")
+    overrides = _parity_overrides(latent_dataset, tmp_path, "restored", stage)
+    _train(1, [o for o in overrides if not o.startswith("run.max_steps=")] + ["run.max_steps=3"])
+    for load in (_ema, _target_ema):
+        expected, got = load(parity_runs / f"zero{stage}", 3), load(run_dir, 3)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+
+
 def test_zero0_checkpoint_resumes_on_two_ranks(parity_runs, latent_dataset, tmp_path):
     """ZeRO-0 states are whole: a 1-rank checkpoint continues on 2 ranks without the universal format."""
     source = parity_runs / "ref" / "checkpoints"
