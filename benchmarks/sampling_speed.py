@@ -222,20 +222,21 @@ def main(argv=None) -> None:
         if not args.no_docs:
             sampling_study.save_pareto(result, f"{machine['device']}_tiny{tag}")
         return
-    if args.train_step:
+    # Modes measured per size and batch: (selected, run, save, result key).
+    grid_modes = [
+        (args.train_step, sampling_study.run_train_step, sampling_study.save_train_step,
+         lambda r: f"{r['size']}_b{r['batch']}"),
+        (args.techniques, sampling_study.run_speed, sampling_study.save_speed,
+         lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}"),
+    ]
+    for selected, run, save, key in grid_modes:
+        if not selected:
+            continue
         for size in args.sizes.split(","):
             for batch in args.batch:
-                result = {**sampling_study.run_train_step(args, size, batch, device), "machine": machine,
-                          "command": command}
+                result = {**run(args, size, batch, device), "machine": machine, "command": command}
                 if not args.no_docs:
-                    sampling_study.save_train_step(result, f"{machine['device']}_{size}_b{batch}{tag}")
-        return
-    if args.techniques:
-        for size in args.sizes.split(","):
-            for batch in args.batch:
-                result = {**sampling_study.run_speed(args, size, batch, device), "machine": machine, "command": command}
-                if not args.no_docs:
-                    sampling_study.save_speed(result, f"{machine['device']}_{size}_{result['dtype']}_b{batch}{tag}")
+                    save(result, f"{machine['device']}_{key(result)}{tag}")
         return
     for size in args.sizes.split(","):
         result = {**run_size(args, size, args.batch[0], device), "machine": machine, "command": command}
