@@ -63,7 +63,7 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     images = micro * nproc
     return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
             "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
-            "peak_gib": max(r["memory/peak_gib"] for r in rows), "estimate_gib": estimated_gib(size, nproc, zero)}
+            "peak_gib": max(r["peak_memory_gib"] for r in rows), "estimate_gib": estimated_gib(size, nproc, zero)}
 
 
 def estimated_gib(size: str, nproc: int, zero: int) -> float:
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
                                    f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
                                    f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib")]
                                   for r in res["runs"]]),
+                  "",
                   "Peak memory is the process's peak RSS on CPU (Python, libraries and activations included) or "
                   "torch.cuda.max_memory_allocated on a GPU; the estimate counts model states only (check-config).",
                   "",

@@ -395,9 +395,10 @@ class Trainer:
         print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}", flush=True)
 
     def _write_metrics_line(self, loss: float, parts: dict, times: StepTimes) -> None:
-        """Rank 0's per-step record (loss and timing) next to the run; MLflow gets interval means."""
+        """Rank 0's per-step record (loss, timing, peak memory) next to the run; MLflow gets interval means."""
         if self.env.is_main:
-            row = {"step": self.step, "loss": loss, **parts, "step_time_s": times.total_s, "data_s": times.data_s}
+            row = {"step": self.step, "loss": loss, **parts, "step_time_s": times.total_s, "data_s": times.data_s,
+                   "peak_memory_gib": _peak_memory_gib(self.env.device)}
             with open(self.run_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
