@@ -32,6 +32,13 @@ def random_orders(batch: int, seq_len: int, device, generator: Optional[torch.Ge
     """One random permutation of ``seq_len`` token positions per image (training masks and sampling)."""
     return torch.argsort(torch.rand(batch, seq_len, device=device, generator=generator), dim=1)
 
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for ``x`` [B, L, ...] and ``index`` [B, n]: a gather, so no sync and no
+    data-dependent shape (the backbones, the head's loss rows and the sampler select tokens with it)."""
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
 class ClassCondition(nn.Module):
     """Class embedding with a learned null embedding for classifier-free guidance."""
 
@@ -138,9 +145,6 @@ class MaskedBackbone(TokenBackbone):
         buffer = torch.arange(self.num_buffer_tokens, device=positions.device).expand(positions.shape[0], -1)
         return torch.cat([buffer, positions + self.num_buffer_tokens], dim=1)
 
-    def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
     def encode(self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor,
                cache: Optional[TokenCache] = None) -> torch.Tensor:
         """Encoder over the buffer (all slots hold ``cond``) and the visible tokens.
@@ -155,7 +159,7 @@ class MaskedBackbone(TokenBackbone):
         index = self.sequence_positions(visible)
         if cache is not None:
             cache.set_pass(index, lazy=False)
-        return self.encoder_norm(self.encoder(self._rows(x, index), cache=cache))
+        return self.encoder_norm(self.encoder(gather_positions(x, index), cache=cache))
 
     def decode(self, x: torch.Tensor, visible: torch.Tensor, cache: Optional[TokenCache] = None) -> torch.Tensor:
         """Decoder over all positions, mask tokens where the encoder saw nothing; returns ``z`` [B, L, W]."""
@@ -195,7 +199,7 @@ class MaskedBackbone(TokenBackbone):
         """
         encoder_cache, decoder_cache = caches
         nb = self.num_buffer_tokens
-        x = self.token_proj(self._rows(tokens, new))
+        x = self.token_proj(gather_positions(tokens, new))
         x = self.token_proj_norm(x + self.encoder_pos[0, new + nb])
         encoder_cache.set_pass(new + nb, lazy=True, key_mask=visible_keys)
         x = self.decoder_embed(self.encoder_norm(self.encoder(x, cache=encoder_cache)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from far_scale.config.schema import ModelConfig
 from far_scale.data.spec import DataSpec
-from far_scale.models.backbones import CausalBackbone, MaskedBackbone
+from far_scale.models.backbones import CausalBackbone, MaskedBackbone, gather_positions
 from far_scale.models.heads import DiffusionHead, ShortcutHead
 from far_scale.models.registry import ModelDims, resolve_dims
 
@@ -55,11 +55,9 @@ class ARModel(nn.Module):
 
         The rows are gathered before the head, so no head work is spent on visible tokens.
         """
-        index = positions[..., None]
-
         def rows(x: torch.Tensor) -> torch.Tensor:
             # Each token is repeated num_repeats times with independent noise/time draws (SPEC §3).
-            return x.gather(1, index.expand(-1, -1, x.shape[-1])).flatten(0, 1).repeat(self.num_repeats, 1)
+            return gather_positions(x, positions).flatten(0, 1).repeat(self.num_repeats, 1)
 
         loss, parts = self.head.loss(rows(target), rows(z), target_net=target_net,
                                      z_unconditional=None if z_unconditional is None else rows(z_unconditional))

@@ -15,7 +15,7 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
-from far_scale.models.backbones import random_orders
+from far_scale.models.backbones import gather_positions, random_orders
 from far_scale.models.model import ARModel
 
 
@@ -172,12 +172,6 @@ def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtyp
     return param_dtype
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, j]]`` for [B, L, ...] ``x`` and [B, n] ``index`` (a gather: no sync, no dynamic shape)."""
-    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, expanded)
-
-
 def _twice(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x])
 
@@ -213,7 +207,7 @@ class _MaskedBackbonePasses:
                 z = self.backbone.predict(tokens, visible, self.cond[:batch], self.caches)
             if self.caching_guidance and doubled:
                 self.difference = z[:batch] - z[batch:]
-            z = _rows(z, _twice(chosen) if doubled else chosen)
+            z = gather_positions(z, _twice(chosen) if doubled else chosen)
         else:
             new = orders[:, previous.start : previous.end]
             visible_keys = torch.zeros(batch, self.backbone.seq_len, dtype=torch.bool, device=orders.device)
@@ -226,7 +220,7 @@ class _MaskedBackbonePasses:
             else:
                 z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.caches)
         if self.guided and not doubled:
-            z = torch.cat([z, z - _rows(self.difference, chosen).to(z.dtype)])
+            z = torch.cat([z, z - gather_positions(self.difference, chosen).to(z.dtype)])
         return z
 
 
@@ -249,7 +243,7 @@ def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions
         # Ascending positions: the rows reach the head in the order boolean-mask indexing gave them.
         chosen = orders[:, it.start : it.end].sort(dim=1).values
         z = passes(it, previous, tokens, orders, chosen)
-        head_noise = _rows(noise.tokens, chosen).flatten(0, 1)[:, : head.num_noise_draws(it.head_steps)]
+        head_noise = gather_positions(noise.tokens, chosen).flatten(0, 1)[:, : head.num_noise_draws(it.head_steps)]
         new_tokens = head.sample(z.flatten(0, 1), it.head_steps, options.temperature, head_noise, it.cfg,
                                  fast=options.fast_ddpm)
         tokens.scatter_(1, chosen[..., None].expand(-1, -1, backbone.token_dim),
