@@ -6,7 +6,8 @@ import torch
 
 from far_scale.config.schema import ModelConfig
 from far_scale.data.spec import DataSpec
-from far_scale.models.model import ARModel, build_model
+from far_scale.models.model import ARModel
+from far_scale.planning.builder import build_model
 
 # Sizes beyond the presets: "mid" is base with a quarter of its backbone work (6+6 blocks, width 384),
 # the largest size a 2-core CPU samples in minutes.

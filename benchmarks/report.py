@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from far_scale.data.storage import write_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -70,9 +72,7 @@ def save_result(benchmark: str, key: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{benchmark}__{key}.json"
     payload = {**payload, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2))
     return path
 
 

@@ -63,19 +63,16 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     images = micro * nproc
     return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
             "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
-            "peak_gib": max(r["peak_memory_gib"] for r in rows), "estimate_gib": estimated_gib(size, nproc, zero)}
+            "peak_gib": max(r["peak_memory_gib"] for r in rows), "estimate_gib": estimated_gib(overrides, nproc)}
 
 
-def estimated_gib(size: str, nproc: int, zero: int) -> float:
-    """``check-config``'s per-rank model-state estimate (params, grads, AdamW, EMA) for this run, fp32."""
-    from far_scale.config.schema import ModelConfig
-    from far_scale.data.spec import DataSpec
-    from far_scale.distributed.deepspeed_config import estimate_model_state_memory
-    from far_scale.models.model import count_parameters_for
+def estimated_gib(overrides: list[str], nproc: int) -> float:
+    """``check-config``'s per-rank model-state estimate for exactly this run (its plan), fp32."""
+    from far_scale.config.loader import load_config
+    from far_scale.planning.plan import plan_for, resolve_data
 
-    params = count_parameters_for(ModelConfig(arch="far", size=size, num_buffer_tokens=64),
-                                  DataSpec(seq_len=256, token_dim=16, num_classes=10))["total"]
-    return estimate_model_state_memory(params, zero, nproc, "fp32").total / 1024**3
+    cfg = load_config(RECIPE, overrides)
+    return plan_for(cfg, nproc, resolve_data(cfg), "fp32").memory.total / 1024**3
 
 
 def _gib(row: dict, key: str) -> str:

@@ -29,7 +29,7 @@ from far_scale.data.contract import (
     FORMAT_VERSION, LATENT_DTYPE, NUM_VIEWS, SHARD_PREFIX, TAR_MODE, TAR_MTIME, TAR_OWNER, encode_sample, shard_name, stats_name,
 )
 from far_scale.data.images import ImageList, list_images, load_image, shuffled, to_unit_range
-from far_scale.data.manifest import combine_stats, write_manifest
+from far_scale.data.manifest import Manifest, combine_stats, write_manifest
 from far_scale.data.storage import atomic_writer, filesystem, join, redact_command, write_bytes_atomic
 
 
@@ -166,10 +166,10 @@ def _load_stats(fs, root: str, shard: int, prefix: str) -> Optional[dict]:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-def build_manifest(job: EncodeJob, images: ImageList, codec: Codec, records: list[dict]) -> dict:
+def build_manifest(job: EncodeJob, images: ImageList, codec: Codec, records: list[dict]) -> Manifest:
     info = codec.info
     stats = combine_stats(records, info.token_dim, info.latent_shape[0])
-    return {
+    return Manifest.from_dict({
         "format_version": FORMAT_VERSION,
         "codec": {**info.as_dict(), "scale": stats["scale"], "dtype": "float16",
                   "moments": 2 if info.posterior else 1},
@@ -180,7 +180,7 @@ def build_manifest(job: EncodeJob, images: ImageList, codec: Codec, records: lis
         "stats": stats,
         "created": {"command": " ".join(redact_command(sys.argv)),
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }
+    }, f"the manifest built for {job.dst}")
 
 
 def job_images(job: EncodeJob) -> ImageList:
@@ -188,7 +188,7 @@ def job_images(job: EncodeJob) -> ImageList:
     return shuffled(list_images(job.src, job.class_map), job.order_seed)
 
 
-def try_write_manifest(job: EncodeJob, images: ImageList, codec: Codec) -> Optional[dict]:
+def try_write_manifest(job: EncodeJob, images: ImageList, codec: Codec) -> Optional[Manifest]:
     """Write manifest.json if every shard's sidecar exists; returns it, or None if shards are missing."""
     fs, root = filesystem(job.dst)
     records = []

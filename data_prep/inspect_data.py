@@ -11,7 +11,7 @@ import torch
 
 from far_scale.codecs import CodecError, load_manifest_codec
 from far_scale.data.images import to_uint8
-from far_scale.data.manifest import read_manifest
+from far_scale.data.manifest import Manifest, read_manifest
 from far_scale.data.shards import iter_tar_bytes
 from far_scale.data.storage import filesystem, join
 from far_scale.eval.grid import save_grid
@@ -19,18 +19,18 @@ from far_scale.eval.grid import save_grid
 HISTOGRAM_WIDTH = 40
 
 
-def summarize(manifest: dict, labels: Counter) -> str:
-    codec, source, stats = manifest["codec"], manifest["source"], manifest["stats"]
+def summarize(manifest: Manifest, labels: Counter) -> str:
+    codec, source, stats = manifest.codec, manifest.source, manifest.stats
     lines = [
-        f"images: {source['num_images']} in {len(manifest['shards'])} shards "
-        f"({manifest['images_per_shard']} per shard), {len(source['classes'])} classes, from {source['root']}",
+        f"images: {source['num_images']} in {len(manifest.shards)} shards "
+        f"({manifest.images_per_shard} per shard), {len(source['classes'])} classes, from {source['root']}",
         f"codec: {codec['name']} latent {codec['latent_shape']} -> {codec['seq_len']} tokens x {codec['token_dim']} "
         f"(patch {codec['patch_size']}), {'posterior mean+logvar' if codec['posterior'] else 'deterministic'}, "
         f"weights sha256 {codec['weights_sha256'][:12]}...",
         f"latents: mean {stats['mean']:.4f}, std {stats['std']:.4f} -> scale {stats['scale']:.4f}",
         "per-channel mean: " + " ".join(f"{v:+.3f}" for v in stats["channel_mean"]),
         "per-channel std:  " + " ".join(f"{v:.3f}" for v in stats["channel_std"]),
-        f"created: {manifest['created']['time']} by `{manifest['created']['command']}`",
+        f"created: {manifest.created.get('time')} by `{manifest.created.get('command')}`",
         "class histogram (sampled shards):" if labels else "",
     ]
     most = max(labels.values(), default=1)
@@ -47,15 +47,15 @@ def inspect_dataset(url: str, out_png: Optional[str], num_images: int = 16, max_
     fs, root = filesystem(url)
     labels: Counter = Counter()
     picked = []
-    for entry in manifest["shards"][:max_shards]:
-        for sample in iter_tar_bytes(fs.cat_file(join(root, entry["name"])), entry["name"]):
+    for entry in manifest.shards[:max_shards]:
+        for sample in iter_tar_bytes(fs.cat_file(join(root, entry.name)), entry.name):
             labels[sample.label] += 1
             if len(picked) < num_images:
                 picked.append(sample)
     text = summarize(manifest, labels)
     if out_png and picked:
         try:
-            codec = load_manifest_codec(manifest, codec_weights)
+            codec = load_manifest_codec(manifest.codec, codec_weights)
         except CodecError as exc:
             return text + f"\nno grid: {exc}"
         tokens = torch.from_numpy(np.stack([s.latents[view, 0] for view in (0, 1) for s in picked]).astype(np.float32))

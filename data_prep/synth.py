@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from far_scale.data.storage import local_atomic_writer
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hstripes", "vstripes", "checker", "dots")
 PALETTES = (
     ("red", (220, 40, 40)), ("green", (40, 180, 60)), ("blue", (40, 80, 220)), ("yellow", (230, 200, 40)),
@@ -121,8 +123,8 @@ def write_dataset(out: str | Path, spec: SynthSpec, progress: bool = True) -> Pa
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(spec.images_per_class):
                 path = folder / f"{class_name(label)}_{index:05d}.JPEG"
-                tmp = path.with_name("." + path.name + ".partial")
-                draw_image(label, index, spec.resolution, spec.seed).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-                tmp.replace(path)
+                with local_atomic_writer(path) as handle:
+                    draw_image(label, index, spec.resolution, spec.seed).save(handle, format="JPEG",
+                                                                              quality=JPEG_QUALITY)
                 bar.update()
     return root

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from far_scale.codecs import Codec, CodecError, load_manifest_codec
-from far_scale.data.manifest import read_manifest
+from far_scale.data.manifest import Manifest, ShardEntry, read_manifest
 from far_scale.data.shards import iter_tar_bytes
 from far_scale.data.storage import filesystem, join
 
@@ -38,17 +38,18 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _check_shard(data: bytes, entry: dict, manifest: dict, codec: Optional[Codec]) -> tuple[list[str], int, bool]:
+def _check_shard(data: bytes, entry: ShardEntry, manifest: Manifest,
+                 codec: Optional[Codec]) -> tuple[list[str], int, bool]:
     problems: list[str] = []
-    name = entry["name"]
-    if len(data) != entry["num_bytes"]:
-        problems.append(f"size {len(data)} bytes, manifest says {entry['num_bytes']} (truncated or appended)")
+    name = entry.name
+    if len(data) != entry.num_bytes:
+        problems.append(f"size {len(data)} bytes, manifest says {entry.num_bytes} (truncated or appended)")
     digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        problems.append(f"sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...")
-    codec_info = manifest["codec"]
+    if digest != entry.sha256:
+        problems.append(f"sha256 {digest[:12]}... differs from the manifest's {entry.sha256[:12]}...")
+    codec_info = manifest.codec
     expected_shape = (2, codec_info["moments"], codec_info["seq_len"], codec_info["token_dim"])
-    num_classes = len(manifest["source"]["classes"])
+    num_classes = len(manifest.classes)
     count, first = 0, None
     try:
         for sample in iter_tar_bytes(data, name):
@@ -62,8 +63,8 @@ def _check_shard(data: bytes, entry: dict, manifest: dict, codec: Optional[Codec
                 problems.append(f"sample {sample.key} has label {sample.label} outside [0, {num_classes})")
     except ValueError as exc:
         problems.append(f"unreadable: {exc}")
-    if count != entry["num_samples"]:
-        problems.append(f"{count} samples, manifest says {entry['num_samples']}")
+    if count != entry.num_samples:
+        problems.append(f"{count} samples, manifest says {entry.num_samples}")
     decoded = False
     if codec is not None and first is not None and first.latents.shape == expected_shape:
         image = codec.decode(torch.from_numpy(first.latents[0, 0].astype(np.float32))[None])
@@ -78,19 +79,19 @@ def verify_dataset(url: str, codec_weights: Optional[str] = None, progress: bool
     fs, root = filesystem(url)
     report = VerifyReport()
     try:
-        codec: Optional[Codec] = load_manifest_codec(manifest, codec_weights)
+        codec: Optional[Codec] = load_manifest_codec(manifest.codec, codec_weights)
     except CodecError as exc:
         codec = None
         report.decode_note = f" (codec not available, decoding skipped: {exc})"
-    for entry in tqdm(manifest["shards"], unit="shard", desc="verify", disable=not progress):
+    for entry in tqdm(manifest.shards, unit="shard", desc="verify", disable=not progress):
         report.num_shards += 1
-        path = join(root, entry["name"])
+        path = join(root, entry.name)
         if not fs.exists(path):
-            report.bad_shards[entry["name"]] = ["missing"]
+            report.bad_shards[entry.name] = ["missing"]
             continue
         problems, count, decoded = _check_shard(fs.cat_file(path), entry, manifest, codec)
         report.num_samples += count
         report.decoded += int(decoded)
         if problems:
-            report.bad_shards[entry["name"]] = problems
+            report.bad_shards[entry.name] = problems
     return report

@@ -16,12 +16,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _check_config(args: argparse.Namespace) -> int:
     from far_scale.config.loader import load_config
-    from far_scale.config.report import render_report
-    from far_scale.data.spec import resolve_data_spec
+    from far_scale.planning.plan import resolve_data
+    from far_scale.planning.report import render_report
 
     cfg = load_config(args.recipe, args.overrides)
-    data, source = resolve_data_spec(cfg)
-    print(render_report(cfg, args.world_size, data, source, precision=args.precision))
+    print(render_report(cfg, args.world_size, resolve_data(cfg), precision=args.precision))
     return 0
 
 
@@ -74,7 +73,7 @@ def _data_manifest(args: argparse.Namespace) -> int:
         print(f"error: not every shard of {args.dst} is complete yet; re-run the missing encode workers",
               file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}/manifest.json: {len(manifest['shards'])} shards, scale {manifest['stats']['scale']:.4f}")
+    print(f"wrote {args.dst}/manifest.json: {len(manifest.shards)} shards, scale {manifest.scale:.4f}")
     return 0
 
 
@@ -338,7 +337,7 @@ def _add_encode_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="prepare latent datasets: synth, fit-codec, encode, manifest, verify, "
-                               "inspect", description="Offline data preparation (SPEC §1, §7).")
+                               "inspect", description="Offline data preparation (docs/concepts.md: latents, data).")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     synth = sub.add_parser("synth", help="write the built-in synthetic class-conditional image folder")

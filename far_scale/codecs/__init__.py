@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from far_scale.codecs.base import Codec, CodecError, CodecInfo
 
@@ -32,9 +32,9 @@ def load_codec(name: str, weights: Optional[str], image_size: int, patch_size: O
     return DiffusersVAECodec.load(weights, image_size, patch_size or DEFAULT_PATCH_SIZE, expected_sha256)
 
 
-def load_manifest_codec(manifest: dict, weights: Optional[str] = None) -> Codec:
-    """The codec a dataset was encoded with (checksum-checked), from its manifest; ``weights`` overrides the path."""
-    info = manifest["codec"]
+def load_manifest_codec(info: Mapping[str, Any], weights: Optional[str] = None) -> Codec:
+    """The codec a dataset was encoded with (checksum-checked), from its manifest's ``codec`` record;
+    ``weights`` overrides the path."""
     return load_codec(info["name"], weights or info["weights_path"], info["image_size"], info["patch_size"],
                       expected_sha256=info["weights_sha256"])
 

@@ -1,4 +1,4 @@
-"""The codec interface: images <-> continuous latent tokens (SPEC §1).
+"""The codec interface: images <-> continuous latent tokens (docs/concepts.md, latents).
 
 A codec encodes images in [-1, 1] (``[B, 3, H, W]``) to *moments* in token layout
 ``[B, K, L, D]`` (K = 2: posterior mean and log-variance; K = 1: a deterministic code) and

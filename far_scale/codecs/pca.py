@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from far_scale.data.storage import write_atomic
 from far_scale.codecs.base import Codec, CodecError, CodecInfo, check_weights_file, patchify, unpatchify
 
 NAME = "pca"
@@ -52,11 +53,8 @@ class PCACodec(Codec):
     def save(self, path: str | Path) -> str:
         """Write weights (safetensors, atomically) and return their sha256."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()}, str(tmp),
-                  metadata={"patch_size": str(self.patch_size), "image_size": str(self.info.image_size)})
-        tmp.replace(path)
+        write_atomic(path, save({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()},
+                                metadata={"patch_size": str(self.patch_size), "image_size": str(self.info.image_size)}))
         return check_weights_file(path, None, HOW_TO_GET)
 
     @classmethod

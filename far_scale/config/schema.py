@@ -19,7 +19,7 @@ class Section(BaseModel):
 
 
 class HeadConfig(Section):
-    """The per-token head that turns a backbone output z into a token (SPEC §3)."""
+    """The per-token head that turns a backbone output z into a token (docs/concepts.md, heads)."""
 
     kind: Literal["auto", "shortcut", "diffusion"] = "auto"
     """``auto`` picks from ``model.arch``: far/far_causal -> shortcut, mar -> diffusion."""
@@ -52,7 +52,7 @@ class HeadConfig(Section):
 
 
 class ModelConfig(Section):
-    """Backbone architecture and head (SPEC §2-3). Sizes come from ``far_scale.models.registry``."""
+    """Backbone architecture and head (docs/concepts.md). Sizes come from ``far_scale.models.registry``."""
 
     arch: Literal["far", "far_causal", "mar"] = "far"
     size: Literal["tiny", "base", "large", "huge", "custom"] = "base"
@@ -98,7 +98,7 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW (SPEC §5). ``lr`` None derives it as base_lr * global_batch_size / 256."""
+    """AdamW (docs/concepts.md, training defaults). ``lr`` None derives it as base_lr * global_batch_size / 256."""
 
     lr: Optional[float] = Field(default=None, gt=0.0)
     base_lr: float = Field(default=1e-4, gt=0.0)

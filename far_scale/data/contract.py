@@ -1,4 +1,4 @@
-"""The shard format shared by data preparation (writer) and training (reader), SPEC §7.
+"""The shard format shared by data preparation (writer) and training (reader); docs/concepts.md, data.
 
 One sample per image: ``__key__`` (global image index, zero-padded), ``cls`` (class index
 as text) and ``latents.npy``: float16 ``[2, K, L, D]`` = (image, horizontal flip) x

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from far_scale.data.contract import decode_sample
-from far_scale.data.manifest import data_spec, read_manifest
+from far_scale.data.manifest import Manifest, read_manifest
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join
 
@@ -97,6 +97,15 @@ def steps_per_epoch(shard_sizes: list[int], seed: int, epoch: int, world_size: i
     return min(per_rank)
 
 
+def micro_batches_per_epoch(shard_sizes: list[int], split: str, seed: int, epoch: int, world_size: int,
+                            num_workers: int, batch_size: int, grad_accum: int) -> int:
+    """Micro-batches each rank consumes in ``epoch``: the loader's count, and the plan's (one formula)."""
+    if split == "samples":
+        global_batch = batch_size * world_size * grad_accum
+        return sum(shard_sizes) // global_batch * grad_accum
+    return steps_per_epoch(shard_sizes, seed, epoch, world_size, num_workers, batch_size)
+
+
 def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
     """One of the two views (p = 1/2); from the posterior when moments are (mean, logvar)."""
     view = latents[rng.integers(0, 2)].astype(np.float32)
@@ -109,12 +118,12 @@ def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float) -
 class LatentShardDataset(IterableDataset):
     """Yields ``LatentBatch``es of one rank; see the module docstring for the order."""
 
-    def __init__(self, url: str, manifest: dict, *, rank: int, world_size: int, num_workers: int,
+    def __init__(self, url: str, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
                  batch_size: int, seed: int, position: LoaderPosition, shuffle: bool = True,
                  worker_offset: int = 0, split: str = "shards", grad_accum: int = 1):
         self.url = url
-        self.shards = manifest["shards"]
-        self.scale = float(manifest["codec"]["scale"])
+        self.shards = manifest.shards
+        self.scale = manifest.scale
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(num_workers, 1)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
@@ -126,7 +135,7 @@ class LatentShardDataset(IterableDataset):
 
     def _samples(self, shard: int) -> list:
         fs, root = filesystem(self.url)
-        name = self.shards[shard]["name"]
+        name = self.shards[shard].name
         with fs.open(join(root, name), "rb", block_size=STREAM_BLOCK_BYTES) as stream:
             try:
                 samples = [decode_sample(s) for s in group_by_keys(tar_file_expander([{"url": name, "stream": stream}]))]
@@ -151,7 +160,7 @@ class LatentShardDataset(IterableDataset):
         pending: list = []
         index = 0  # this worker's batch index for the next full batch
         for shard in shards:
-            size = self.shards[shard]["num_samples"]
+            size = self.shards[shard].num_samples
             carried = len(pending) + size
             if index + math.ceil(carried / self.batch_size) <= skip:
                 # Every batch this shard contributes to was consumed before the restart: no need to read it.
@@ -182,7 +191,7 @@ class LatentShardDataset(IterableDataset):
         position = 0  # global sample position in the epoch stream
         batches: dict[int, list] = {}
         for shard in order:
-            size = self.shards[shard]["num_samples"]
+            size = self.shards[shard].num_samples
             if (position + size) // self.batch_size < first_global:
                 position += size
                 continue
@@ -211,34 +220,31 @@ class LatentLoader:
 
     def __init__(self, url: str, *, rank: int, world_size: int, num_workers: int, batch_size: int, seed: int,
                  shuffle: bool = True, position: Optional[LoaderPosition] = None, split: str = "shards",
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, manifest: Optional[Manifest] = None):
         self.url = url
-        self.manifest = read_manifest(url)
-        self.spec: DataSpec = data_spec(self.manifest)
+        self.manifest = manifest or read_manifest(url)
+        self.spec: DataSpec = self.manifest.spec
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         if split not in ("shards", "samples"):
             raise ValueError(f"data split must be 'shards' or 'samples', got {split!r}")
         self.split, self.grad_accum = split, grad_accum
         if split == "shards":
-            check_enough_shards(len(self.manifest["shards"]), world_size, num_workers, url)
+            check_enough_shards(len(self.manifest.shards), world_size, num_workers, url)
         workers = max(num_workers, 1)
         self.position = position or LoaderPosition(0, [0] * workers)
         if len(self.position.consumed) != workers:
             raise ValueError(f"loader position has {len(self.position.consumed)} workers, this loader {workers}")
-        self.shard_sizes = [s["num_samples"] for s in self.manifest["shards"]]
+        self.shard_sizes = self.manifest.shard_sizes
 
     @property
     def scale(self) -> float:
-        return float(self.manifest["codec"]["scale"])
+        return self.manifest.scale
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Micro-batches this rank yields in ``epoch`` (the same on every rank)."""
-        if self.split == "samples":
-            global_batch = self.batch_size * self.world_size * self.grad_accum
-            return sum(self.shard_sizes) // global_batch * self.grad_accum
-        return steps_per_epoch(self.shard_sizes, self.seed, epoch, self.world_size, self.num_workers,
-                               self.batch_size)
+        return micro_batches_per_epoch(self.shard_sizes, self.split, self.seed, epoch, self.world_size,
+                                       self.num_workers, self.batch_size, self.grad_accum)
 
     def worker_batches(self, epoch: int) -> list[int]:
         """Full batches each of this rank's loader workers can produce in ``epoch``."""
@@ -261,10 +267,6 @@ class LatentLoader:
             span = self.world_size * self.grad_accum
             return self.position.global_micro_batches // span * self.grad_accum
         return sum(self.position.consumed)
-
-    def mean_steps_per_epoch(self) -> float:
-        """Micro-batches per epoch for planning (epoch 0; later epochs differ by at most a few)."""
-        return float(self.steps_in_epoch(0))
 
     def epoch_batches(self) -> Iterator[LatentBatch]:
         """The remaining micro-batches of the current epoch; advances the position as they are consumed."""

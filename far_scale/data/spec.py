@@ -33,24 +33,3 @@ class DataSpec:
             for name in ("seq_len", "token_dim", "num_classes", "num_images")
             if getattr(expect, name) is not None and getattr(expect, name) != getattr(self, name)
         ]
-
-
-def resolve_data_spec(cfg) -> tuple[DataSpec, str]:
-    """The data shape for ``cfg``: from the manifest at ``data.url`` when there is one, else the recipe's expectation.
-
-    Returns the spec and a short description of where it came from.
-    """
-    from far_scale.config.loader import ConfigError
-    from far_scale.data.manifest import ManifestError, resolve_manifest_spec
-
-    if cfg.data.url:
-        try:
-            found = resolve_manifest_spec(cfg.data.url)
-        except (ManifestError, OSError) as exc:
-            raise ConfigError([f"data.url: {exc}"], "data") from None
-        if found is not None:
-            return found
-    try:
-        return DataSpec.from_expectation(cfg.data.expect), "recipe data.expect (no manifest read)"
-    except ValueError as exc:
-        raise ConfigError([str(exc)], "data") from None

@@ -10,7 +10,7 @@ import contextlib
 import os
 import posixpath
 import re
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -34,21 +34,28 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
-    """Write ``path`` so that it appears only complete.
+def atomic_writer(fs: fsspec.AbstractFileSystem, path: str, mode: Optional[int] = None) -> Iterator[IO[bytes]]:
+    """Write ``path`` so that it appears only complete: far-scale's one way of writing a file.
 
-    Locally: a hidden partial file, fsync, rename. On object stores: the object exists only once
-    its upload completes; on an exception the upload is discarded instead of committed.
+    Locally: a hidden partial file, fsync, ``mode`` (permission bits, if given), rename. On object
+    stores: the object exists only once its upload completes; on an exception the upload is
+    discarded instead of committed.
     """
     if is_local(fs):
         directory, name = os.path.split(path)
         os.makedirs(directory or ".", exist_ok=True)
         tmp = os.path.join(directory, f".{name}{PARTIAL_SUFFIX}")
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)  # a failed write leaves nothing behind, not even its partial file
         return
     handle = fs.open(path, "wb")
     try:
@@ -62,15 +69,22 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes
 
 
 @contextlib.contextmanager
-def local_atomic_writer(path) -> Iterator[IO[bytes]]:
+def local_atomic_writer(path, mode: Optional[int] = None) -> Iterator[IO[bytes]]:
     """``atomic_writer`` for a path on this machine."""
-    with atomic_writer(LocalFileSystem(), str(path)) as handle:
+    with atomic_writer(LocalFileSystem(), str(path), mode) as handle:
         yield handle
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     with atomic_writer(fs, path) as handle:
         handle.write(data)
+
+
+def write_atomic(url, data: bytes | str, mode: Optional[int] = None) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to a local path or an object-store URL, atomically."""
+    fs, path = filesystem(str(url))
+    with atomic_writer(fs, path, mode) as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
 
 
 def redact_command(argv: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Flow-matching and shortcut self-consistency arithmetic (Frans et al. 2024; SPEC §3).
+"""Flow-matching and shortcut self-consistency arithmetic (Frans et al. 2024; docs/concepts.md, heads).
 
 Convention: t = 0 is noise, t = 1 is data, x_t = (1 - t) x0 + t x1, velocity x1 - x0.
 Step sizes are d = 2^-level with level in {0, ..., log2(num_levels)}; the finest level is

@@ -1,18 +1,17 @@
-"""The DeepSpeed config as a pure function of the resolved recipe and the world size.
+"""The DeepSpeed config as a pure function of the recipe's ``parallel`` section and the plan's numbers.
 
-No hand-written JSON anywhere: this dict is what the engine receives, what
-``check-config`` prints and what is logged with a run. The optimizer (AdamW with SPEC §5
-parameter groups) and the LR schedule are client-side (``far_scale.train``), so DeepSpeed
-needs none of its JIT-compiled optimizer ops.
+No hand-written JSON anywhere: this dict (``TrainingPlan.deepspeed_config``) is what the engine
+receives, what ``check-config`` prints and what is logged with a run. The optimizer (AdamW with
+MAR's parameter groups, docs/concepts.md) and the LR schedule are client-side
+(``far_scale.train``), so DeepSpeed needs none of its JIT-compiled optimizer ops.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from far_scale.config.plan import validate
-from far_scale.config.schema import Config
+from far_scale.config.schema import ParallelConfig
 
 # DeepSpeed prints its own progress every `steps_per_print`; far-scale logs itself.
 DS_STEPS_PER_PRINT = 1_000_000_000
@@ -22,11 +21,10 @@ FP32_BYTES = 4
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
 
-def build_deepspeed_config(cfg: Config, world_size: int, precision: Optional[str] = None) -> dict[str, Any]:
-    """DeepSpeed config for ``cfg`` at ``world_size``; ``precision`` overrides the recipe (fp32 on CPU)."""
-    validate(cfg, world_size)
-    par = cfg.parallel
-    precision = precision or par.precision
+def build_deepspeed_config(par: ParallelConfig, grad_clip: float, grad_accum_steps: int,
+                           precision: str) -> dict[str, Any]:
+    """DeepSpeed config for a validated ``parallel`` section; the plan supplies the accumulation and the
+    precision it runs in (fp32 on CPU)."""
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.zero_stage >= 1:
         zero.update(reduce_bucket_size=par.reduce_bucket_size, overlap_comm=par.overlap_comm)
@@ -45,8 +43,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, precision: Optional[str
     return {
         "train_batch_size": par.global_batch_size,
         "train_micro_batch_size_per_gpu": par.micro_batch_size_per_gpu,
-        "gradient_accumulation_steps": par.global_batch_size // (par.micro_batch_size_per_gpu * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},

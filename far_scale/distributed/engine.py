@@ -8,6 +8,7 @@ so DeepSpeed compiles none of its optimizer ops. On CPU its shared-memory allred
 from __future__ import annotations
 
 import contextlib
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from far_scale.config.schema import Config
-from far_scale.distributed.deepspeed_config import build_deepspeed_config
+from far_scale.config.schema import OptimConfig
 from far_scale.models.transformer import BlockStack
 
 SHM_COMM_OP = "deepspeed_shm_comm"
@@ -43,14 +43,13 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(stacks)
 
 
-def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.device, precision: str,
+def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig, device: torch.device,
                  param_groups: list[dict], lr: float, load_universal: bool = False):
-    """A DeepSpeed engine over ``model`` with a client AdamW."""
+    """A DeepSpeed engine over ``model`` with a client AdamW; ``ds_config`` is the plan's."""
     deepspeed = _configure_deepspeed_for(device)
-    optim = cfg.optim
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                                   fused=device.type == "cuda")
-    ds_config = build_deepspeed_config(cfg, world_size, precision)
+    ds_config = copy.deepcopy(ds_config)  # DeepSpeed may edit its config; the plan's stays as planned
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=ds_config,

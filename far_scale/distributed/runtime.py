@@ -71,13 +71,6 @@ def all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (e.g. a stop request seen by one rank)."""
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

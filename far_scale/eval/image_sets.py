@@ -92,7 +92,7 @@ def _iter_latent_dataset(url: str, batch_size: int, limit: Optional[int],
     from far_scale.data.storage import filesystem, join
 
     manifest = read_manifest(url)
-    codec = load_manifest_codec(manifest, codec_weights)
+    codec = load_manifest_codec(manifest.codec, codec_weights)
     fs, root = filesystem(url)
     pending, labels, seen = [], [], 0
 
@@ -105,10 +105,10 @@ def _iter_latent_dataset(url: str, batch_size: int, limit: Optional[int],
         labels.clear()
         return batch
 
-    for entry in manifest["shards"]:
+    for entry in manifest.shards:
         if limit is not None and seen >= limit:
             break  # no further shard is read once the limit is reached
-        for sample in iter_tar_bytes(fs.cat_file(join(root, entry["name"])), entry["name"]):
+        for sample in iter_tar_bytes(fs.cat_file(join(root, entry.name)), entry.name):
             if limit is not None and seen >= limit:
                 break
             pending.append(sample.latents[0, 0])  # the image (not its flip), posterior mean

@@ -163,9 +163,9 @@ def split_holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[i
     return sorted(train), sorted(reference), sorted(calibration)
 
 
-def _random_latent_images(manifest: dict, codec, count: int, seed: int) -> np.ndarray:
+def _random_latent_images(manifest, codec, count: int, seed: int) -> np.ndarray:
     """Tokens drawn from N(mean, std) per latent channel (the manifest's statistics), decoded."""
-    info, stats = manifest["codec"], manifest["stats"]
+    info, stats = manifest.codec, manifest.stats
     per_channel = info["token_dim"] // len(stats["channel_mean"])
     mean = torch.tensor(stats["channel_mean"], dtype=torch.float32).repeat_interleave(per_channel)
     std = torch.tensor(stats["channel_std"], dtype=torch.float32).repeat_interleave(per_channel)
@@ -197,7 +197,7 @@ def build_benchmark(images_root: str, cache_dir: str | Path, data_url: Optional[
         from far_scale.data.manifest import read_manifest
 
         manifest = read_manifest(data_url)
-        codec = load_manifest_codec(manifest, codec_weights)
+        codec = load_manifest_codec(manifest.codec, codec_weights)
     fingerprint = folder_fingerprint(images_root)
     key = benchmark_key(fingerprint, settings, codec.info.weights_sha256 if codec else None)
     path = Path(cache_dir) / f"offline-{key[:16]}.safetensors"

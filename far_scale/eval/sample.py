@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
-from far_scale.config.plan import check_config
+from far_scale.planning.checks import check_config
 from far_scale.data.spec import DataSpec
+from far_scale.data.storage import write_atomic
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
 from far_scale.eval.grid import save_grid
 from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
-from far_scale.models.model import ARModel, build_model
-from far_scale.models.registry import resolve_dims
-from far_scale.train import checkpoint as ckpt
+from far_scale.models.model import ARModel
+from far_scale.planning.builder import build_model, resolve_dims
 from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW, resolve_checkpoint
 
 SAMPLES_FILE = "samples.npz"
@@ -100,7 +100,7 @@ def build_generator(loaded: LoadedModel, request: SampleRequest, device: torch.d
     options = sampling_options(loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind, data["seq_len"],
                                num_iter=request.num_iter, head_steps=request.head_steps,
                                cfg_scale=request.cfg_scale, temperature=request.temperature)
-    codec = load_manifest_codec({"codec": data["codec"]})
+    codec = load_manifest_codec(data["codec"])
     precision = request.precision if device.type == "cuda" else "fp32"
     return ImageGenerator(loaded.model, codec, data["scale"], options, device, precision)
 
@@ -124,7 +124,7 @@ class SampleStore:
                                  "--out or delete it")
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
+        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
 
     def part_path(self, batch_id: int) -> Path:
         return self.parts / f"batch_{batch_id:06d}.npz"
@@ -194,5 +194,5 @@ def run_sampling(request: SampleRequest) -> dict:
     if request.latency:
         _, spent = generator.timed_images(SamplingJob(1, job.num_classes, 1, job.seed), np.zeros(1, dtype=np.int64))
         report["seconds_per_image_batch1"] = spent
-    ckpt.write_text_atomic(store.out / REPORT_FILE, json.dumps(report, indent=2))
+    write_atomic(store.out / REPORT_FILE, json.dumps(report, indent=2))
     return report

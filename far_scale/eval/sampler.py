@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from far_scale.codecs.base import Codec
-from far_scale.config.plan import resolve_head_steps
+from far_scale.planning.plan import resolve_head_steps
 from far_scale.config.schema import EvalConfig
 from far_scale.data.images import to_uint8
 from far_scale.eval.image_sets import ImageBatch

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from far_scale.config.loader import load_config
-from far_scale.config.plan import validate
+from far_scale.planning.checks import validate
 
 
 def torchrun_command(command: str, arguments: Sequence[str], nproc: int) -> list[str]:

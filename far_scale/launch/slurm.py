@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from far_scale.config.loader import load_config
-from far_scale.config.plan import validate
+from far_scale.planning.checks import validate
 from far_scale.launch.templates import quote_all, render, sbatch_lines
-from far_scale.train.trainer import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
+from far_scale.data.storage import write_atomic
+from far_scale.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
+
+EXECUTABLE_MODE = 0o755
 
 DEFAULT_RDZV_PORT = 29500
 
@@ -51,11 +54,7 @@ def _sbatch(script: Path, *flags: str) -> str:
 
 
 def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    write_atomic(path, text, mode=EXECUTABLE_MODE)
     return path
 
 

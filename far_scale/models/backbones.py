@@ -1,4 +1,4 @@
-"""Backbones: MAR's masked encoder-decoder and a causal (GPT-style) transformer (SPEC §2).
+"""Backbones: MAR's masked encoder-decoder and a causal (GPT-style) transformer (docs/concepts.md, backbones).
 
 Both map latent tokens ``[B, L, D]`` and class labels to one conditioning vector per
 token, ``z`` of shape ``[B, L, W]``, that a head (``far_scale.models.heads``) turns into
@@ -81,6 +81,21 @@ def sample_mask_ratio(minimum: float, mean: float, std: float) -> float:
     return float(ratio.clamp(minimum, 1.0))
 
 
+def expected_mask_ratio(minimum: float, mean: float, std: float) -> float:
+    """The mean of N(mean, std) truncated to [minimum, 1]: the share of tokens a training pass predicts.
+
+    Plain floats (no tensors), so that it also holds for a model built on the meta device.
+    """
+    def density(x: float) -> float:
+        return math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+    low, high = (minimum - mean) / std, (1.0 - mean) / std
+    return mean + std * (density(low) - density(high)) / (cdf(high) - cdf(low))
+
+
 class TokenBackbone(nn.Module):
     """What every backbone has: the data's shape, class conditioning and the token projection."""
 
@@ -121,6 +136,7 @@ class MaskedBackbone(TokenBackbone):
                          class_dropout=class_dropout)
         self.num_buffer_tokens = num_buffer_tokens
         self.mask_ratio = (mask_ratio_min, mask_ratio_mean, mask_ratio_std)
+        self.expected_mask_ratio = expected_mask_ratio(*self.mask_ratio)
         total = num_buffer_tokens + seq_len
         self.token_proj_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.encoder_pos = _learned_positions(total, width)
@@ -247,6 +263,7 @@ class CausalBackbone(TokenBackbone):
         super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width,
                          class_dropout=class_dropout)
         self.num_heads = num_heads
+        self.expected_mask_ratio = 1.0  # every token is predicted in a training pass
         # Input position 0 holds the class token, position i > 0 token i - 1.
         self.pos = _learned_positions(seq_len, width)
         self.blocks = BlockStack(depth, width, num_heads, mlp_ratio, dropout)

@@ -1,4 +1,4 @@
-"""Per-token heads behind one interface (SPEC §3): ``loss(target, z)`` and ``sample(z, ...)``.
+"""Per-token heads behind one interface (docs/concepts.md, heads): ``loss(target, z)`` and ``sample(z, ...)``.
 
 Both heads share the adaLN MLP body of MAR (``SimpleMLPAdaLN``). The diffusion head
 (MAR baseline) denoises with a DDPM chain; the shortcut head (FAR) integrates a learned

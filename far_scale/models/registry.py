@@ -1,11 +1,12 @@
-"""The one registry of model sizes (SPEC §2 table) and how a ``model`` config resolves to dimensions."""
+"""The one registry of model sizes (docs/concepts.md, model sizes) and the resolved dimensions of a model.
+
+Plain data: how a recipe's ``model`` section resolves to these is ``far_scale.planning.builder``'s concern.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-
-from far_scale.config.schema import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -42,29 +43,3 @@ class ModelDims(SizePreset):
     @property
     def total_depth(self) -> int:
         return self.encoder_depth + self.decoder_depth
-
-
-_DIM_FIELDS = ("encoder_depth", "decoder_depth", "width", "num_heads")
-_HEAD_FIELDS = {"head_depth": "depth", "head_width": "width"}
-
-
-def resolve_dims(model: ModelConfig) -> ModelDims:
-    """Resolve a size preset plus explicit overrides into ``ModelDims``.
-
-    Raises ValueError naming every missing field when ``size: custom`` leaves one unset.
-    """
-    preset = SIZE_PRESETS.get(model.size)
-    values: dict[str, int | None] = {}
-    for name in _DIM_FIELDS:
-        explicit = getattr(model, name)
-        values[name] = explicit if explicit is not None else (getattr(preset, name) if preset else None)
-    for name, head_field in _HEAD_FIELDS.items():
-        explicit = getattr(model.head, head_field)
-        values[name] = explicit if explicit is not None else (getattr(preset, name) if preset else None)
-    missing = [
-        f"model.{n}" if n in _DIM_FIELDS else f"model.head.{_HEAD_FIELDS[n]}" for n, v in values.items() if v is None
-    ]
-    if missing:
-        raise ValueError(f"model.size is 'custom': set {', '.join(missing)}")
-    head_kind = model.head.kind if model.head.kind != "auto" else HEAD_FOR_ARCH[model.arch]
-    return ModelDims(backbone=BACKBONE_FOR_ARCH[model.arch], head_kind=head_kind, **values)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Image-token generation (SPEC §4): masked generation in K iterations and causal decoding.
+"""Image-token generation (docs/concepts.md, sampling an image): masked generation in K iterations and causal decoding.
 
 Every random draw of a generation (each image's token order and the head's noise for each
 token) is taken up front into ``SamplingNoise``: from one ``torch.Generator`` for a batch, or

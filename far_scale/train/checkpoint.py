@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -12,7 +11,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from far_scale.data.storage import write_atomic
 
 LATEST = "latest.json"
 EMA_FILE = "ema.safetensors"
@@ -46,34 +47,22 @@ def read_latest(directory: Path) -> Optional[CheckpointRef]:
     return CheckpointRef(directory, data["tag"], int(data["step"]), int(data["world_size"]))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a hidden partial file, fsync and rename: readers see the old or the new text, never half."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def write_latest(ref: CheckpointRef) -> None:
     """Point ``latest.json`` at a checkpoint that is complete on every rank (call after a barrier)."""
-    write_text_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
+    write_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
 
 
 def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor],
                    target_ema_state: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Files read without unpickling: resolved config, metadata, full EMA weights (and the target EMA's)."""
     ref.path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(ref.path / CONFIG_FILE, config_yaml)
-    write_text_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
+    write_atomic(ref.path / CONFIG_FILE, config_yaml)
+    write_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
     states = {EMA_FILE: ema_state, TARGET_EMA_FILE: target_ema_state}
     for name, state in states.items():
         if state is None:
             continue
-        tmp = ref.path / f".{name}.partial"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(ref.path / name)
+        write_atomic(ref.path / name, save({k: v.contiguous() for k, v in state.items()}))
 
 
 def load_ema(path: Path, name: str = EMA_FILE) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""AdamW parameter groups (SPEC §5) and the learning-rate schedule as pure functions of the step."""
+"""AdamW parameter groups (docs/concepts.md, training defaults) and the learning-rate schedule as pure functions of the step."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from far_scale.config.schema import Config
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on >= 2-D backbone weights only: none on biases, norms, 1-D embeddings, or the head."""
+    """Decay on >= 2-D weights only: none on biases, norms, 1-D embeddings, or what the model exempts
+    (``no_weight_decay()``: the head)."""
     decay, no_decay = [], []
+    model_exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or name.endswith(".bias") or name.startswith("head.")
+        exempt = param.ndim < 2 or name.endswith(".bias") or name in model_exempt
         (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

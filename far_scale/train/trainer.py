@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import resource
 import signal
 import sys
@@ -26,31 +25,31 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from far_scale.config.loader import config_to_yaml
-from far_scale.config.plan import derive_plan
 from far_scale.config.schema import Config
+from far_scale.data.storage import write_atomic
 from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
+from far_scale.data.manifest import read_manifest
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
 from far_scale.eval.grid import save_image_atomic, tile
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.eval.scoring import build_scorer, concat_features
-from far_scale.models.model import TARGET_NET_PREFIX, build_model
+from far_scale.models.model import TARGET_NET_PREFIX
+from far_scale.planning.builder import build_model
+from far_scale.planning.flops import peak_flops
+from far_scale.planning.plan import derive_plan
 from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
 from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.ema import EMA, ramped_decay
-from far_scale.train.flops import peak_flops, train_flops_per_image
+from far_scale.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
 from far_scale.train.optim import parameter_groups, schedule_for
 
 log = logging.getLogger("far_scale.train")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; launchers requeue on it
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-EXPECTED_MASK_RATIO = 0.87  # mean of N(1, 0.25) truncated to [0.7, 1]
 METRICS_FILE = "metrics.jsonl"
 MIB = 2**20
-STOP_FILE = "stop_request"  # touched by the SLURM batch script: checkpoint and exit EXIT_PREEMPTED
-PREEMPTED_MARKER = "preempted.json"  # written on such an exit; the batch script requeues on it
 GRID_FILE = "samples_step{step:08d}.png"
 GRID_KEY = "samples"  # MLflow image key: one image per evaluation step
 
@@ -107,22 +106,20 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
-            ckpt.write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+            write_atomic(self.run_dir / "config.yaml", self.config_yaml)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         par = cfg.parallel
-        self.accum = par.global_batch_size // (par.micro_batch_size_per_gpu * env.world_size)
+        manifest = read_manifest(cfg.data.url)
+        # The one plan of this run: the same numbers check-config prints for this data and world size.
+        self.plan = derive_plan(cfg, env.world_size, manifest.spec, manifest.shard_sizes, self.precision)
+        self.accum = self.plan.grad_accum_steps
+        self.total_steps = self.plan.total_steps
         self.loader = LatentLoader(cfg.data.url, rank=env.rank, world_size=env.world_size,
                                    num_workers=cfg.data.num_workers, batch_size=par.micro_batch_size_per_gpu,
                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle, split=cfg.data.split,
-                                   grad_accum=self.accum)
+                                   grad_accum=self.accum, manifest=manifest)
         self.data = self.loader.spec
-        self.plan = derive_plan(cfg, env.world_size, self.data)
-        steps_per_epoch = self.loader.steps_in_epoch(0) // self.accum
-        self.total_steps = cfg.run.max_steps or math.ceil(cfg.run.epochs * steps_per_epoch)
-        warmup = cfg.schedule.warmup_steps
-        if warmup is None:
-            warmup = math.ceil((cfg.schedule.warmup_epochs or 0.0) * steps_per_epoch)
-        self.lr_at = schedule_for(cfg, self.plan.lr, warmup, self.total_steps)
+        self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.data)
@@ -144,7 +141,7 @@ class Trainer:
                         "loading them directly", resume.tag, resume.world_size, env.world_size)
         groups = parameter_groups(model, cfg.optim.weight_decay)
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        self.engine = ds.build_engine(model, cfg, env.world_size, env.device, self.precision, groups,
+        self.engine = ds.build_engine(model, self.plan.deepspeed_config, cfg.optim, env.device, groups,
                                       self.lr_at(0), load_universal=universal)
         # Sharded over the ranks; whole only where a network runs on it (the target network).
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay,
@@ -163,7 +160,6 @@ class Trainer:
         self._start_node_metrics()
         self.codec = self._load_codec()
         self.scorer = build_scorer(cfg.eval, env.device)
-        self.flops_per_image = train_flops_per_image(cfg.model, self.dims, self.data, EXPECTED_MASK_RATIO)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(name) if env.device.type == "cuda" else None
         self._print_plan(resume)
@@ -191,7 +187,7 @@ class Trainer:
         from far_scale.codecs import CodecError, load_manifest_codec
 
         try:
-            return load_manifest_codec(self.loader.manifest)
+            return load_manifest_codec(self.loader.manifest.codec)
         except CodecError as exc:
             if self.env.is_main:
                 log.warning("no samples or quality metrics during training: %s", exc)
@@ -240,8 +236,7 @@ class Trainer:
                                self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled)
         if run_id is None:
             self.tracker.log_params({"config": self.cfg.model_dump(mode="json"),
-                                     "derived": {**self.plan.as_dict(), "total_steps": self.total_steps,
-                                                 "precision": self.precision}})
+                                     "derived": self.plan.as_dict()})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.tracker.set_tags({"run_dir": str(self.run_dir.resolve()), "world_size": self.env.world_size})
 
@@ -391,13 +386,14 @@ class Trainer:
             return
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         marker = self.run_dir / PREEMPTED_MARKER
-        ckpt.write_text_atomic(marker, json.dumps({"step": self.step, "time": time.time()}))
+        write_atomic(marker, json.dumps({"step": self.step, "time": time.time()}))
         print(f"stopped on request at step {self.step} after a checkpoint; exit {EXIT_PREEMPTED}", flush=True)
 
     def _write_metrics_line(self, loss: float, parts: dict, times: StepTimes) -> None:
         """Rank 0's per-step record (loss, timing, peak memory) next to the run; MLflow gets interval means."""
         if self.env.is_main:
-            row = {"step": self.step, "loss": loss, **parts, "step_time_s": times.total_s, "data_s": times.data_s,
+            row = {"step": self.step, "loss": loss, **parts, "lr": self.lr_at(self.step - 1),
+                   "step_time_s": times.total_s, "data_s": times.data_s,
                    "peak_memory_gib": _peak_memory_gib(self.env.device)}
             with open(self.run_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -423,7 +419,7 @@ class Trainer:
             "nonfinite_skipped": float(self.nonfinite),
         }
         if self.peak:
-            metrics["mfu"] = images_per_s / self.env.world_size * self.flops_per_image / self.peak
+            metrics["mfu"] = images_per_s / self.env.world_size * self.plan.flops_per_image / self.peak
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.flush()
         remaining = (self.total_steps - self.step) * t.total_s / window.steps
@@ -454,7 +450,7 @@ class Trainer:
             meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
                     "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len,
                              "token_dim": self.data.token_dim, "num_classes": self.data.num_classes,
-                             "scale": self.loader.scale, "codec": self.loader.manifest["codec"]}}
+                             "scale": self.loader.scale, "codec": dict(self.loader.manifest.codec)}}
             ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state, target_ema_state)
         barrier()
         if self.env.is_main:

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from far_scale.config.schema import ModelConfig
 from far_scale.data.spec import DataSpec
-from far_scale.models.model import TARGET_NET_PREFIX, build_model
+from far_scale.models.model import TARGET_NET_PREFIX
+from far_scale.planning.builder import build_model
 from far_scale.train.ema import EMA, Layout
 from tests.conftest import free_port
 

@@ -45,15 +45,15 @@ def _env() -> dict:
     return env
 
 
-def _command(nproc: int, overrides: list[str]) -> list[str]:
+def _command(nproc: int, overrides: list[str], recipe: str = RECIPE) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "far_scale.cli", "train", RECIPE, *overrides]
+        return [sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "far_scale.cli", "train", RECIPE, *overrides]
+            f"--master_port={free_port()}", "-m", "far_scale.cli", "train", recipe, *overrides]
 
 
-def _train(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(nproc, overrides), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+def _train(nproc: int, overrides: list[str], recipe: str = RECIPE) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(nproc, overrides, recipe), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
                             env=_env(), cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -355,9 +355,9 @@ def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
     data = tmp_path / "nan-shards"
     shutil.copytree(latent_dataset, data)
     manifest = read_manifest(str(data))
-    for entry in manifest["shards"]:
-        path = data / entry["name"]
-        samples = list(iter_tar_bytes(path.read_bytes(), entry["name"]))
+    for entry in manifest.shards:
+        path = data / entry.name
+        samples = list(iter_tar_bytes(path.read_bytes(), entry.name))
         with open(path, "wb") as handle, wds.TarWriter(handle, encoder=False) as tar:
             for sample in samples:
                 tar.write(encode_sample(int(sample.key), sample.label, np.full_like(sample.latents, np.nan)))

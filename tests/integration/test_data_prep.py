@@ -52,7 +52,7 @@ def _job(dataset, dst, **kwargs) -> EncodeJob:
 def _read_all(url: str) -> list:
     manifest = read_manifest(url)
     fs, root = filesystem(url)
-    return [s for entry in manifest["shards"] for s in iter_tar_bytes(fs.cat_file(join(root, entry["name"])), entry["name"])]
+    return [s for entry in manifest.shards for s in iter_tar_bytes(fs.cat_file(join(root, entry.name)), entry.name)]
 
 
 def _shard_bytes(directory: Path) -> dict[str, bytes]:
@@ -73,8 +73,8 @@ def test_round_trip_every_image_once_with_flip_and_label(dataset, tmp_path):
     keys = [s.key for s in samples]
     assert len(keys) == len(set(keys)) == 45 and sorted(int(k) for k in keys) == list(range(45))
     manifest = read_manifest(str(tmp_path / "out"))
-    assert manifest["codec"]["seq_len"] == 64 and manifest["codec"]["token_dim"] == 16
-    assert [s["num_samples"] for s in manifest["shards"]] == [7] * 6 + [3]
+    assert manifest.codec["seq_len"] == 64 and manifest.codec["token_dim"] == 16
+    assert manifest.shard_sizes == [7] * 6 + [3]
     # The global order is a seeded permutation of the sorted list; each key maps back to its file.
     from data_prep.encode import job_images
 

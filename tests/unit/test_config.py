@@ -10,10 +10,11 @@ import pydantic
 import pytest
 
 from far_scale.config.loader import ConfigError, apply_overrides, config_from_yaml, config_to_yaml, load_config
-from far_scale.config.plan import check_config, derive_plan, validate
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
-from far_scale.distributed.deepspeed_config import build_deepspeed_config, estimate_model_state_memory
+from far_scale.distributed.deepspeed_config import estimate_model_state_memory
+from far_scale.planning.checks import check_config, validate
+from far_scale.planning.plan import derive_plan
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RUNNABLE = sorted(p for p in RECIPES_DIR.glob("*.yaml"))
@@ -180,6 +181,11 @@ def test_data_rules_use_the_manifest_shape():
 def test_missing_data_shape_names_fields():
     with pytest.raises(ValueError, match="data.expect.seq_len"):
         DataSpec.from_expectation(Config().data.expect)
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, precision=None) -> dict:
+    """The DeepSpeed config of the run's plan (the engine receives exactly this)."""
+    return derive_plan(cfg, world_size, DataSpec.from_expectation(cfg.data.expect), precision=precision).deepspeed_config
 
 
 def test_deepspeed_config_follows_recipe_and_world_size():

@@ -78,7 +78,7 @@ def test_too_few_shards_is_explained(latent_dataset):
 def test_latents_are_scaled_views_of_the_stored_moments(latent_dataset):
     manifest = read_manifest(str(latent_dataset))
     batch = next(iter(_loader(latent_dataset, batch_size=16).epoch_batches()))
-    scale = manifest["codec"]["scale"]
+    scale = manifest.scale
     assert batch.latents.shape == (16, 16, 8)
     # Scaled by 1/std of the data: unit variance overall.
     assert 0.5 < float(batch.latents.std()) < 1.5

@@ -9,14 +9,14 @@ from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.diffusion.shortcut import draw_shortcut_rows, interpolate
 from far_scale.models.backbones import sample_mask_ratio
-from far_scale.models.model import build_model, count_parameters_for
+from far_scale.planning.builder import build_model, count_parameters_for
 from far_scale.models.sampling import SamplingNoise, SamplingOptions, generate, num_masked_after
 
 IN256 = DataSpec(seq_len=256, token_dim=16, num_classes=1000)
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
 
-# SPEC §2 table: MAR backbone and diffusion-head parameter counts.
-SPEC_COUNTS = {"base": (172.2e6, 35.7e6), "large": (406.1e6, 72.2e6), "huge": (791.2e6, 151.2e6)}
+# MAR paper table (docs/concepts.md, model sizes): MAR backbone and diffusion-head parameter counts.
+MAR_PAPER_COUNTS = {"base": (172.2e6, 35.7e6), "large": (406.1e6, 72.2e6), "huge": (791.2e6, 151.2e6)}
 
 
 def small_model(arch: str, **head):
@@ -34,9 +34,9 @@ def perturb(module: torch.nn.Module, std: float = 0.1) -> None:
                 param.normal_(std=std)
 
 
-@pytest.mark.parametrize("size", sorted(SPEC_COUNTS))
+@pytest.mark.parametrize("size", sorted(MAR_PAPER_COUNTS))
 def test_parameter_counts_match_spec(size):
-    backbone, head = SPEC_COUNTS[size]
+    backbone, head = MAR_PAPER_COUNTS[size]
     counts = count_parameters_for(ModelConfig(arch="mar", size=size), IN256)
     assert counts["backbone"] == pytest.approx(backbone, rel=0.01)
     assert counts["head"] == pytest.approx(head, rel=0.01)

@@ -32,7 +32,8 @@ def train_flops_per_image(model: ModelConfig, dims: ModelDims, data: DataSpec, e
                     + _transformer_flops(full, full, W, dims.decoder_depth, model.mlp_ratio))
     else:
         backbone = _transformer_flops(L, L / 2, W, dims.total_depth, model.mlp_ratio)
-    rows = L * model.head.num_repeats
+    # The head runs on the predicted (masked) rows only, each repeated num_repeats times.
+    rows = L * expected_mask_ratio * model.head.num_repeats
     out_dim = data.token_dim * (2 if dims.head_kind == "diffusion" else 1)
     head = _head_flops(rows, dims.head_width, dims.head_depth, W, data.token_dim, out_dim)
     total = BACKWARD_FACTOR * (backbone + head)

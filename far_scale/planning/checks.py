@@ -1,26 +1,16 @@
-"""Cross-section validation and the numbers derived from a resolved config.
+"""Cross-section validation of a resolved recipe at a world size (and, when known, the data shape).
 
-Every problem is collected and raised once (``ConfigError``); derived values are
-computed in one place and printed by ``check-config`` and the trainer.
+Every problem is collected and raised once (``ConfigError``), each message naming its fields.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 from far_scale.config.loader import ConfigError
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
-from far_scale.models.registry import ModelDims, resolve_dims
-
-DEFAULT_HEAD_STEPS = {"shortcut": 8, "diffusion": 100}
-
-
-def resolve_head_steps(head_steps: Optional[int], head_kind: str) -> int:
-    """O (shortcut) or DDPM steps (diffusion) of sampling: the given value, else the head kind's default."""
-    return head_steps or DEFAULT_HEAD_STEPS[head_kind]
+from far_scale.planning.builder import resolve_dims
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -103,65 +93,3 @@ def validate(cfg: Config, world_size: int, data: Optional[DataSpec] = None) -> N
     problems = check_config(cfg, world_size, data)
     if problems:
         raise ConfigError(problems, f"world size {world_size}")
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """Numbers derived from a valid config, a world size and the data shape."""
-
-    world_size: int
-    dims: ModelDims
-    grad_accum_steps: int
-    samples_per_step: int
-    latent_tokens_per_step: int
-    lr: float
-    head_steps: int
-    steps_per_epoch: Optional[int]
-    total_steps: Optional[int]
-    warmup_steps: Optional[int]
-
-    def as_dict(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "samples_per_step": self.samples_per_step,
-            "latent_tokens_per_step": self.latent_tokens_per_step,
-            "lr": self.lr,
-            "head_steps": self.head_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-        }
-
-
-def derive_plan(cfg: Config, world_size: int, data: DataSpec) -> TrainingPlan:
-    """Validate and derive; raises ``ConfigError`` with every problem at once."""
-    validate(cfg, world_size, data)
-    par = cfg.parallel
-    dims = resolve_dims(cfg.model)
-    accum = par.global_batch_size // (par.micro_batch_size_per_gpu * world_size)
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
-    steps_per_epoch = math.ceil(data.num_images / par.global_batch_size) if data.num_images else None
-    if cfg.run.max_steps is not None:
-        total = cfg.run.max_steps
-    else:
-        total = math.ceil(cfg.run.epochs * steps_per_epoch) if steps_per_epoch else None
-    if cfg.schedule.warmup_steps is not None:
-        warmup = cfg.schedule.warmup_steps
-    elif cfg.schedule.warmup_epochs is not None:
-        warmup = math.ceil(cfg.schedule.warmup_epochs * steps_per_epoch) if steps_per_epoch else None
-    else:
-        warmup = 0
-    head_steps = resolve_head_steps(cfg.eval.head_steps, dims.head_kind)
-    return TrainingPlan(
-        world_size=world_size,
-        dims=dims,
-        grad_accum_steps=accum,
-        samples_per_step=par.global_batch_size,
-        latent_tokens_per_step=par.global_batch_size * data.seq_len,
-        lr=lr,
-        head_steps=head_steps,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        warmup_steps=warmup,
-    )

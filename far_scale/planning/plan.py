@@ -1,0 +1,174 @@
+"""The training plan: every number derived from a recipe, a world size and the data, computed once.
+
+``far-scale check-config``, the trainer, the DeepSpeed config, MLflow's ``derived`` params and the
+evaluation all read one ``TrainingPlan``; none of them re-derives a number of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from far_scale.config.loader import ConfigError
+from far_scale.config.schema import Config
+from far_scale.data.loader import micro_batches_per_epoch
+from far_scale.data.manifest import Manifest, ManifestError, find_manifest
+from far_scale.data.spec import DataSpec
+from far_scale.distributed.deepspeed_config import ModelStateMemory, build_deepspeed_config, estimate_model_state_memory
+from far_scale.models.model import count_parameters
+from far_scale.models.registry import ModelDims
+from far_scale.planning.builder import build_meta_model, resolve_dims
+from far_scale.planning.checks import validate
+from far_scale.planning.flops import train_flops_per_image
+
+# Sampling steps of each head kind when the recipe leaves eval.head_steps unset: O for the shortcut
+# head (the paper's 8), DDPM steps for the diffusion head (MAR's 100).
+DEFAULT_HEAD_STEPS = {"shortcut": 8, "diffusion": 100}
+
+
+def resolve_head_steps(head_steps: Optional[int], head_kind: str) -> int:
+    """O (shortcut) or DDPM steps (diffusion) of sampling: the given value, else the head kind's default."""
+    return head_steps or DEFAULT_HEAD_STEPS[head_kind]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The data a plan is made for: its shape, where that came from, and the manifest when there is one."""
+
+    spec: DataSpec
+    description: str
+    manifest: Optional[Manifest] = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, description: str) -> "DataSource":
+        return cls(manifest.spec, description, manifest)
+
+
+def resolve_data(cfg: Config) -> DataSource:
+    """The manifest at ``data.url`` when there is one, else the recipe's ``data.expect`` (check-config
+    on a machine without the data)."""
+    if cfg.data.url:
+        try:
+            manifest = find_manifest(cfg.data.url)
+        except (ManifestError, OSError) as exc:
+            raise ConfigError([f"data.url: {exc}"], "data") from None
+        if manifest is not None:
+            return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json")
+    try:
+        return DataSource(DataSpec.from_expectation(cfg.data.expect), "recipe data.expect (no manifest read)")
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "data") from None
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Numbers derived from a valid config, a world size, a precision and the data."""
+
+    world_size: int
+    precision: str
+    dims: ModelDims
+    grad_accum_steps: int
+    samples_per_step: int
+    latent_tokens_per_step: int
+    lr: float
+    head_steps: int
+    steps_per_epoch: Optional[int]
+    steps_per_epoch_exact: bool
+    """True when counted from the manifest's shards exactly as the loader counts them; False for the
+    ceil(images / global batch) estimate made without a manifest."""
+    total_steps: Optional[int]
+    warmup_steps: Optional[int]
+    parameters: dict[str, int]
+    expected_mask_ratio: float
+    flops_per_image: float
+    whole_target_network: bool
+    """The shortcut head's target network is an EMA kept whole on every rank."""
+    memory: ModelStateMemory
+    deepspeed_config: dict[str, Any]
+
+    def as_dict(self) -> dict:
+        """The scalar numbers, as printed by check-config and logged to MLflow."""
+        return {
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "grad_accum_steps": self.grad_accum_steps,
+            "samples_per_step": self.samples_per_step,
+            "latent_tokens_per_step": self.latent_tokens_per_step,
+            "lr": self.lr,
+            "head_steps": self.head_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "expected_mask_ratio": round(self.expected_mask_ratio, 4),
+            "train_gflops_per_image": round(self.flops_per_image / 1e9, 3),
+        }
+
+
+def _steps_per_epoch(cfg: Config, world_size: int, accum: int, data: DataSpec,
+                     shard_sizes: Optional[Sequence[int]]) -> tuple[Optional[int], bool]:
+    par = cfg.parallel
+    if shard_sizes is not None:
+        micro = micro_batches_per_epoch(list(shard_sizes), cfg.data.split, cfg.run.seed, 0, world_size,
+                                        cfg.data.num_workers, par.micro_batch_size_per_gpu, accum)
+        return micro // accum, True
+    if data.num_images:
+        return math.ceil(data.num_images / par.global_batch_size), False
+    return None, False
+
+
+def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optional[Sequence[int]] = None,
+                precision: Optional[str] = None) -> TrainingPlan:
+    """Validate and derive; raises ``ConfigError`` with every problem at once.
+
+    ``shard_sizes`` (the manifest's) make the step counts exact; ``precision`` overrides the recipe's
+    (the trainer runs fp32 on CPU).
+    """
+    validate(cfg, world_size, data)
+    par = cfg.parallel
+    precision = precision or par.precision
+    dims = resolve_dims(cfg.model)
+    accum = par.global_batch_size // (par.micro_batch_size_per_gpu * world_size)
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
+    steps_per_epoch, exact = _steps_per_epoch(cfg, world_size, accum, data, shard_sizes)
+    if cfg.run.max_steps is not None:
+        total = cfg.run.max_steps
+    else:
+        total = math.ceil(cfg.run.epochs * steps_per_epoch) if steps_per_epoch else None
+    if cfg.schedule.warmup_steps is not None:
+        warmup = cfg.schedule.warmup_steps
+    elif cfg.schedule.warmup_epochs is not None:
+        warmup = math.ceil(cfg.schedule.warmup_epochs * steps_per_epoch) if steps_per_epoch else None
+    else:
+        warmup = 0
+    model = build_meta_model(cfg.model, data, dims)
+    parameters = count_parameters(model)
+    whole_target = dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
+    memory = estimate_model_state_memory(parameters["total"], par.zero_stage, world_size, precision,
+                                         whole_ema_params=parameters["head"] if whole_target else 0)
+    return TrainingPlan(
+        world_size=world_size,
+        precision=precision,
+        dims=dims,
+        grad_accum_steps=accum,
+        samples_per_step=par.global_batch_size,
+        latent_tokens_per_step=par.global_batch_size * data.seq_len,
+        lr=lr,
+        head_steps=resolve_head_steps(cfg.eval.head_steps, dims.head_kind),
+        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch_exact=exact,
+        total_steps=total,
+        warmup_steps=warmup,
+        parameters=parameters,
+        expected_mask_ratio=model.expected_mask_ratio,
+        flops_per_image=train_flops_per_image(cfg.model, dims, data, model.expected_mask_ratio),
+        whole_target_network=whole_target,
+        memory=memory,
+        deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, accum, precision),
+    )
+
+
+def plan_for(cfg: Config, world_size: int, source: DataSource, precision: Optional[str] = None) -> TrainingPlan:
+    """``derive_plan`` for a resolved data source (exact step counts when it has a manifest)."""
+    shard_sizes = source.manifest.shard_sizes if source.manifest is not None else None
+    return derive_plan(cfg, world_size, source.spec, shard_sizes, precision)
