@@ -136,7 +136,9 @@ class ParallelConfig(Section):
 
 class CheckpointConfig(Section):
     url: str = ""
-    """Where checkpoints go; empty means ``<run.output_dir>/checkpoints``."""
+    """Where checkpoints go: empty means ``<run.output_dir>/<run.name>/checkpoints``; a path or ``file://`` URL is
+    used in place; ``s3://bucket/prefix`` stages each checkpoint locally (in the default place) and uploads it,
+    moving the store's ``latest.json`` only once every file is up (docs/operations.md)."""
     interval_steps: int = Field(default=5000, ge=1)
     keep_last: int = Field(default=3, ge=1)
 

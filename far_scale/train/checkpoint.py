@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ TARGET_EMA_FILE = "target_ema.safetensors"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 UNIVERSAL_DIR = "universal"
+
+
+TAG_PATTERN = re.compile(r"step_\d{8}")
 
 
 def tag_for(step: int) -> str:
@@ -73,10 +77,22 @@ def load_ema(path: Path, name: str = EMA_FILE) -> dict[str, torch.Tensor]:
     return load_file(str(path / name))
 
 
+def checkpoint_tags(names: Iterable[str]) -> list[str]:
+    """The checkpoint tags among directory entry names, oldest first."""
+    return sorted(name for name in names if TAG_PATTERN.fullmatch(name))
+
+
+def tags_to_prune(tags: Iterable[str], keep_last: int, current: str) -> list[str]:
+    """Tags to delete after ``current`` was completed: all but the newest ``keep_last`` up to it, and every
+    tag after it (left by a run killed before its pointer moved: never complete, never resumed)."""
+    older = [t for t in checkpoint_tags(tags) if t <= current]
+    newer = [t for t in checkpoint_tags(tags) if t > current]
+    return older[:-keep_last] + newer
+
+
 def prune(directory: Path, keep_last: int, protect: str) -> list[str]:
-    """Delete all but the newest ``keep_last`` step_* checkpoints (never ``protect``)."""
-    tags = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
-    removed = [t for t in tags[:-keep_last] if t != protect]
+    """Delete all but the newest ``keep_last`` step_* checkpoints up to ``protect`` (and any after it)."""
+    removed = tags_to_prune((p.name for p in directory.iterdir() if p.is_dir()), keep_last, protect)
     for tag in removed:
         shutil.rmtree(directory / tag, ignore_errors=True)
         shutil.rmtree(directory / UNIVERSAL_DIR / tag, ignore_errors=True)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
-from far_scale.data.storage import write_atomic
 from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
 from far_scale.data.manifest import read_manifest
+from far_scale.data.storage import write_atomic
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
 from far_scale.eval.grid import save_image_atomic, tile
@@ -42,8 +42,9 @@ from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
 from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.ema import EMA, ramped_decay
-from far_scale.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
 from far_scale.train.optim import parameter_groups, schedule_for
+from far_scale.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
+from far_scale.train.remote_checkpoints import RemoteCheckpoints, is_remote, local_directory
 
 log = logging.getLogger("far_scale.train")
 
@@ -92,7 +93,10 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        self.ckpt_dir = Path(cfg.checkpoint.url) if cfg.checkpoint.url else self.run_dir / "checkpoints"
+        url = cfg.checkpoint.url
+        # On an object store, DeepSpeed writes to a local staging directory that is mirrored to the store.
+        self.remote = RemoteCheckpoints(url, self.run_dir / "checkpoints") if is_remote(url) else None
+        self.ckpt_dir = local_directory(url) if url and self.remote is None else self.run_dir / "checkpoints"
         self.config_yaml = config_to_yaml(cfg)
         self.precision = cfg.parallel.precision if env.device.type == "cuda" else "fp32"
         self.step = 0
@@ -129,7 +133,7 @@ class Trainer:
         target_template = copy.deepcopy(model.head.net) if target_kind != "live" else None
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
-        resume = ckpt.read_latest(self.ckpt_dir)
+        resume = self._find_checkpoint()
         resized = resume is not None and resume.world_size != env.world_size
         # ZeRO-0 checkpoints hold whole model and optimizer states (DeepSpeed's universal format does not
         # support them, and they need no conversion); sharded stages go through the universal format.
@@ -192,6 +196,17 @@ class Trainer:
             if self.env.is_main:
                 log.warning("no samples or quality metrics during training: %s", exc)
             return None
+
+    def _find_checkpoint(self) -> Optional[ckpt.CheckpointRef]:
+        """The checkpoint to resume from: the local ``latest.json``, or the store's (downloaded by each
+        node's local rank 0 into the staging directory, so a machine with an empty disk resumes)."""
+        if self.remote is None:
+            return ckpt.read_latest(self.ckpt_dir)
+        ref = self.remote.latest()
+        if ref is not None and self.env.local_rank == 0:
+            self.remote.fetch(ref)
+        barrier()
+        return ref
 
     def _convert_to_universal(self, resume: ckpt.CheckpointRef) -> None:
         if self.env.is_main:
@@ -453,11 +468,22 @@ class Trainer:
                              "scale": self.loader.scale, "codec": dict(self.loader.manifest.codec)}}
             ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state, target_ema_state)
         barrier()
+        location = str(ref.path.resolve())
+        if self.remote is not None:
+            # Each node uploads what its ranks wrote; the store's pointer moves only once every file is up.
+            if self.env.local_rank == 0:
+                self.remote.upload(ref.tag)
+            barrier()
+            location = f"{self.remote.url}/{ref.tag}"
         if self.env.is_main:
             ckpt.write_latest(ref)
-            removed = ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, ref.tag)
-            self.tracker.set_tags({"checkpoint/latest": str(ref.path.resolve()), "checkpoint/step": self.step})
-            print(f"checkpoint {ref.path} (removed {len(removed)} old)", flush=True)
+            keep = self.cfg.checkpoint.keep_last
+            if self.remote is not None:
+                self.remote.write_latest(ref)
+                self.remote.prune(keep, ref.tag)
+            removed = ckpt.prune(self.ckpt_dir, keep, ref.tag)
+            self.tracker.set_tags({"checkpoint/latest": location, "checkpoint/step": self.step})
+            print(f"checkpoint {location} (removed {len(removed)} old)", flush=True)
 
     def evaluate(self) -> Optional[dict]:
         """Sample with the EMA weights on every rank, score the images, log metrics and a grid (rank 0).

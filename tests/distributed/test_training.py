@@ -157,11 +157,14 @@ UNIVERSAL_ZERO3_ATOL = 5e-4  # about three learning-rate steps
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_checkpoint_resumes_on_one_rank(parity_runs, latent_dataset, tmp_path, stage):
-    """A ZeRO checkpoint from 2 ranks continues on 1 rank through DeepSpeed's universal format; both EMAs too."""
+def test_checkpoints_resume_from_two_to_one_to_two_ranks(parity_runs, latent_dataset, tmp_path, stage):
+    """A ZeRO checkpoint from 2 ranks continues on 1 rank (step 4), whose checkpoint continues on 2 ranks
+    (steps 5-6), each time through DeepSpeed's universal format; both EMAs too."""
     run_dir = _resume_from(parity_runs, stage, tmp_path, "resized")
-    result = _train(1, _parity_overrides(latent_dataset, tmp_path, "resized", stage))
-    assert "universal" in result.stderr
+    overrides = _parity_overrides(latent_dataset, tmp_path, "resized", stage)
+    shrunk = _train(1, [o for o in overrides if not o.startswith("run.max_steps=")] + ["run.max_steps=4"])
+    grown = _train(2, overrides)
+    assert "universal" in shrunk.stderr and "universal" in grown.stderr
     resumed = _losses(run_dir)
     reference = _losses(parity_runs / "ref")
     assert sorted(resumed) == [4, 5, 6]

@@ -1,0 +1,121 @@
+"""Checkpoints on object storage (``checkpoint.url: s3://bucket/prefix``).
+
+DeepSpeed writes every checkpoint to a local staging directory; this module mirrors it to the store with
+the same rule as the data shards: an object appears only complete, and ``latest.json`` on the store is
+written only after every file of that checkpoint is there. A job killed mid-upload therefore leaves the
+store pointing at the previous complete checkpoint. A restart on a machine with an empty disk downloads
+the checkpoint ``latest.json`` names into the staging directory and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+from far_scale.data.storage import filesystem, is_local, join, write_atomic
+from far_scale.train.checkpoint import LATEST, CheckpointRef, read_latest, tags_to_prune
+
+log = logging.getLogger("far_scale.train")
+
+UPLOAD_ATTEMPTS = 4
+RETRY_BASE_S = 1.0  # waits 1, 2, 4 s between attempts
+T = TypeVar("T")
+
+
+class CheckpointStoreError(RuntimeError):
+    """The object store could not be read or written after retries; the message names the URL."""
+
+
+def is_remote(url: str) -> bool:
+    """True for an object-store URL (``s3://``...); local paths and ``file://`` are used in place."""
+    return bool(url) and not is_local(filesystem(url)[0])
+
+
+def local_directory(url: str) -> Path:
+    """The directory of a local checkpoint URL (a path or ``file://``)."""
+    return Path(filesystem(url)[1])
+
+
+def _retry(what: str, url: str, action: Callable[[], T]) -> T:
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            return action()
+        except (OSError, RuntimeError, ValueError) as exc:  # botocore errors surface as OSError from s3fs
+            if attempt == UPLOAD_ATTEMPTS - 1:
+                raise CheckpointStoreError(
+                    f"could not {what} {url} after {UPLOAD_ATTEMPTS} attempts: {exc}. Check that the object "
+                    "store is reachable (AWS_ENDPOINT_URL, credentials) and restart: the job resumes from the "
+                    "last checkpoint that reached the store") from exc
+            wait_s = RETRY_BASE_S * 2**attempt
+            log.warning("%s %s failed (%s); retrying in %.0f s", what, url, exc, wait_s)
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+class RemoteCheckpoints:
+    """A checkpoint directory on an object store, mirrored from (and into) a local staging directory."""
+
+    def __init__(self, url: str, staging: Path):
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.staging = staging
+
+    def latest(self) -> Optional[CheckpointRef]:
+        """The store's ``latest.json`` as a reference into the staging directory, or None."""
+        pointer = join(self.root, LATEST)
+
+        def read() -> Optional[dict]:
+            self.fs.invalidate_cache()
+            return json.loads(self.fs.cat_file(pointer)) if self.fs.exists(pointer) else None
+
+        data = _retry("read", f"{self.url}/{LATEST}", read)
+        if data is None:
+            return None
+        return CheckpointRef(self.staging, data["tag"], int(data["step"]), int(data["world_size"]))
+
+    def fetch(self, ref: CheckpointRef) -> None:
+        """Download ``ref``'s files into the staging directory, unless it already holds exactly that checkpoint
+        (its own ``latest.json`` names the same tag: this machine wrote it)."""
+        local = read_latest(self.staging)
+        if local is not None and local.tag == ref.tag and ref.path.is_dir():
+            return
+        partial = self.staging / f".{ref.tag}.download"
+        shutil.rmtree(partial, ignore_errors=True)
+        remote = join(self.root, ref.tag)
+        _retry("download", f"{self.url}/{ref.tag}", lambda: self.fs.get(remote + "/", str(partial) + "/",
+                                                                         recursive=True))
+        shutil.rmtree(ref.path, ignore_errors=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, ref.path)
+        print(f"downloaded checkpoint {self.url}/{ref.tag} to {ref.path}", flush=True)
+
+    def upload(self, tag: str) -> int:
+        """Upload every file of the staged checkpoint ``tag`` (each object appears only complete); returns
+        the number of bytes. The caller writes ``latest.json`` afterwards, once every rank's files are up."""
+        directory = self.staging / tag
+        total = 0
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            relative = path.relative_to(self.staging).as_posix()
+            target = join(self.root, relative)
+            _retry("upload", f"{self.url}/{relative}", lambda: self.fs.put_file(str(path), target))
+            total += path.stat().st_size
+        return total
+
+    def write_latest(self, ref: CheckpointRef) -> None:
+        text = json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size})
+        _retry("write", f"{self.url}/{LATEST}", lambda: write_atomic(f"{self.url}/{LATEST}", text))
+
+    def prune(self, keep_last: int, current: str) -> list[str]:
+        """Delete all but the newest ``keep_last`` checkpoints up to ``current`` on the store, and any
+        partial one after it (``checkpoint.tags_to_prune``)."""
+        self.fs.invalidate_cache()
+        names = (name.rsplit("/", 1)[-1] for name in self.fs.ls(self.root, detail=False))
+        removed = tags_to_prune(names, keep_last, current)
+        for tag in removed:
+            _retry("delete", f"{self.url}/{tag}", lambda: self.fs.rm(join(self.root, tag), recursive=True))
+        return removed
