@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml or the torch spec does, and only then.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | { cat; echo '$(TORCH_SPEC)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup system-deps test test-fast demo clean
+.PHONY: setup system-deps test test-fast chaos demo clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: setup system-deps
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The fault-injection suite alone; writes docs/reliability.md (make test runs it too, writing runs/chaos/).
+chaos: setup system-deps
+	FAR_SCALE_RELIABILITY_DOC=docs/reliability.md $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
 
 demo: setup
 	@bash scripts/demo.sh

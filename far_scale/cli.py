@@ -10,8 +10,21 @@ from typing import Callable, Optional, Sequence
 from far_scale.codecs.base import CodecError
 from far_scale.config.loader import ConfigError
 from far_scale.data.manifest import ManifestError
+from far_scale.errors import ActionableError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -266,8 +279,8 @@ def _launch_slurm_encode(args: argparse.Namespace) -> int:
 
 def _add_slurm_resources(parser: argparse.ArgumentParser, nodes: bool) -> None:
     if nodes:
-        parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU (one process per node)")
+        parser.add_argument("--nodes", type=_at_least(1), default=1)
+    parser.add_argument("--gpus-per-node", type=_at_least(0), default=0, help="0 = CPU (one process per node)")
     parser.add_argument("--cpus-per-task", type=int, default=8)
     parser.add_argument("--time", default="24:00:00", help="SLURM time limit")
     parser.add_argument("--partition")
@@ -284,13 +297,13 @@ def _add_launch_commands(commands) -> None:
     local = sub.add_parser("local", help="torchrun with N processes on this machine")
     local.add_argument("recipe")
     local.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    local.add_argument("--nproc", type=int, default=1)
+    local.add_argument("--nproc", type=_at_least(1), default=1)
     local.set_defaults(handler=_launch_local)
 
     local_sample = sub.add_parser(
         "local-sample", help="far-scale sample with its batches split over N local processes (torchrun)",
         description="Everything else is passed to `far-scale sample` (e.g. RUN_DIR --out DIR --num-images N).")
-    local_sample.add_argument("--nproc", type=int, default=1)
+    local_sample.add_argument("--nproc", type=_at_least(1), default=1)
     local_sample.set_defaults(handler=_launch_local_sample, passthrough="sample_args")
 
     slurm = sub.add_parser(
@@ -559,7 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CodecError, ManifestError, FileNotFoundError, ValueError) as exc:
+    except (ActionableError, CodecError, ManifestError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

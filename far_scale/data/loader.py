@@ -23,6 +23,7 @@ exactly the batches not yet consumed in this epoch: none is repeated, none skipp
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -36,6 +37,7 @@ from far_scale.data.contract import decode_sample
 from far_scale.data.manifest import Manifest, read_manifest
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join
+from far_scale.errors import ActionableError
 
 # Streams are read in blocks of this size from object storage (fsspec readahead).
 STREAM_BLOCK_BYTES = 8 << 20
@@ -134,13 +136,24 @@ class LatentShardDataset(IterableDataset):
             check_enough_shards(len(self.shards), world_size, num_workers, url)
 
     def _samples(self, shard: int) -> list:
+        """Every sample of one shard, checked against the manifest's size and sha256 before any is used."""
         fs, root = filesystem(self.url)
-        name = self.shards[shard].name
-        with fs.open(join(root, name), "rb", block_size=STREAM_BLOCK_BYTES) as stream:
+        entry = self.shards[shard]
+        name = entry.name
+        how_to_fix = (f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its "
+                      ".stats.json sidecar and re-run the same `far-scale data encode` command (only missing "
+                      "shards are redone)")
+        with fs.open(join(root, name), "rb", block_size=STREAM_BLOCK_BYTES) as raw:
+            stream = HashingReader(raw, name)
             try:
                 samples = [decode_sample(s) for s in group_by_keys(tar_file_expander([{"url": name, "stream": stream}]))]
             except Exception as exc:
-                raise ValueError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}") from None
+                raise ShardError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; {how_to_fix}") from None
+            stream.drain()
+        if stream.num_bytes != entry.num_bytes or stream.hexdigest() != entry.sha256:
+            raise ShardError(f"shard {self.url}/{name} does not match the manifest ({stream.num_bytes} bytes, sha256 "
+                             f"{stream.hexdigest()[:12]}...; the manifest says {entry.num_bytes} bytes, "
+                             f"{entry.sha256[:12]}...): it changed after encoding; {how_to_fix}")
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.position.epoch, shard]).permutation(len(samples))
             samples = [samples[i] for i in order]
@@ -209,6 +222,36 @@ class LatentShardDataset(IterableDataset):
                    for s in samples]
         return LatentBatch(torch.from_numpy(np.stack(latents)), torch.tensor([s.label for s in samples]),
                            [s.key for s in samples], worker, index)
+
+
+class ShardError(ActionableError, ValueError):
+    """A shard that cannot be read or differs from the manifest; the message names it and the fix."""
+
+
+class HashingReader:
+    """A read-only stream wrapper that counts and hashes the bytes read through it."""
+
+    def __init__(self, stream, name: str):
+        self.stream, self.name = stream, name
+        self.num_bytes = 0
+        self._hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.num_bytes += len(data)
+        self._hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what the tar reader left (end-of-archive padding) so the digest covers the whole object."""
+        while self.read(STREAM_BLOCK_BYTES):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def __repr__(self) -> str:  # tarfile puts its stream into error messages
+        return f"<stream of {self.name}>"
 
 
 def _identity(batch):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from fsspec.registry import known_implementations
+
 from far_scale.config.loader import ConfigError
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
@@ -17,9 +19,26 @@ def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file")
+
+
+def _url_problems(cfg: Config) -> list[str]:
+    """Storage URLs with a protocol fsspec does not know, and tracking URIs MLflow cannot open."""
+    problems = []
+    for name, url in (("data.url", cfg.data.url), ("checkpoint.url", cfg.checkpoint.url)):
+        scheme = url.split("://", 1)[0] if "://" in url else None
+        if scheme is not None and scheme not in known_implementations and scheme != "file":
+            problems.append(f"{name}={url}: unknown protocol {scheme!r}; use a local path, file:// or s3://bucket/prefix")
+    uri = cfg.tracking.uri
+    if uri and uri.split(":", 1)[0] not in TRACKING_SCHEMES:
+        problems.append(f"tracking.uri={uri}: use http(s)://host:port (an mlflow server), sqlite:///path.db or "
+                        "file:///path, or leave it empty for the run's own sqlite store")
+    return problems
+
+
 def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) -> list[str]:
     """Every cross-section problem of ``cfg`` at ``world_size``, as messages naming the fields."""
-    problems: list[str] = []
+    problems: list[str] = _url_problems(cfg)
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
         world_size = 1

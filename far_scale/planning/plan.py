@@ -51,8 +51,8 @@ def resolve_data(cfg: Config) -> DataSource:
     if cfg.data.url:
         try:
             manifest = find_manifest(cfg.data.url)
-        except (ManifestError, OSError) as exc:
-            raise ConfigError([f"data.url: {exc}"], "data") from None
+        except (ManifestError, OSError, ValueError) as exc:
+            raise ConfigError([f"data.url={cfg.data.url}: {exc}"], "data") from None
         if manifest is not None:
             return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json")
     try:

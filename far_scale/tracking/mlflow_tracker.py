@@ -192,6 +192,7 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return
+        self._next_attempt = 0.0  # a last attempt now, whatever the retry timer says
         self.flush()
         if self.online:
             try:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from far_scale.data.storage import filesystem, is_local, join, write_atomic
-from far_scale.train.checkpoint import LATEST, CheckpointRef, read_latest, tags_to_prune
+from far_scale.errors import ActionableError
+from far_scale.train.checkpoint import (LATEST, CheckpointError, CheckpointRef, parse_latest, read_latest,
+                                        tags_to_prune, verify_checkpoint)
 
 log = logging.getLogger("far_scale.train")
 
@@ -27,7 +29,7 @@ RETRY_BASE_S = 1.0  # waits 1, 2, 4 s between attempts
 T = TypeVar("T")
 
 
-class CheckpointStoreError(RuntimeError):
+class CheckpointStoreError(ActionableError, RuntimeError):
     """The object store could not be read or written after retries; the message names the URL."""
 
 
@@ -69,21 +71,26 @@ class RemoteCheckpoints:
         """The store's ``latest.json`` as a reference into the staging directory, or None."""
         pointer = join(self.root, LATEST)
 
-        def read() -> Optional[dict]:
+        def read() -> Optional[bytes]:
             self.fs.invalidate_cache()
-            return json.loads(self.fs.cat_file(pointer)) if self.fs.exists(pointer) else None
+            return self.fs.cat_file(pointer) if self.fs.exists(pointer) else None
 
-        data = _retry("read", f"{self.url}/{LATEST}", read)
-        if data is None:
+        text = _retry("read", f"{self.url}/{LATEST}", read)
+        if text is None:
             return None
-        return CheckpointRef(self.staging, data["tag"], int(data["step"]), int(data["world_size"]))
+        tag, step, world_size = parse_latest(text.decode(errors="replace"), f"{self.url}/{LATEST}", self.staging)
+        return CheckpointRef(self.staging, tag, step, world_size)
 
     def fetch(self, ref: CheckpointRef) -> None:
         """Download ``ref``'s files into the staging directory, unless it already holds exactly that checkpoint
-        (its own ``latest.json`` names the same tag: this machine wrote it)."""
-        local = read_latest(self.staging)
-        if local is not None and local.tag == ref.tag and ref.path.is_dir():
-            return
+        (its own ``latest.json`` names the same tag, this machine wrote it, and its files are intact)."""
+        try:
+            local = read_latest(self.staging)
+            if local is not None and local.tag == ref.tag and ref.path.is_dir():
+                verify_checkpoint(ref)
+                return
+        except CheckpointError as exc:
+            log.warning("local copy of %s not used: %s", ref.tag, exc)
         partial = self.staging / f".{ref.tag}.download"
         shutil.rmtree(partial, ignore_errors=True)
         remote = join(self.root, ref.tag)

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -111,7 +112,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main:
             write_atomic(self.run_dir / "config.yaml", self.config_yaml)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.check_writable(self.ckpt_dir)
         par = cfg.parallel
         manifest = read_manifest(cfg.data.url)
         # The one plan of this run: the same numbers check-config prints for this data and world size.
@@ -200,11 +201,11 @@ class Trainer:
     def _find_checkpoint(self) -> Optional[ckpt.CheckpointRef]:
         """The checkpoint to resume from: the local ``latest.json``, or the store's (downloaded by each
         node's local rank 0 into the staging directory, so a machine with an empty disk resumes)."""
-        if self.remote is None:
-            return ckpt.read_latest(self.ckpt_dir)
-        ref = self.remote.latest()
+        ref = ckpt.read_latest(self.ckpt_dir) if self.remote is None else self.remote.latest()
         if ref is not None and self.env.local_rank == 0:
-            self.remote.fetch(ref)
+            if self.remote is not None:
+                self.remote.fetch(ref)
+            ckpt.verify_checkpoint(ref)  # before DeepSpeed unpickles anything
         barrier()
         return ref
 
@@ -458,15 +459,31 @@ class Trainer:
         client = {"step": self.step, "config_yaml": self.config_yaml, "loader_positions": positions,
                   "rng_states": rngs, "mlflow_run_id": run_id, "world_size": self.env.world_size,
                   "nonfinite": self.nonfinite}
-        ds.save_checkpoint(self.engine, str(self.ckpt_dir), ref.tag, client)
-        ema_state = self.ema.full_state_dict()
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         target_ema_state = self.target_ema.full_state_dict() if self.target_ema is not None else None
+        try:
+            ds.save_checkpoint(self.engine, str(self.ckpt_dir), ref.tag, client)
+            if self.env.is_main:
+                meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
+                        "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len,
+                                 "token_dim": self.data.token_dim, "num_classes": self.data.num_classes,
+                                 "scale": self.loader.scale, "codec": dict(self.loader.manifest.codec)}}
+                ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state, target_ema_state)
+        except (OSError, RuntimeError) as exc:
+            # A full or failing disk: nothing points at this checkpoint; remove what was written of it.
+            shutil.rmtree(ref.path, ignore_errors=True)
+            previous = ckpt.read_latest(self.ckpt_dir)
+            free_mib = shutil.disk_usage(self.ckpt_dir).free / MIB
+            raise ckpt.CheckpointError(
+                f"could not write checkpoint {ref.path} ({free_mib:.0f} MiB free there): {type(exc).__name__}: {exc}. "
+                + (f"{ckpt.LATEST} still names {previous.tag}, which is complete; " if previous else "")
+                + "free space there (or set checkpoint.url to a larger filesystem) and restart: the run resumes "
+                "from the last complete checkpoint") from exc
+        barrier()
+        # Each node hashes the files its ranks wrote; rank 0 records them all before anything points here.
+        digests = all_gather_objects(ckpt.file_digests(ref.path) if self.env.local_rank == 0 else {})
         if self.env.is_main:
-            meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
-                    "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len,
-                             "token_dim": self.data.token_dim, "num_classes": self.data.num_classes,
-                             "scale": self.loader.scale, "codec": dict(self.loader.manifest.codec)}}
-            ckpt.write_sidecars(ref, self.config_yaml, meta, ema_state, target_ema_state)
+            ckpt.write_file_list(ref, {name: d for node in digests for name, d in node.items()})
         barrier()
         location = str(ref.path.resolve())
         if self.remote is not None:
