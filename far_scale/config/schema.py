@@ -94,6 +94,9 @@ class DataConfig(Section):
     split: Literal["shards", "samples"] = "shards"
     """shards: each rank reads its own shards (scales); samples: every rank reads all shards and keeps its
     slice of each global batch, so a step's data is the same at any world size (small data, exact tests)."""
+    read_retry_s: float = Field(default=300.0, ge=0.0)
+    """How long a shard that cannot be read (object store down, network) is retried, with exponential backoff,
+    before the run stops with an error naming the shard's URL. Damaged shards are never retried."""
     expect: DataExpectation = DataExpectation()
 
 
@@ -152,6 +155,9 @@ class TrackingConfig(Section):
     system_metrics: bool = True
     """One MLflow system-metrics monitor per node (local rank 0), restarted after a server outage."""
     system_metrics_interval_s: float = Field(default=10.0, gt=0.0)
+    final_flush_timeout_s: float = Field(default=120.0, ge=0.0)
+    """At the end of a run, how long an unreachable tracking server is waited for (retrying with backoff)
+    before the metrics it never received are written to ``mlflow_unsent.jsonl`` in the run directory."""
 
 
 class EvalConfig(Section):

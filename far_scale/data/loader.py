@@ -24,7 +24,9 @@ exactly the batches not yet consumed in this epoch: none is repeated, none skipp
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -41,6 +43,10 @@ from far_scale.errors import ActionableError
 
 # Streams are read in blocks of this size from object storage (fsspec readahead).
 STREAM_BLOCK_BYTES = 8 << 20
+RETRY_FIRST_WAIT_S = 1.0  # a failed shard read waits 1, 2, 4, ... s (at most RETRY_MAX_WAIT_S) between attempts
+RETRY_MAX_WAIT_S = 30.0
+
+log = logging.getLogger("far_scale.data")
 
 
 @dataclass
@@ -122,8 +128,10 @@ class LatentShardDataset(IterableDataset):
 
     def __init__(self, url: str, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
                  batch_size: int, seed: int, position: LoaderPosition, shuffle: bool = True,
-                 worker_offset: int = 0, split: str = "shards", grad_accum: int = 1):
+                 worker_offset: int = 0, split: str = "shards", grad_accum: int = 1,
+                 read_retry_s: float = 0.0):
         self.url = url
+        self.read_retry_s = read_retry_s
         self.shards = manifest.shards
         self.scale = manifest.scale
         self.rank, self.world_size = rank, world_size
@@ -136,8 +144,34 @@ class LatentShardDataset(IterableDataset):
             check_enough_shards(len(self.shards), world_size, num_workers, url)
 
     def _samples(self, shard: int) -> list:
-        """Every sample of one shard, checked against the manifest's size and sha256 before any is used."""
+        """Every sample of one shard, checked against the manifest's size and sha256 before any is used.
+
+        A read that fails for a reason other than the shard's content (the store or the network is down) is
+        retried with exponential backoff for ``read_retry_s`` seconds, then raises naming the shard's URL.
+        """
+        deadline = time.monotonic() + self.read_retry_s
+        wait_s = RETRY_FIRST_WAIT_S
+        while True:
+            url = f"{self.url}/{self.shards[shard].name}"
+            try:
+                return self._read_shard(shard)
+            except FileNotFoundError:
+                raise ShardError(f"{url} is missing: run `far-scale data verify {self.url}`, then re-run the same "
+                                 "`far-scale data encode` command (only missing shards are redone)") from None
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                if time.monotonic() + wait_s > deadline:
+                    raise ShardError(f"could not read {url} for {self.read_retry_s:.0f} s (data.read_retry_s): "
+                                     f"{type(exc).__name__}: {exc}. Check that the store is reachable, then restart: "
+                                     "the run resumes from its last checkpoint") from None
+                log.warning("reading %s failed (%s: %s); retrying in %.0f s", url, type(exc).__name__, exc, wait_s)
+                time.sleep(wait_s)
+                wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
+
+    def _read_shard(self, shard: int) -> list:
         fs, root = filesystem(self.url)
+        fs.invalidate_cache()  # a listing cached before an outage must not hide the object
         entry = self.shards[shard]
         name = entry.name
         how_to_fix = (f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its "
@@ -147,9 +181,11 @@ class LatentShardDataset(IterableDataset):
             stream = HashingReader(raw, name)
             try:
                 samples = [decode_sample(s) for s in group_by_keys(tar_file_expander([{"url": name, "stream": stream}]))]
+                stream.drain()
             except Exception as exc:
+                if stream.error is not None:  # the store, not the shard: tarfile wrapped a read error
+                    raise stream.error
                 raise ShardError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; {how_to_fix}") from None
-            stream.drain()
         if stream.num_bytes != entry.num_bytes or stream.hexdigest() != entry.sha256:
             raise ShardError(f"shard {self.url}/{name} does not match the manifest ({stream.num_bytes} bytes, sha256 "
                              f"{stream.hexdigest()[:12]}...; the manifest says {entry.num_bytes} bytes, "
@@ -228,16 +264,29 @@ class ShardError(ActionableError, ValueError):
     """A shard that cannot be read or differs from the manifest; the message names it and the fix."""
 
 
+TRANSIENT_ERROR_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A failure of the store or the network (worth retrying), not of the shard's content."""
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0] in TRANSIENT_ERROR_PACKAGES
+
+
 class HashingReader:
     """A read-only stream wrapper that counts and hashes the bytes read through it."""
 
     def __init__(self, stream, name: str):
         self.stream, self.name = stream, name
         self.num_bytes = 0
+        self.error: Optional[BaseException] = None  # what the underlying stream raised, if anything
         self._hash = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        try:
+            data = self.stream.read(size)
+        except Exception as exc:
+            self.error = exc
+            raise
         self.num_bytes += len(data)
         self._hash.update(data)
         return data
@@ -263,8 +312,10 @@ class LatentLoader:
 
     def __init__(self, url: str, *, rank: int, world_size: int, num_workers: int, batch_size: int, seed: int,
                  shuffle: bool = True, position: Optional[LoaderPosition] = None, split: str = "shards",
-                 grad_accum: int = 1, manifest: Optional[Manifest] = None):
+                 grad_accum: int = 1, manifest: Optional[Manifest] = None,
+                 read_retry_s: float = 0.0):
         self.url = url
+        self.read_retry_s = read_retry_s
         self.manifest = manifest or read_manifest(url)
         self.spec: DataSpec = self.manifest.spec
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -319,7 +370,7 @@ class LatentLoader:
         dataset = LatentShardDataset(self.url, self.manifest, rank=self.rank, world_size=self.world_size,
                                      num_workers=self.num_workers, batch_size=self.batch_size, seed=self.seed,
                                      position=start, shuffle=self.shuffle, worker_offset=self.next_worker(),
-                                     split=self.split, grad_accum=self.grad_accum)
+                                     split=self.split, grad_accum=self.grad_accum, read_retry_s=self.read_retry_s)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
         produced = 0

@@ -10,6 +10,7 @@ is counted and reported.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import urllib.request
@@ -22,6 +23,7 @@ MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
 MAX_BUFFERED_METRICS = 200_000
 HEALTH_TIMEOUT_S = 2.0
 RETRY_INTERVAL_S = 30.0
+CLOSE_FIRST_WAIT_S = 1.0  # close() retries after 1, 2, 4, ... s (at most RETRY_INTERVAL_S)
 MAX_PARAM_LENGTH = 500
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
 # MLflow 3 opens experiments by kind; without this tag its UI shows far-scale's runs in the GenAI view.
@@ -52,9 +54,11 @@ class Tracker:
     """Rank 0's MLflow run. Every method is a no-op when tracking is disabled."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, artifact_dir: Path,
-                 run_id: Optional[str] = None, enabled: bool = True):
+                 run_id: Optional[str] = None, enabled: bool = True, final_flush_timeout_s: float = 0.0,
+                 unsent_path: Optional[Path] = None):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.artifact_dir = artifact_dir
+        self.final_flush_timeout_s, self.unsent_path = final_flush_timeout_s, unsent_path
         self.enabled = enabled
         self.run_id = run_id
         self._client = None
@@ -189,16 +193,39 @@ class Tracker:
             self._client = None if self.uri.startswith(("http://", "https://")) else self._client
             self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 
-    def close(self, status: str = "FINISHED") -> None:
+    def _pending(self) -> bool:
+        return bool(self._buffer or self._pending_params or self._pending_tags or self._pending_artifacts
+                    or self._pending_images)
+
+    def close(self, status: str = "FINISHED", wait: bool = True) -> None:
+        """Send everything, waiting up to ``final_flush_timeout_s`` for an unreachable server (not with
+        ``wait=False``: a preempted job has seconds left); what still cannot be sent is written to
+        ``unsent_path`` (one JSON metric per line), never silently dropped."""
         if not self.enabled:
             return
-        self._next_attempt = 0.0  # a last attempt now, whatever the retry timer says
-        self.flush()
+        deadline = time.monotonic() + (self.final_flush_timeout_s if wait else 0.0)
+        wait_s = CLOSE_FIRST_WAIT_S
+        while True:
+            self._next_attempt = 0.0  # attempt now, whatever the retry timer says
+            self.flush()
+            if not self._pending() or time.monotonic() + wait_s > deadline:
+                break
+            log.warning("MLflow at %s: %d metrics not sent yet; retrying for up to %.0f s more", self.uri,
+                        len(self._buffer), deadline - time.monotonic())
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, RETRY_INTERVAL_S)
         if self.online:
             try:
                 self._client.set_terminated(self.run_id, status=status)
             except Exception as exc:
                 log.warning("could not close MLflow run %s: %s", self.run_id, exc)
-        if self._buffer or self.dropped_metrics:
+        if self._buffer and self.unsent_path is not None:
+            with open(self.unsent_path, "a") as handle:
+                for metric in self._buffer:
+                    handle.write(json.dumps({"run_id": self.run_id, "key": metric.key, "value": metric.value,
+                                             "timestamp": metric.timestamp, "step": metric.step}) + "\n")
+            log.warning("MLflow at %s never answered: %d metrics written to %s", self.uri, len(self._buffer),
+                        self.unsent_path)
+        elif self._buffer or self.dropped_metrics:
             log.warning("MLflow: %d metrics never reached %s and %d were dropped from a full buffer",
                         len(self._buffer), self.uri, self.dropped_metrics)

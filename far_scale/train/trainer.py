@@ -51,6 +51,7 @@ log = logging.getLogger("far_scale.train")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 METRICS_FILE = "metrics.jsonl"
+UNSENT_METRICS_FILE = "mlflow_unsent.jsonl"  # metrics an unreachable tracking server never received
 MIB = 2**20
 GRID_FILE = "samples_step{step:08d}.png"
 GRID_KEY = "samples"  # MLflow image key: one image per evaluation step
@@ -122,7 +123,7 @@ class Trainer:
         self.loader = LatentLoader(cfg.data.url, rank=env.rank, world_size=env.world_size,
                                    num_workers=cfg.data.num_workers, batch_size=par.micro_batch_size_per_gpu,
                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle, split=cfg.data.split,
-                                   grad_accum=self.accum, manifest=manifest)
+                                   grad_accum=self.accum, manifest=manifest, read_retry_s=cfg.data.read_retry_s)
         self.data = self.loader.spec
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
@@ -249,7 +250,9 @@ class Trainer:
     def _start_tracking(self, run_id: Optional[str]) -> None:
         tracking = self.cfg.tracking
         self.tracker = Tracker(self._tracking_uri(), tracking.experiment, tracking.run_name or self.cfg.run.name,
-                               self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled)
+                               self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled,
+                               final_flush_timeout_s=tracking.final_flush_timeout_s,
+                               unsent_path=self.run_dir / UNSENT_METRICS_FILE)
         if run_id is None:
             self.tracker.log_params({"config": self.cfg.model_dump(mode="json"),
                                      "derived": self.plan.as_dict()})
@@ -383,7 +386,7 @@ class Trainer:
             if self.node_metrics is not None:
                 self.node_metrics.finish()
             if self.tracker is not None:
-                self.tracker.close("FAILED")
+                self.tracker.close("FAILED", wait=False)
             raise
 
     def _finish(self, code: int, status: str, bar) -> int:
@@ -393,7 +396,7 @@ class Trainer:
         if self.node_metrics is not None:
             self.node_metrics.finish()
         if self.tracker is not None:
-            self.tracker.close(status)
+            self.tracker.close(status, wait=code != EXIT_PREEMPTED)
         barrier()
         return code
 

@@ -320,9 +320,12 @@ def test_unreachable_tracking_server_does_not_stop_training(latent_dataset, tmp_
     dead = f"http://127.0.0.1:{free_port()}"
     result = _train(1, _common(latent_dataset, tmp_path, "offline", "run.max_steps=2", "data.num_workers=0",
                                "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8",
-                               f"tracking.uri={dead}"))
-    assert "unreachable" in result.stderr and "never reached" in result.stderr
+                               f"tracking.uri={dead}", "tracking.final_flush_timeout_s=2"))
+    assert "unreachable" in result.stderr and "never answered" in result.stderr
     assert sorted(_losses(tmp_path / "offline")) == [1, 2]
+    # Nothing is lost: what the server never received is kept beside the run.
+    unsent = [json.loads(line) for line in (tmp_path / "offline" / "mlflow_unsent.jsonl").read_text().splitlines()]
+    assert {(m["key"], m["step"]) for m in unsent} >= {("loss", 2)}
 
 
 GOLDEN = REPO_ROOT / "tests" / "assets" / "golden_losses_far_tiny.json"
