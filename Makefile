@@ -36,8 +36,10 @@ test-fast: setup
 chaos: setup system-deps
 	FAR_SCALE_RELIABILITY_DOC=docs/reliability.md $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
 
+# DEMO_ARGS shrinks it (the CI test runs `make demo DEMO_ARGS="--steps 20 ..."`); see scripts/demo.py --help.
+DEMO_ARGS ?=
 demo: setup
-	@bash scripts/demo.sh
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Section(BaseModel):
     """Base of every section: immutable, no unknown keys, no silent type coercion."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 class HeadConfig(Section):
@@ -29,13 +29,15 @@ class HeadConfig(Section):
     """Hidden width of the adaLN MLP; None takes the size preset's value."""
     num_repeats: int = Field(default=4, ge=1)
     """Each target token is repeated this many times with independent noise/time draws."""
-    # Diffusion head
     num_train_timesteps: int = Field(default=1000, ge=2)
+    """Diffusion head: DDPM training timesteps."""
     noise_schedule: Literal["cosine", "linear"] = "cosine"
-    # Shortcut head
+    """Diffusion head: the DDPM noise schedule (MAR: cosine)."""
     num_levels: int = Field(default=128, ge=2)
     """Finest step size is 1/num_levels (a power of two)."""
     self_consistency_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """Shortcut head: share of each batch's rows trained on the self-consistency target (the rest on flow matching
+    at the finest step)."""
     consistency_target: Literal["ema", "live", "eval_ema"] = "ema"
     """Which weights produce the stop-gradient self-consistency targets: ``ema`` an EMA of the head of its own
     (``target_ema_decay``, as the reference shortcut-model code), ``live`` the current weights, ``eval_ema``
@@ -49,26 +51,40 @@ class HeadConfig(Section):
     v_u + w (v_c - v_u) (an extra no-gradient backbone pass under the null class per step), so the
     coarse levels learn the guided flow; sample them with ``eval.cfg_scale=1``. 1 turns it off."""
     clip_value: float = Field(default=4.0, gt=0.0)
+    """Shortcut head: bootstrap intermediate points and targets are clipped to [-clip_value, clip_value]."""
 
 
 class ModelConfig(Section):
     """Backbone architecture and head (docs/concepts.md). Sizes come from ``far_scale.models.registry``."""
 
     arch: Literal["far", "far_causal", "mar"] = "far"
+    """far: masked backbone + shortcut head; far_causal: causal backbone + shortcut head; mar: masked backbone +
+    diffusion head (the baseline)."""
     size: Literal["tiny", "base", "large", "huge", "custom"] = "base"
+    """A preset of ``far_scale.models.registry`` (tiny, base, large, huge) or custom (set every dimension)."""
     encoder_depth: Optional[int] = Field(default=None, ge=1)
+    """Encoder blocks (masked backbone); None takes the size preset's value."""
     decoder_depth: Optional[int] = Field(default=None, ge=1)
+    """Decoder blocks (masked backbone); None takes the size preset's value. The causal backbone has encoder +
+    decoder depth blocks."""
     width: Optional[int] = Field(default=None, ge=1)
+    """Transformer width; None takes the size preset's value."""
     num_heads: Optional[int] = Field(default=None, ge=1)
+    """Attention heads (must divide the width); None takes the size preset's value."""
     mlp_ratio: float = Field(default=4.0, gt=0.0)
+    """Hidden width of each block's MLP as a multiple of the width."""
     num_buffer_tokens: int = Field(default=64, ge=1)
+    """Buffer slots holding the class embedding before the tokens (masked backbone; MAR uses 64)."""
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Attention and projection dropout in the transformer blocks."""
     class_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Probability of replacing the class embedding by the learned null embedding (CFG)."""
     mask_ratio_min: float = Field(default=0.7, gt=0.0, le=1.0)
+    """Training mask ratio r ~ N(mask_ratio_mean, mask_ratio_std) truncated to [mask_ratio_min, 1]."""
     mask_ratio_mean: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Mean of the (untruncated) mask-ratio normal."""
     mask_ratio_std: float = Field(default=0.25, gt=0.0)
+    """Standard deviation of the (untruncated) mask-ratio normal."""
     head: HeadConfig = HeadConfig()
 
 
@@ -81,16 +97,22 @@ class DataExpectation(Section):
     """
 
     seq_len: Optional[int] = Field(default=None, ge=1)
+    """Tokens per image (256 for 256 px with KL-16)."""
     token_dim: Optional[int] = Field(default=None, ge=1)
+    """Channels per token (16 for KL-16)."""
     num_classes: Optional[int] = Field(default=None, ge=1)
+    """Classes of the dataset."""
     num_images: Optional[int] = Field(default=None, ge=1)
+    """Images in the dataset (needed for run.epochs / warm-up epochs without a manifest)."""
 
 
 class DataConfig(Section):
     url: str = ""
     """Directory or fsspec URL (``/path``, ``file://``, ``s3://bucket/prefix``) holding manifest.json and shards."""
     num_workers: int = Field(default=2, ge=0)
+    """DataLoader worker processes per rank, each reading its own shards; 0 reads in the training process."""
     shuffle: bool = True
+    """Shuffle the shard order and the samples within each shard, per epoch (deterministic in run.seed)."""
     split: Literal["shards", "samples"] = "shards"
     """shards: each rank reads its own shards (scales); samples: every rank reads all shards and keeps its
     slice of each global batch, so a step's data is the same at any world size (small data, exact tests)."""
@@ -104,37 +126,57 @@ class OptimConfig(Section):
     """AdamW (docs/concepts.md, training defaults). ``lr`` None derives it as base_lr * global_batch_size / 256."""
 
     lr: Optional[float] = Field(default=None, gt=0.0)
+    """Peak learning rate; None derives base_lr * global_batch_size / lr_reference_batch."""
     base_lr: float = Field(default=1e-4, gt=0.0)
+    """Learning rate per lr_reference_batch images (MAR: 1e-4 per 256)."""
     lr_reference_batch: int = Field(default=256, ge=1)
+    """The batch size base_lr is stated for."""
     betas: tuple[float, float] = Field(default=(0.9, 0.95), strict=False)
     """YAML has no tuples: a two-element list is accepted."""
     eps: float = Field(default=1e-8, gt=0.0)
+    """AdamW epsilon."""
     weight_decay: float = Field(default=0.02, ge=0.0)
+    """AdamW weight decay on >= 2-D backbone weights (none on biases, norms, 1-D parameters and the head)."""
     grad_clip: float = Field(default=3.0, ge=0.0)
     """Global gradient-norm clip; 0 disables clipping."""
     ema_decay: float = Field(default=0.9999, ge=0.0, lt=1.0)
+    """Decay of the evaluation EMA, updated every step; sampling and evaluation use it."""
 
 
 class ScheduleConfig(Section):
     kind: Literal["constant", "cosine"] = "constant"
+    """Learning rate after the warm-up: constant (MAR) or cosine to lr * min_lr_ratio."""
     warmup_epochs: Optional[float] = Field(default=None, ge=0.0)
+    """Linear warm-up length in epochs (MAR: 100); exclusive with warmup_steps."""
     warmup_steps: Optional[int] = Field(default=None, ge=0)
+    """Linear warm-up length in optimizer steps; exclusive with warmup_epochs."""
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     """Cosine decays to lr * min_lr_ratio at the last step."""
 
 
 class ParallelConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over the ranks."""
     precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 autocast on GPU; CPU runs always use fp32."""
     activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (less memory, ~1/3 more compute)."""
     global_batch_size: int = Field(default=256, ge=1)
+    """Images per optimizer step over all ranks; gradient accumulation is derived from it."""
     micro_batch_size_per_gpu: int = Field(default=64, ge=1)
+    """Images per forward/backward on one rank; global_batch_size must be a multiple of it x world size."""
     offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO-Offload of the optimizer states to host memory (stage >= 1)."""
     overlap_comm: bool = True
+    """DeepSpeed: overlap gradient reduction with the backward pass."""
     reduce_bucket_size: int = Field(default=500_000_000, ge=1)
+    """DeepSpeed: elements per gradient-reduction bucket."""
     allgather_bucket_size: int = Field(default=500_000_000, ge=1)
+    """DeepSpeed ZeRO-1/2: elements per parameter all-gather bucket."""
     stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=1)
+    """DeepSpeed ZeRO-3: elements of parameters prefetched ahead of use."""
     stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
+    """DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank."""
 
 
 class CheckpointConfig(Section):
@@ -143,18 +185,24 @@ class CheckpointConfig(Section):
     used in place; ``s3://bucket/prefix`` stages each checkpoint locally (in the default place) and uploads it,
     moving the store's ``latest.json`` only once every file is up (docs/operations.md)."""
     interval_steps: int = Field(default=5000, ge=1)
+    """A checkpoint every this many steps (and always at the end and on a stop request)."""
     keep_last: int = Field(default=3, ge=1)
+    """Checkpoints kept (locally and on the store); older ones are deleted after a new one is complete."""
 
 
 class TrackingConfig(Section):
     enabled: bool = True
+    """Log to MLflow from rank 0."""
     uri: str = ""
     """MLflow tracking URI; empty means an embedded sqlite store under the run directory."""
     experiment: str = "far-scale"
+    """MLflow experiment name."""
     run_name: str = ""
+    """MLflow run name; empty means run.name. A resumed run logs into the same MLflow run."""
     system_metrics: bool = True
     """One MLflow system-metrics monitor per node (local rank 0), restarted after a server outage."""
     system_metrics_interval_s: float = Field(default=10.0, gt=0.0)
+    """Seconds between system-metric samples (CPU, memory, GPU, network)."""
     final_flush_timeout_s: float = Field(default=120.0, ge=0.0)
     """At the end of a run, how long an unreachable tracking server is waited for (retrying with backoff)
     before the metrics it never received are written to ``mlflow_unsent.jsonl`` in the run directory."""
@@ -166,8 +214,11 @@ class EvalConfig(Section):
     head_steps: Optional[int] = Field(default=None, ge=1)
     """O: sampling steps of the head; None means 8 (shortcut) or 100 (diffusion)."""
     cfg_scale: float = Field(default=1.0, ge=0.0)
+    """Classifier-free guidance scale w; 1 means no guidance (MAR-B uses 2.9)."""
     cfg_schedule: Literal["linear", "constant"] = "linear"
+    """linear: w_k = 1 + (w - 1) x generated share (MAR); constant: w at every iteration."""
     temperature: float = Field(default=1.0, gt=0.0)
+    """Scales the head's starting (shortcut) or sampling (DDPM) noise."""
     head_steps_end: Optional[int] = Field(default=None, ge=1)
     """Head-step schedule: anneal O (or DDPM steps) from ``head_steps`` to this as tokens become known
     (after DiSA); None keeps ``head_steps`` for every token."""
@@ -187,6 +238,7 @@ class EvalConfig(Section):
     batch_size: int = Field(default=64, ge=1)
     """Images per sampling batch and rank during evaluation."""
     interval_steps: int = Field(default=10_000, ge=1)
+    """Sample, score and log a grid every this many steps (and at the end)."""
     grid_images: int = Field(default=16, ge=0)
     """Images in the sample grid logged at eval intervals and at the end; 0 turns the grid off."""
     benchmark: str = ""
@@ -200,14 +252,22 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     name: str = "run"
+    """Run name: the run directory is <output_dir>/<name>."""
     seed: int = 0
+    """Seeds weights, data order and every random draw (per step and micro-batch, so resumes are exact)."""
     output_dir: str = "runs"
+    """Parent directory of run directories."""
     max_steps: Optional[int] = Field(default=None, ge=1)
+    """Optimizer steps to train; exclusive with epochs."""
     epochs: Optional[float] = Field(default=None, gt=0.0)
+    """Epochs to train (steps counted from the manifest's shards as the loader reads them); exclusive with
+    max_steps."""
     log_interval: int = Field(default=50, ge=1)
+    """A console line (loss, speed, data wait, memory, ETA) and MLflow metrics every this many steps."""
     max_nonfinite_steps: int = Field(default=10, ge=0)
     """Micro-batches with a NaN/inf loss are skipped (on every rank) and counted; the run stops after this many."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
     record_sample_keys: bool = False
     """Audit trail: each rank appends the sample keys of every step to <run_dir>/sample_keys.rank<r>.jsonl."""
 

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 from far_scale.config.loader import ConfigError
 from far_scale.config.schema import Config
 from far_scale.data.loader import micro_batches_per_epoch
-from far_scale.data.manifest import Manifest, ManifestError, find_manifest
+from far_scale.data.manifest import Manifest, find_manifest
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.deepspeed_config import ModelStateMemory, build_deepspeed_config, estimate_model_state_memory
 from far_scale.models.model import count_parameters
@@ -51,8 +51,9 @@ def resolve_data(cfg: Config) -> DataSource:
     if cfg.data.url:
         try:
             manifest = find_manifest(cfg.data.url)
-        except (ManifestError, OSError, ValueError) as exc:
-            raise ConfigError([f"data.url={cfg.data.url}: {exc}"], "data") from None
+        except Exception as exc:  # any failure to read it (missing credentials, network, a damaged file)
+            raise ConfigError([f"data.url={cfg.data.url}: cannot read its manifest ({type(exc).__name__}: {exc})"],
+                              "data") from None
         if manifest is not None:
             return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json")
     try:

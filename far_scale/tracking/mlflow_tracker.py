@@ -203,7 +203,9 @@ class Tracker:
         ``unsent_path`` (one JSON metric per line), never silently dropped."""
         if not self.enabled:
             return
-        deadline = time.monotonic() + (self.final_flush_timeout_s if wait else 0.0)
+        # Only a server can come back; a local store that fails once fails again.
+        waits = wait and self.uri.startswith(("http://", "https://"))
+        deadline = time.monotonic() + (self.final_flush_timeout_s if waits else 0.0)
         wait_s = CLOSE_FIRST_WAIT_S
         while True:
             self._next_attempt = 0.0  # attempt now, whatever the retry timer says

@@ -1,0 +1,395 @@
+"""`make demo`: the whole system on built-in data, on this machine's CPUs, in one command.
+
+Stages: synthetic images -> offline codec -> a local S3 endpoint (moto) -> 2 encode workers write webdataset
+shards to S3 -> verify -> offline quality benchmark -> tiny FAR and tiny MAR trained with DeepSpeed ZeRO-2 on
+2 CPU ranks, streaming from S3, checkpoints on S3, one MLflow store; FAR is interrupted on purpose (SIGUSR1:
+checkpoint, exit) and resumed -> both sampled and scored -> `far-scale compare` -> a summary table.
+
+Every stage prints its progress and writes a log under OUT/logs; a failing stage stops the demo with its name
+and log. The moto server is stopped on every exit path. Options shrink the demo for the CI test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BUCKET = "far-scale-demo"
+RANKS = 2
+MOTO_START_TIMEOUT_S = 60
+STOP_POLL_S = 0.2
+ACCURACY_GOAL = 0.9  # FAR's samples should be recognisable: class accuracy on the offline benchmark
+MODELS = {"FAR": "far", "MAR": "mar"}
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Demo:
+    out: Path
+    steps: int
+    images_per_class: int
+    eval_images: int
+    log_dir: Path = field(init=False)
+    env: dict = field(init=False)
+    stage_no: int = 0
+    num_stages: int = 9
+
+    def __post_init__(self):
+        self.log_dir = self.out / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.env.pop("MASTER_ADDR", None)
+
+    def stage(self, title: str) -> Path:
+        self.stage_no += 1
+        print(f"\n== [{self.stage_no}/{self.num_stages}] {title}", flush=True)
+        return self.log_dir / f"{self.stage_no:02d}-{title.split(':')[0].replace(' ', '-')}.log"
+
+    def run(self, args: Sequence[str], log: Path, show: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command, streaming its output to the console (``show``) and appending it to ``log``."""
+        with open(log, "a") as handle:
+            handle.write(f"$ {' '.join(map(str, args))}\n")
+            handle.flush()
+            process = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, env=self.env, cwd=REPO_ROOT)
+            lines = []
+            for line in process.stdout:
+                handle.write(line)
+                lines.append(line)
+                if show and _worth_showing(line):
+                    print("   " + line.rstrip(), flush=True)
+            code = process.wait()
+        result = subprocess.CompletedProcess(args, code, "".join(lines), "")
+        if check and code != 0:
+            raise StageFailed(f"`{' '.join(map(str, args[:4]))} ...` exited with {code}")
+        return result
+
+    def cli(self, *args) -> list:
+        return [PYTHON, "-m", "far_scale.cli", *args]
+
+
+def _worth_showing(line: str) -> bool:
+    """Progress and results; not library chatter (DeepSpeed, botocore, warnings)."""
+    noisy = ("[WARNING]", "[INFO]", "INFO ", "Warning", "warn(", "[rank", "UserWarning", "deepspeed", "  warnings.")
+    return bool(line.strip()) and not any(n in line for n in noisy)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """A local S3 API on 127.0.0.1 (moto), stopped on every exit path of the demo."""
+
+    def __init__(self, log: Path):
+        self.port = _free_port()
+        executable = shutil.which("moto_server") or str(Path(PYTHON).with_name("moto_server"))
+        self.log = open(log, "a")
+        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + MOTO_START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise StageFailed(f"moto_server exited with {self.process.returncode}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise StageFailed("moto_server did not listen within 60 s")
+            time.sleep(0.2)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+def prepare_images(demo: Demo) -> tuple[Path, Path]:
+    log = demo.stage("images and codec: synthetic classes (ImageNet layout), patch-PCA codec (no download)")
+    images, codec = demo.out / "images", demo.out / "pca.safetensors"
+    marker = demo.out / "images.json"
+    wanted = {"images_per_class": demo.images_per_class}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and codec.is_file():
+        print(f"   reusing {images} and {codec} from a previous demo")
+        return images, codec
+    shutil.rmtree(images, ignore_errors=True)
+    demo.run(demo.cli("data", "synth", images, "--num-classes", 10, "--images-per-class", demo.images_per_class,
+                      "--resolution", 64), log)
+    demo.run(demo.cli("data", "fit-codec", images, codec, "--image-size", 64, "--patch-size", 8, "--dim", 16), log)
+    marker.write_text(json.dumps(wanted))
+    return images, codec
+
+
+def encode_to_s3(demo: Demo, images: Path, codec: Path) -> str:
+    log = demo.stage("shards on S3: 2 encode workers -> webdataset shards + manifest, then verify")
+    url = f"s3://{BUCKET}/latents/synth64"
+    import fsspec
+
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
+    base = demo.cli("data", "encode", images, url, "--codec", "pca", "--codec-weights", codec, "--image-size", 64,
+                    "--images-per-shard", 50, "--loader-workers", 0, "--num-workers", 2, "--quiet")
+    workers = [subprocess.Popen(list(map(str, [*base, "--worker-id", worker])), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=demo.env, cwd=REPO_ROOT) for worker in (0, 1)]
+    with open(log, "a") as handle:
+        for worker, process in enumerate(workers):
+            output, _ = process.communicate()
+            handle.write(output)
+            summary = [line for line in output.splitlines() if "images" in line and "worker" in line.lower()]
+            print(f"   worker {worker}: {(summary or output.strip().splitlines()[-1:] or ['done'])[-1].strip()}")
+            if process.returncode != 0:
+                raise StageFailed(f"encode worker {worker} exited with {process.returncode}")
+    demo.run(demo.cli("data", "verify", url), log)
+    return url
+
+
+def offline_benchmark(demo: Demo, images: Path, url: str) -> str:
+    log = demo.stage("offline quality benchmark: a classifier of the real images, calibrated (cached)")
+    result = demo.run(demo.cli("eval", "offline-setup", images, "--data", url, "--cache-dir", demo.out / "eval-cache"),
+                      log)
+    for line in result.stdout.splitlines():
+        if line.startswith(("wrote ", "reused ")):
+            return line.split(" ", 1)[1].split(":", 1)[0]
+    raise StageFailed("offline-setup printed no benchmark path")
+
+
+@dataclass
+class TrainedRun:
+    name: str
+    run_dir: Path
+    train_s: float
+    steps: int
+    resumed_at: Optional[int] = None
+    same_mlflow_run: Optional[bool] = None
+
+
+def _train_command(demo: Demo, arch: str, data_url: str, bench: str, tracking_uri: str) -> list:
+    recipe = REPO_ROOT / "recipes" / f"{arch}_tiny_synth64.yaml"
+    overrides = [f"data.url={data_url}", f"run.output_dir={demo.out / 'runs'}", f"run.max_steps={demo.steps}",
+                 f"checkpoint.url=s3://{BUCKET}/checkpoints/{arch}", f"tracking.uri={tracking_uri}",
+                 f"eval.benchmark={bench}", f"eval.interval_steps={max(demo.steps // 2, 1)}",
+                 f"eval.num_images={demo.eval_images}", "checkpoint.interval_steps=100", "tracking.system_metrics=false",
+                 "data.num_workers=1", "parallel.zero_stage=2"]
+    return demo.cli("launch", "local", recipe, "--nproc", RANKS, *overrides)
+
+
+def _trainer_processes(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if "train" in p.cmdline() and "torch.distributed.run" not in " ".join(p.cmdline())]
+
+
+def _metrics_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def train_far_with_interruption(demo: Demo, data_url: str, bench: str, tracking_uri: str) -> TrainedRun:
+    log = demo.stage(f"train FAR: 2 ranks, ZeRO-2, from S3, {demo.steps} steps, interrupted once on purpose")
+    run_dir = demo.out / "runs" / "far_tiny_synth64"
+    command = _train_command(demo, "far", data_url, bench, tracking_uri)
+    stop_at = max(demo.steps // 2, 1)
+    start = time.monotonic()
+    with open(log, "a") as handle:
+        launcher = subprocess.Popen(list(map(str, command)), stdout=handle, stderr=subprocess.STDOUT, env=demo.env,
+                                    cwd=REPO_ROOT)
+        shown = 0
+        while launcher.poll() is None and _metrics_steps(run_dir) < stop_at:
+            shown = _show_progress(run_dir, shown, demo.steps)
+            time.sleep(STOP_POLL_S)
+        ranks = _trainer_processes(launcher)
+        for process in ranks:
+            process.send_signal(signal.SIGUSR1)  # what SLURM sends before a time limit
+        launcher.wait()
+    marker = run_dir / "preempted.json"
+    if not marker.is_file():
+        raise StageFailed("FAR was not stopped by SIGUSR1 (no preempted.json)")
+    stopped = json.loads(marker.read_text())["step"]
+    print(f"   SIGUSR1 to {len(ranks)} ranks at step {_metrics_steps(run_dir)}: checkpoint at step {stopped}, exit "
+          f"(the SLURM launcher would requeue here); resuming")
+    meta = json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / "meta.json").read_text())
+    result = demo.run(command, log)
+    train_s = time.monotonic() - start
+    resumed = next((line for line in result.stdout.splitlines() if "resumed from" in line), "")
+    if f"at step {stopped}" not in resumed:
+        raise StageFailed(f"the second FAR run did not resume at step {stopped}")
+    run_ids = _mlflow_run_ids(tracking_uri, "far_tiny_synth64")
+    same = run_ids == [meta["mlflow_run_id"]]
+    print(f"   resumed at step {stopped} from the checkpoint on S3, in MLflow run {meta['mlflow_run_id']} "
+          f"({'the same run: one run, its metrics continue' if same else 'NOT the same run: ' + str(run_ids)})")
+    if not same:
+        raise StageFailed("the resumed FAR run logged into another MLflow run")
+    return TrainedRun("FAR", run_dir, train_s, demo.steps, stopped, same)
+
+
+def _show_progress(run_dir: Path, shown: int, total: int) -> int:
+    steps = _metrics_steps(run_dir)
+    if steps >= shown + 50:
+        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        print(f"   step {row['step']}/{total} loss {row['loss']:.4f}", flush=True)
+        return steps
+    return shown
+
+
+def _mlflow_run_ids(tracking_uri: str, name: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("far-scale")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'")
+    return [run.info.run_id for run in runs]
+
+
+def train_mar(demo: Demo, data_url: str, bench: str, tracking_uri: str) -> TrainedRun:
+    log = demo.stage(f"train MAR (the baseline): same data, ranks and steps ({demo.steps})")
+    start = time.monotonic()
+    demo.run(_train_command(demo, "mar", data_url, bench, tracking_uri), log)
+    return TrainedRun("MAR", demo.out / "runs" / "mar_tiny_synth64", time.monotonic() - start, demo.steps)
+
+
+@dataclass
+class Scores:
+    accuracy: float
+    fd: float
+    images_per_s: float
+    grid: Path
+
+
+def sample_and_score(demo: Demo, runs: list[TrainedRun], bench: str) -> dict[str, Scores]:
+    log = demo.stage(f"sample {demo.eval_images} class-balanced images per model (EMA weights) and score them")
+    scores = {}
+    for run in runs:
+        out = demo.out / "samples" / run.name.lower()
+        shutil.rmtree(out, ignore_errors=True)
+        demo.run(demo.cli("sample", run.run_dir, "--out", out, "--num-images", demo.eval_images, "--batch-size", 50,
+                          "--no-latency"), log)
+        report = json.loads((out / "report.json").read_text())
+        demo.run(demo.cli("eval", "offline", out / "samples.npz", "--bench", bench, "--json", out / "scores.json"), log,
+                 show=False)
+        row = json.loads((out / "scores.json").read_text())["samples"]
+        scores[run.name] = Scores(row["accuracy"], row["fd"], report["images_per_s"], out / "grid.png")
+        print(f"   {run.name}: class accuracy {row['accuracy']:.3f}, Fréchet distance {row['fd']:.2f}, "
+              f"{report['images_per_s']:.1f} images/s")
+    return scores
+
+
+def compare_runs(demo: Demo, tracking_uri: str) -> list[str]:
+    log = demo.stage("compare the two runs in MLflow (far-scale compare)")
+    out = demo.out / "compare"
+    result = demo.run(demo.cli("compare", "far_tiny_synth64", "mar_tiny_synth64", "--tracking-uri", tracking_uri,
+                               "--out", out), log)
+    return sorted(str(p) for p in out.glob("*.png")) or [line for line in result.stdout.splitlines() if "wrote" in line]
+
+
+def side_by_side(grids: dict[str, Path], target: Path) -> Path:
+    """The models' sample grids next to each other, each under its name."""
+    from PIL import Image, ImageDraw
+
+    images = {name: Image.open(path).convert("RGB") for name, path in grids.items()}
+    label_h, gap = 18, 12
+    width = sum(i.width for i in images.values()) + gap * (len(images) - 1)
+    height = max(i.height for i in images.values()) + label_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, image in images.items():
+        draw.text((x + 4, 3), name, fill="black")
+        canvas.paste(image, (x, label_h))
+        x += image.width + gap
+    canvas.save(target)
+    return target
+
+
+def summary(demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str],
+            tracking_uri: str) -> str:
+    mar_speed = scores["MAR"].images_per_s
+    lines = ["| model | steps | train time | class accuracy | Fréchet distance | images/s | speed vs MAR |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = scores[run.name]
+        lines.append(f"| {run.name} | {run.steps}{f' (resumed at {run.resumed_at})' if run.resumed_at else ''} | "
+                     f"{run.train_s / 60:.1f} min | {s.accuracy:.3f} | {s.fd:.2f} | {s.images_per_s:.1f} | "
+                     f"{s.images_per_s / mar_speed:.2f}x |")
+    goal = scores["FAR"].accuracy >= ACCURACY_GOAL
+    lines += ["", f"FAR's samples {'reach' if goal else 'do not reach'} class accuracy {ACCURACY_GOAL} on the offline "
+              "benchmark" + ("" if goal else f" in {demo.steps} steps (the full demo trains 600)"),
+              "", "pictures:", *(f"  {p}" for p in pictures),
+              "", "open the MLflow UI on the demo's store (both runs, their metrics and sample images):",
+              f"  {Path(PYTHON).with_name('mlflow')} ui --backend-store-uri {tracking_uri} --port 5000"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--eval-images", type=int, default=500, help="images sampled and scored per model")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    previous = (out / "runs").exists()
+    if previous:
+        shutil.rmtree(out / "runs")
+        for stale in ("mlflow.db", "samples", "compare", "logs"):
+            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(
+                missing_ok=True)
+    demo = Demo(out, args.steps, args.images_per_class, args.eval_images)
+    print(f"far-scale demo in {out}: "
+          + ("a previous demo is here: reusing its images, codec and benchmark; S3, training and MLflow start clean"
+             if previous else "starting clean"))
+    started = time.monotonic()
+    moto: Optional[MotoServer] = None
+    try:
+        images, codec = prepare_images(demo)
+        log = demo.stage("S3: a local endpoint (moto server on 127.0.0.1)")
+        moto = MotoServer(log)
+        demo.env.update({"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "demo", "AWS_DEFAULT_REGION":
+                         "us-east-1", "AWS_SECRET_ACCESS_KEY": "demo"})
+        os.environ.update({k: demo.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                    "AWS_DEFAULT_REGION")})
+        print(f"   {moto.endpoint}, bucket {BUCKET}")
+        url = encode_to_s3(demo, images, codec)
+        bench = offline_benchmark(demo, images, url)
+        tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+        far = train_far_with_interruption(demo, url, bench, tracking_uri)
+        mar = train_mar(demo, url, bench, tracking_uri)
+        scores = sample_and_score(demo, [far, mar], bench)
+        pictures = [str(side_by_side({n: s.grid for n, s in scores.items()}, out / "far_vs_mar_samples.png"))]
+        pictures += compare_runs(demo, tracking_uri)
+    except StageFailed as exc:
+        print(f"\ndemo FAILED at stage {demo.stage_no} ({exc}); log: {sorted(demo.log_dir.glob('*.log'))[-1]}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if moto is not None:
+            moto.stop()
+    text = summary(demo, [far, mar], scores, pictures, tracking_uri)
+    (out / "summary.md").write_text(text + "\n")
+    print(f"\n== results ({(time.monotonic() - started) / 60:.1f} min)\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
