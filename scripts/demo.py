@@ -47,7 +47,8 @@ class Demo:
     log_dir: Path = field(init=False)
     env: dict = field(init=False)
     stage_no: int = 0
-    num_stages: int = 9
+    num_stages: int = 8
+    current_log: Optional[Path] = None
 
     def __post_init__(self):
         self.log_dir = self.out / "logs"
@@ -58,7 +59,8 @@ class Demo:
     def stage(self, title: str) -> Path:
         self.stage_no += 1
         print(f"\n== [{self.stage_no}/{self.num_stages}] {title}", flush=True)
-        return self.log_dir / f"{self.stage_no:02d}-{title.split(':')[0].replace(' ', '-')}.log"
+        self.current_log = self.log_dir / f"{self.stage_no:02d}-{title.split(':')[0].replace(' ', '-')}.log"
+        return self.current_log
 
     def run(self, args: Sequence[str], log: Path, show: bool = True, check: bool = True) -> subprocess.CompletedProcess:
         """Run a command, streaming its output to the console (``show``) and appending it to ``log``."""
@@ -86,7 +88,8 @@ class Demo:
 def _worth_showing(line: str) -> bool:
     """Progress and results; not library chatter (DeepSpeed, botocore, warnings)."""
     noisy = ("[WARNING]", "[INFO]", "INFO ", "Warning", "warn(", "[rank", "UserWarning", "deepspeed", "  warnings.")
-    return bool(line.strip()) and not any(n in line for n in noisy)
+    # The second line of a Python warning repeats a source line, indented.
+    return bool(line.strip()) and not line.startswith("  ") and not any(n in line for n in noisy)
 
 
 def _free_port() -> int:
@@ -158,6 +161,9 @@ def encode_to_s3(demo: Demo, images: Path, codec: Path) -> str:
             if process.returncode != 0:
                 raise StageFailed(f"encode worker {worker} exited with {process.returncode}")
     demo.run(demo.cli("data", "verify", url), log)
+    # What the codec makes of real images: the ceiling for the models' samples.
+    demo.run(demo.cli("data", "inspect", url, "--out", demo.out / "data_grid.png", "--num-images", 20), log,
+             show=False)
     return url
 
 
@@ -186,7 +192,8 @@ def _train_command(demo: Demo, arch: str, data_url: str, bench: str, tracking_ur
     overrides = [f"data.url={data_url}", f"run.output_dir={demo.out / 'runs'}", f"run.max_steps={demo.steps}",
                  f"checkpoint.url=s3://{BUCKET}/checkpoints/{arch}", f"tracking.uri={tracking_uri}",
                  f"eval.benchmark={bench}", f"eval.interval_steps={max(demo.steps // 2, 1)}",
-                 f"eval.num_images={demo.eval_images}", "checkpoint.interval_steps=100", "tracking.system_metrics=false",
+                 f"eval.num_images={demo.eval_images}", "checkpoint.interval_steps=100",
+                 "tracking.system_metrics=false",
                  "data.num_workers=1", "parallel.zero_stage=2"]
     return demo.cli("launch", "local", recipe, "--nproc", RANKS, *overrides)
 
@@ -198,7 +205,9 @@ def _trainer_processes(launcher: subprocess.Popen) -> list:
         children = psutil.Process(launcher.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in children if "train" in p.cmdline() and "torch.distributed.run" not in " ".join(p.cmdline())]
+    # The ranks are torchrun's own children (their DataLoader workers are the ranks' children).
+    return [p for p in children if "torch.distributed.run" in " ".join(p.parent().cmdline())
+            and "torch.distributed.run" not in " ".join(p.cmdline())]
 
 
 def _metrics_steps(run_dir: Path) -> int:
@@ -275,23 +284,37 @@ class Scores:
     fd: float
     images_per_s: float
     grid: Path
+    sampling: str  # K and head steps used
+
+
+# What each row of the summary samples: (label, model, extra `far-scale sample` arguments). "FAR fast" uses
+# the settings docs/sampling.md measured best on this tiny model: 4 iterations, token and guidance caching.
+SAMPLINGS = [("FAR", "FAR", []),
+             ("FAR fast", "FAR", ["--num-iter", 4, "eval.backbone_refresh_every=4", "eval.guidance_refresh_every=4"]),
+             ("MAR", "MAR", [])]
 
 
 def sample_and_score(demo: Demo, runs: list[TrainedRun], bench: str) -> dict[str, Scores]:
     log = demo.stage(f"sample {demo.eval_images} class-balanced images per model (EMA weights) and score them")
     scores = {}
-    for run in runs:
-        out = demo.out / "samples" / run.name.lower()
+    by_name = {run.name: run for run in runs}
+    for label, model, extra in SAMPLINGS:
+        run = by_name[model]
+        out = demo.out / "samples" / label.lower().replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         demo.run(demo.cli("sample", run.run_dir, "--out", out, "--num-images", demo.eval_images, "--batch-size", 50,
-                          "--no-latency"), log)
+                          "--no-latency", *extra), log)
         report = json.loads((out / "report.json").read_text())
         demo.run(demo.cli("eval", "offline", out / "samples.npz", "--bench", bench, "--json", out / "scores.json"), log,
                  show=False)
         row = json.loads((out / "scores.json").read_text())["samples"]
-        scores[run.name] = Scores(row["accuracy"], row["fd"], report["images_per_s"], out / "grid.png")
-        print(f"   {run.name}: class accuracy {row['accuracy']:.3f}, Fréchet distance {row['fd']:.2f}, "
-              f"{report['images_per_s']:.1f} images/s")
+        options = report["settings"]["options"]
+        head = f"O={options['head_steps']}" if model != "MAR" else f"{options['head_steps']} DDPM steps"
+        caches = " + token and guidance caches" if extra else ""
+        scores[label] = Scores(row["accuracy"], row["fd"], report["images_per_s"], out / "grid.png",
+                               f"K={options['num_iter']}, {head}{caches}, CFG {options['cfg_scale']:g}")
+        print(f"   {label}: class accuracy {row['accuracy']:.3f}, Fréchet distance {row['fd']:.2f}, "
+              f"{report['images_per_s']:.1f} images/s ({scores[label].sampling})")
     return scores
 
 
@@ -325,12 +348,14 @@ def side_by_side(grids: dict[str, Path], target: Path) -> Path:
 def summary(demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str],
             tracking_uri: str) -> str:
     mar_speed = scores["MAR"].images_per_s
-    lines = ["| model | steps | train time | class accuracy | Fréchet distance | images/s | speed vs MAR |",
-             "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        s = scores[run.name]
-        lines.append(f"| {run.name} | {run.steps}{f' (resumed at {run.resumed_at})' if run.resumed_at else ''} | "
-                     f"{run.train_s / 60:.1f} min | {s.accuracy:.3f} | {s.fd:.2f} | {s.images_per_s:.1f} | "
+    lines = ["| model | steps | train time | sampling | class accuracy | Fréchet distance | images/s | speed vs MAR |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_name = {run.name: run for run in runs}
+    for label, model, _ in SAMPLINGS:
+        run, s = by_name[model], scores[label]
+        lines.append(f"| {label} | {run.steps}{f' (resumed at {run.resumed_at})' if run.resumed_at else ''} | "
+                     f"{run.train_s / 60:.1f} min | {s.sampling} | {s.accuracy:.3f} | {s.fd:.2f} | "
+                     f"{s.images_per_s:.1f} | "
                      f"{s.images_per_s / mar_speed:.2f}x |")
     goal = scores["FAR"].accuracy >= ACCURACY_GOAL
     lines += ["", f"FAR's samples {'reach' if goal else 'do not reach'} class accuracy {ACCURACY_GOAL} on the offline "
@@ -349,12 +374,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--eval-images", type=int, default=500, help="images sampled and scored per model")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    previous = (out / "runs").exists()
-    if previous:
-        shutil.rmtree(out / "runs")
-        for stale in ("mlflow.db", "samples", "compare", "logs"):
-            shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(
-                missing_ok=True)
+    # What a previous demo left besides the reusable images, codec and benchmark cache.
+    stale = [out / name for name in ("runs", "mlflow.db", "samples", "compare", "logs", "summary.md",
+                                     "far_vs_mar_samples.png", "data_grid.png") if (out / name).exists()]
+    previous = bool(stale)
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     demo = Demo(out, args.steps, args.images_per_class, args.eval_images)
     print(f"far-scale demo in {out}: "
           + ("a previous demo is here: reusing its images, codec and benchmark; S3, training and MLflow start clean"
@@ -376,11 +401,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         far = train_far_with_interruption(demo, url, bench, tracking_uri)
         mar = train_mar(demo, url, bench, tracking_uri)
         scores = sample_and_score(demo, [far, mar], bench)
-        pictures = [str(side_by_side({n: s.grid for n, s in scores.items()}, out / "far_vs_mar_samples.png"))]
+        pictures = [str(side_by_side({n: s.grid for n, s in scores.items()}, out / "far_vs_mar_samples.png")),
+                    f"{out / 'data_grid.png'} (real images through the codec, for comparison)"]
         pictures += compare_runs(demo, tracking_uri)
     except StageFailed as exc:
-        print(f"\ndemo FAILED at stage {demo.stage_no} ({exc}); log: {sorted(demo.log_dir.glob('*.log'))[-1]}",
-              file=sys.stderr)
+        print(f"\ndemo FAILED at stage {demo.stage_no} ({exc}); log: {demo.current_log}", file=sys.stderr)
         return 1
     finally:
         if moto is not None:

@@ -62,7 +62,8 @@ def _section(model: type[BaseModel], prefix: str) -> list[str]:
             nested.append((f"{prefix}{name}", annotation))
             continue
         text = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `{prefix}{name}` | {_type_name(annotation)}{_constraints(field)} | {_default(field)} | {text} |")
+        kind = f"{_type_name(annotation)}{_constraints(field)}"
+        rows.append(f"| `{prefix}{name}` | {kind} | {_default(field)} | {text} |")
     lines = []
     if rows:
         doc = " ".join((model.__doc__ or "").split()) if model.__doc__ and "BaseModel" not in model.__doc__ else ""

@@ -180,12 +180,14 @@ class LatentShardDataset(IterableDataset):
         with fs.open(join(root, name), "rb", block_size=STREAM_BLOCK_BYTES) as raw:
             stream = HashingReader(raw, name)
             try:
-                samples = [decode_sample(s) for s in group_by_keys(tar_file_expander([{"url": name, "stream": stream}]))]
+                members = tar_file_expander([{"url": name, "stream": stream}])
+                samples = [decode_sample(s) for s in group_by_keys(members)]
                 stream.drain()
             except Exception as exc:
                 if stream.error is not None:  # the store, not the shard: tarfile wrapped a read error
                     raise stream.error
-                raise ShardError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; {how_to_fix}") from None
+                raise ShardError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; "
+                                 f"{how_to_fix}") from None
         if stream.num_bytes != entry.num_bytes or stream.hexdigest() != entry.sha256:
             raise ShardError(f"shard {self.url}/{name} does not match the manifest ({stream.num_bytes} bytes, sha256 "
                              f"{stream.hexdigest()[:12]}...; the manifest says {entry.num_bytes} bytes, "

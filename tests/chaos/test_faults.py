@@ -68,6 +68,14 @@ def _assert_same_trajectory(run_dir: Path, reference: Path, total: int) -> None:
     assert losses == _losses(reference), "the resumed trajectory differs from the uninterrupted one"
 
 
+def _restart_and_compare(nproc: int, overrides: list[str], run_dir: Path, reference: Path) -> float:
+    """Run the interrupted command again; it must finish with the uninterrupted run's losses. Returns its time."""
+    result, recover_s = _run(nproc, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_trajectory(run_dir, reference, 8)
+    return recover_s
+
+
 def test_one_rank_killed_mid_step(latent_dataset, tmp_path, references, reliability):
     overrides = _overrides(latent_dataset, tmp_path, 8, 2)
     job = subprocess.Popen(_command(2, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
@@ -89,14 +97,13 @@ def test_one_rank_killed_mid_step(latent_dataset, tmp_path, references, reliabil
             os.killpg(job.pid, signal.SIGKILL)
     assert code != 0
     resumed_from = _pointer(run_dir)["step"]
-    result, recover_s = _run(2, overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_trajectory(run_dir, references[2], 8)
+    recover_s = _restart_and_compare(2, overrides, run_dir, references[2])
     reliability.record(
         "kill -9 of one of 2 ranks mid-step (torchrun, ZeRO-2)",
         "the job ends (no hang); a restart resumes from the last checkpoint with the same losses",
         f"job ended {detect_s:.1f} s after the kill (exit {code}); resumed at step {resumed_from}, steps 1-8 "
-        "bit-identical to the uninterrupted run", "none (steps after the checkpoint recomputed)", recover_s, tmp_path=tmp_path)
+        "bit-identical to the uninterrupted run", "none (steps after the checkpoint recomputed)", recover_s,
+        tmp_path=tmp_path)
 
 
 def test_job_killed_during_a_checkpoint_write(latent_dataset, tmp_path, references, reliability):
@@ -116,9 +123,7 @@ def test_job_killed_during_a_checkpoint_write(latent_dataset, tmp_path, referenc
             os.killpg(job.pid, signal.SIGKILL)
     pointer = _pointer(run_dir)
     complete = (target / "files.json").is_file()
-    result, recover_s = _run(1, overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_trajectory(run_dir, references[1], 8)
+    recover_s = _restart_and_compare(1, overrides, run_dir, references[1])
     reliability.record(
         "kill -9 of the whole job while it writes a checkpoint",
         "latest.json never names a partial checkpoint; the restart resumes from the last complete one",
@@ -200,7 +205,8 @@ def test_damaged_file_is_named_and_nothing_is_lost(finished, tmp_path, damage, r
         damage.replace("-", " "), "exit 1 with one line naming the file and the fix; nothing loaded or overwritten",
         observed[:220] + ("..." if len(observed) > 220 else "")
         + ("; after the fix: resumed, losses bit-identical" if recover_s is not None else ""),
-        "none" if recover_s is None else "none (the steps after the previous checkpoint recomputed)", recover_s, tmp_path=tmp_path)
+        "none" if recover_s is None else "none (the steps after the previous checkpoint recomputed)", recover_s,
+        tmp_path=tmp_path)
 
 
 # ---- disks -------------------------------------------------------------------------------------------
@@ -262,4 +268,5 @@ def test_read_only_checkpoint_directory(latent_dataset, tmp_path, reliability):
     assert not (tmp_path / RUN / "metrics.jsonl").exists()  # refused before the first step
     reliability.record("checkpoint directory not writable (read-only mount)",
                        "refused at start, before any step, naming the directory",
-                       f"{error.removeprefix('error: ')[:120]}... ({seconds:.0f} s after launch)", "none", tmp_path=tmp_path)
+                       f"{error.removeprefix('error: ')[:120]}... ({seconds:.0f} s after launch)", "none",
+                       tmp_path=tmp_path)

@@ -70,7 +70,7 @@ def test_mlflow_server_killed_and_restarted_mid_run(latent_dataset, tmp_path, re
     (run,) = client.search_runs([client.get_experiment_by_name("far-scale").experiment_id])
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     local = {row["step"]: row["loss"] for row in _rows(tmp_path / RUN)}
-    assert sorted(history) == list(range(1, steps + 1)), f"MLflow lost logged steps ({killed_at_step}, {restarted_at_step}): {output[-3000:]}"
+    assert sorted(history) == list(range(1, steps + 1)), f"MLflow lost logged steps: {output[-3000:]}"
     assert history == pytest.approx(local, rel=1e-6)
     assert run.info.status == "FINISHED"
     reliability.record(

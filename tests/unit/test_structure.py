@@ -31,7 +31,8 @@ def _offending(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_config_imports_nothing_from_far_scale_outside_itself():
-    outside = [f"far_scale.{p.name}" for p in PACKAGE.iterdir() if p.is_dir() and p.name not in ("config", "__pycache__")]
+    outside = [f"far_scale.{p.name}" for p in PACKAGE.iterdir()
+               if p.is_dir() and p.name not in ("config", "__pycache__")]
     outside += ["far_scale.cli"]
     assert _offending("config", tuple(outside)) == []
 
