@@ -351,8 +351,11 @@ def test_reference_run_matches_golden_losses(parity_runs):
 
 def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
     """A shard of NaN latents: its micro-batches are skipped on every rank, counted, then the run stops."""
+    import dataclasses
+    import hashlib
+
     from far_scale.data.contract import encode_sample
-    from far_scale.data.manifest import read_manifest
+    from far_scale.data.manifest import read_manifest, write_manifest
     from far_scale.data.shards import iter_tar_bytes
 
     import numpy as np
@@ -361,12 +364,17 @@ def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
     data = tmp_path / "nan-shards"
     shutil.copytree(latent_dataset, data)
     manifest = read_manifest(str(data))
+    entries = []
     for entry in manifest.shards:
         path = data / entry.name
         samples = list(iter_tar_bytes(path.read_bytes(), entry.name))
         with open(path, "wb") as handle, wds.TarWriter(handle, encoder=False) as tar:
             for sample in samples:
                 tar.write(encode_sample(int(sample.key), sample.label, np.full_like(sample.latents, np.nan)))
+        # As an encoder that produced NaNs would have recorded them (the loader checks every shard's checksum).
+        written = path.read_bytes()
+        entries.append(dataclasses.replace(entry, num_bytes=len(written), sha256=hashlib.sha256(written).hexdigest()))
+    write_manifest(str(data), dataclasses.replace(manifest, shards=tuple(entries)))
     common = _common(data, tmp_path, "nan", "run.max_steps=3", "data.num_workers=0", "tracking.enabled=false",
                      "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8")
     result = subprocess.run(_command(1, [*common, "run.max_nonfinite_steps=2"]), capture_output=True, text=True,
