@@ -168,9 +168,9 @@ def checkpoint_tags(names: Iterable[str]) -> list[str]:
 def tags_to_prune(tags: Iterable[str], keep_last: int, current: str) -> list[str]:
     """Tags to delete after ``current`` was completed: all but the newest ``keep_last`` up to it, and every
     tag after it (left by a run killed before its pointer moved: never complete, never resumed)."""
-    older = [t for t in checkpoint_tags(tags) if t <= current]
-    newer = [t for t in checkpoint_tags(tags) if t > current]
-    return older[:-keep_last] + newer
+    ordered = checkpoint_tags(tags)  # once: ``tags`` may be a one-shot iterator (a directory listing)
+    older = [t for t in ordered if t <= current]
+    return older[:-keep_last] + [t for t in ordered if t > current]
 
 
 def prune(directory: Path, keep_last: int, protect: str) -> list[str]:
