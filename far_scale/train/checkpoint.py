@@ -134,9 +134,14 @@ def verify_checkpoint(ref: CheckpointRef) -> None:
                               + _restore_hint(ref.directory, ref.tag))
 
 
+def latest_text(ref: CheckpointRef) -> str:
+    """The content of a ``latest.json`` naming ``ref`` (what ``parse_latest`` reads)."""
+    return json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size})
+
+
 def write_latest(ref: CheckpointRef) -> None:
     """Point ``latest.json`` at a checkpoint that is complete on every rank (call after a barrier)."""
-    write_atomic(ref.directory / LATEST, json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size}))
+    write_atomic(ref.directory / LATEST, latest_text(ref))
 
 
 def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor],

@@ -9,7 +9,6 @@ the checkpoint ``latest.json`` names into the staging directory and resumes from
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,8 +18,8 @@ from typing import Callable, Optional, TypeVar
 
 from far_scale.data.storage import filesystem, is_local, join, write_atomic
 from far_scale.errors import ActionableError
-from far_scale.train.checkpoint import (LATEST, CheckpointError, CheckpointRef, parse_latest, read_latest,
-                                        tags_to_prune, verify_checkpoint)
+from far_scale.train.checkpoint import (LATEST, CheckpointError, CheckpointRef, latest_text, parse_latest,
+                                        read_latest, tags_to_prune, verify_checkpoint)
 
 log = logging.getLogger("far_scale.train")
 
@@ -82,8 +81,9 @@ class RemoteCheckpoints:
         return CheckpointRef(self.staging, tag, step, world_size)
 
     def fetch(self, ref: CheckpointRef) -> None:
-        """Download ``ref``'s files into the staging directory, unless it already holds exactly that checkpoint
-        (its own ``latest.json`` names the same tag, this machine wrote it, and its files are intact)."""
+        """Make the staging directory hold ``ref``, verified against its ``files.json``: the local copy when
+        its own ``latest.json`` names the same tag (this machine wrote it) and its files are intact, else a
+        fresh download."""
         try:
             local = read_latest(self.staging)
             if local is not None and local.tag == ref.tag and ref.path.is_dir():
@@ -100,22 +100,19 @@ class RemoteCheckpoints:
         self.staging.mkdir(parents=True, exist_ok=True)
         os.replace(partial, ref.path)
         print(f"downloaded checkpoint {self.url}/{ref.tag} to {ref.path}", flush=True)
+        verify_checkpoint(ref)
 
-    def upload(self, tag: str) -> int:
-        """Upload every file of the staged checkpoint ``tag`` (each object appears only complete); returns
-        the number of bytes. The caller writes ``latest.json`` afterwards, once every rank's files are up."""
-        directory = self.staging / tag
-        total = 0
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    def upload(self, tag: str) -> None:
+        """Upload every file of the staged checkpoint ``tag`` (each object appears only complete). The caller
+        writes ``latest.json`` afterwards, once every rank's files are up."""
+        for path in sorted(p for p in (self.staging / tag).rglob("*") if p.is_file()):
             relative = path.relative_to(self.staging).as_posix()
             target = join(self.root, relative)
             _retry("upload", f"{self.url}/{relative}", lambda: self.fs.put_file(str(path), target))
-            total += path.stat().st_size
-        return total
 
     def write_latest(self, ref: CheckpointRef) -> None:
-        text = json.dumps({"tag": ref.tag, "step": ref.step, "world_size": ref.world_size})
-        _retry("write", f"{self.url}/{LATEST}", lambda: write_atomic(f"{self.url}/{LATEST}", text))
+        url = f"{self.url}/{LATEST}"
+        _retry("write", url, lambda: write_atomic(url, latest_text(ref)))
 
     def prune(self, keep_last: int, current: str) -> list[str]:
         """Delete all but the newest ``keep_last`` checkpoints up to ``current`` on the store, and any

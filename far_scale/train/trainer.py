@@ -204,9 +204,11 @@ class Trainer:
         node's local rank 0 into the staging directory, so a machine with an empty disk resumes)."""
         ref = ckpt.read_latest(self.ckpt_dir) if self.remote is None else self.remote.latest()
         if ref is not None and self.env.local_rank == 0:
+            # Verified before DeepSpeed unpickles anything (fetch verifies what it keeps or downloads).
             if self.remote is not None:
                 self.remote.fetch(ref)
-            ckpt.verify_checkpoint(ref)  # before DeepSpeed unpickles anything
+            else:
+                ckpt.verify_checkpoint(ref)
         barrier()
         return ref
 
