@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from far_scale.tracking.system_metrics import is_server, server_answers
 
 log = logging.getLogger("far_scale.tracking")
 
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
 MAX_BUFFERED_METRICS = 200_000
-HEALTH_TIMEOUT_S = 2.0
 RETRY_INTERVAL_S = 30.0
 CLOSE_FIRST_WAIT_S = 1.0  # close() retries after 1, 2, 4, ... s (at most RETRY_INTERVAL_S)
 MAX_PARAM_LENGTH = 500
@@ -77,15 +77,6 @@ class Tracker:
     def online(self) -> bool:
         return self._client is not None and self.run_id is not None
 
-    def _reachable(self) -> bool:
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
     def _connect(self) -> bool:
         if self.online:
             return True
@@ -93,7 +84,7 @@ class Tracker:
         if now < self._next_attempt:
             return False
         self._next_attempt = now + RETRY_INTERVAL_S
-        if not self._reachable():
+        if not server_answers(self.uri):
             if not self._warned:
                 log.warning("MLflow at %s is unreachable: training continues, metrics are buffered "
                             "(up to %d) and sent when it answers", self.uri, MAX_BUFFERED_METRICS)
@@ -190,7 +181,7 @@ class Tracker:
                 self._pending_images.pop(0)
         except Exception as exc:
             log.warning("MLflow logging failed (%s); %d metrics kept for retry", exc, len(self._buffer))
-            self._client = None if self.uri.startswith(("http://", "https://")) else self._client
+            self._client = None if is_server(self.uri) else self._client
             self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 
     def _pending(self) -> bool:
@@ -204,7 +195,7 @@ class Tracker:
         if not self.enabled:
             return
         # Only a server can come back; a local store that fails once fails again.
-        waits = wait and self.uri.startswith(("http://", "https://"))
+        waits = wait and is_server(self.uri)
         deadline = time.monotonic() + (self.final_flush_timeout_s if waits else 0.0)
         wait_s = CLOSE_FIRST_WAIT_S
         while True:

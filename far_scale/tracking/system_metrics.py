@@ -28,8 +28,14 @@ def node_index() -> int:
     return rank // max(local, 1)
 
 
+def is_server(uri: str) -> bool:
+    """A tracking URI served over HTTP (it can be down and come back), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def server_answers(uri: str) -> bool:
-    if not uri.startswith(("http://", "https://")):
+    """True for a local store or a server whose /health answers."""
+    if not is_server(uri):
         return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as response:
