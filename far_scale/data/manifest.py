@@ -118,11 +118,6 @@ def _typed_problems(section: Any, keys: Mapping[str, type], name: str) -> list[s
     return problems
 
 
-def manifest_url(data_url: str) -> str:
-    fs, root = filesystem(data_url)
-    return fs.unstrip_protocol(join(root, MANIFEST_NAME))
-
-
 def read_manifest(data_url: str) -> Manifest:
     """The validated manifest of the dataset at ``data_url`` (local path or URL)."""
     fs, root = filesystem(data_url)
