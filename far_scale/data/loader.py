@@ -156,8 +156,7 @@ class LatentShardDataset(IterableDataset):
             try:
                 return self._read_shard(shard)
             except FileNotFoundError:
-                raise ShardError(f"{url} is missing: run `far-scale data verify {self.url}`, then re-run the same "
-                                 "`far-scale data encode` command (only missing shards are redone)") from None
+                raise ShardError(f"{url} is missing; {self._repair_hint()}") from None
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
@@ -169,14 +168,16 @@ class LatentShardDataset(IterableDataset):
                 time.sleep(wait_s)
                 wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
 
+    def _repair_hint(self) -> str:
+        return (f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its .stats.json "
+                "sidecar and re-run the same `far-scale data encode` command (only missing shards are redone)")
+
     def _read_shard(self, shard: int) -> list:
         fs, root = filesystem(self.url)
         fs.invalidate_cache()  # a listing cached before an outage must not hide the object
         entry = self.shards[shard]
         name = entry.name
-        how_to_fix = (f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its "
-                      ".stats.json sidecar and re-run the same `far-scale data encode` command (only missing "
-                      "shards are redone)")
+        how_to_fix = self._repair_hint()
         with fs.open(join(root, name), "rb", block_size=STREAM_BLOCK_BYTES) as raw:
             stream = HashingReader(raw, name)
             try:
