@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from far_scale.data.storage import write_atomic
+from far_scale.eval.grid import save_image_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 BUCKET = "far-scale-demo"
@@ -138,7 +141,7 @@ def prepare_images(demo: Demo) -> tuple[Path, Path]:
     demo.run(demo.cli("data", "synth", images, "--num-classes", 10, "--images-per-class", demo.images_per_class,
                       "--resolution", 64), log)
     demo.run(demo.cli("data", "fit-codec", images, codec, "--image-size", 64, "--patch-size", 8, "--dim", 16), log)
-    marker.write_text(json.dumps(wanted))
+    write_atomic(marker, json.dumps(wanted))  # written last: its presence means images and codec are complete
     return images, codec
 
 
@@ -341,8 +344,7 @@ def side_by_side(grids: dict[str, Path], target: Path) -> Path:
         draw.text((x + 4, 3), name, fill="black")
         canvas.paste(image, (x, label_h))
         x += image.width + gap
-    canvas.save(target)
-    return target
+    return save_image_atomic(canvas, target)
 
 
 def summary(demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str],
@@ -411,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if moto is not None:
             moto.stop()
     text = summary(demo, [far, mar], scores, pictures, tracking_uri)
-    (out / "summary.md").write_text(text + "\n")
+    write_atomic(out / "summary.md", text + "\n")
     print(f"\n== results ({(time.monotonic() - started) / 60:.1f} min)\n{text}")
     return 0
 
