@@ -89,3 +89,18 @@ def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: in
     if zero_stage >= 3:
         params /= world_size
     return ModelStateMemory(params=params, grads=grads, optimizer=optimizer_bytes, ema=ema)
+
+
+def builds_partitioned(zero_stage: int) -> bool:
+    """ZeRO-3 builds the model partitioned over the ranks (``zero.Init``); other stages build it whole."""
+    return zero_stage == 3
+
+
+def estimate_construction_memory(num_params: int, largest_layer_params: int, zero_stage: int,
+                                 world_size: int) -> float:
+    """The most fp32 weight bytes one rank holds while the model is built: its share plus the layer being
+    built when built partitioned (communication and initialisation buffers of that layer come on top),
+    else the whole model."""
+    if builds_partitioned(zero_stage):
+        return FP32_BYTES * (num_params / world_size + largest_layer_params)
+    return FP32_BYTES * num_params

@@ -12,7 +12,7 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -52,9 +52,39 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig, device: 
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may edit its config; the plan's stays as planned
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=ds_config,
+    if not any(is_partitioned(p) for p in model.parameters()):
+        model = model.to(device)  # a model built partitioned is already where zero.Init put its shares
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     return engine
+
+
+def build_partitioned(build: Callable[[], nn.Module], ds_config: dict, device: torch.device) -> nn.Module:
+    """``build()`` partitioned over the data-parallel ranks as it runs (ZeRO-3, DeepSpeed's ``zero.Init``):
+    each layer is created whole, broadcast from rank 0 and cut to this rank's share as soon as its
+    ``__init__`` returns, so no rank holds more than its share plus one layer.
+
+    Tensors are created with torch's defaults (host, fp32: ``tensor_overrides=[]``) so that the initialisers
+    draw the values an unpartitioned build draws (models/init.py); the shares are then given the engine's
+    precision, which DeepSpeed does not do for a model built this way. DeepSpeed's memory-efficient linear
+    stays off: it patches ``torch.nn.functional.linear`` for the whole process.
+    """
+    deepspeed = _configure_deepspeed_for(device)
+    # zero.Init reads the world size from DeepSpeed's communicator: attach it to the process group first.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                               dist_init_required=False, verbose=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, tensor_overrides=[], mem_efficient_linear=False):
+        model = build()
+    if ds_config.get("bf16", {}).get("enabled"):
+        for param in model.parameters():
+            param.ds_tensor.data = param.ds_tensor.data.to(torch.bfloat16)
+            param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter (a ZeRO-3 parameter's own ``shape`` is that of an empty placeholder)."""
+    return param.ds_shape if is_partitioned(param) else param.shape
 
 
 def set_learning_rate(engine, lr: float) -> None:

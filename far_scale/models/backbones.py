@@ -13,9 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, TokenCache, init_backbone_weights
-
-EMBED_INIT_STD = 0.02
+from far_scale.models.init import embedding_normal, init_backbone_weights, init_embedding_normal
+from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, TokenCache
 
 
 class TrainingPass(NamedTuple):
@@ -47,8 +46,8 @@ class ClassCondition(nn.Module):
         self.embedding = nn.Embedding(num_classes, width)
         self.null = nn.Parameter(torch.zeros(1, width))
         self.dropout = dropout
-        nn.init.normal_(self.embedding.weight, std=EMBED_INIT_STD)
-        nn.init.normal_(self.null, std=EMBED_INIT_STD)
+        self.embedding.apply(init_embedding_normal)  # a child's weights: through apply (models/init.py)
+        embedding_normal(self.null)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``labels``; in training each is replaced by the null one with p = dropout."""
@@ -64,7 +63,7 @@ class ClassCondition(nn.Module):
 
 def _learned_positions(length: int, width: int) -> nn.Parameter:
     param = nn.Parameter(torch.zeros(1, length, width))
-    nn.init.normal_(param, std=EMBED_INIT_STD)
+    embedding_normal(param)
     return param
 
 

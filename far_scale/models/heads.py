@@ -16,11 +16,11 @@ from torch import nn
 
 from far_scale.diffusion.gaussian import GaussianDiffusion
 from far_scale.diffusion.shortcut import draw_shortcut_rows, interpolate, num_level_bits, step_size
+from far_scale.models.init import init_embedding_normal, init_linear_xavier, init_zero
 from far_scale.models.transformer import LAYER_NORM_EPS
 
 FREQUENCY_EMBED_DIM = 256
 MAX_PERIOD = 10_000
-EMBED_INIT_STD = 0.02
 # Flow time t in [0, 1] is embedded as t * 1000 so that its sinusoidal features span the
 # same frequencies as DDPM's integer timesteps in MAR.
 FLOW_TIME_EMBED_SCALE = 1000.0
@@ -87,17 +87,13 @@ class AdaLNMLP(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        """Through ``apply`` on the layers concerned (models/init.py: a partitioned build gathers them there)."""
+        self.apply(init_linear_xavier)
         for embedder in self.scalar_embedders:
-            nn.init.normal_(embedder.mlp[0].weight, std=EMBED_INIT_STD)
-            nn.init.normal_(embedder.mlp[2].weight, std=EMBED_INIT_STD)
+            embedder.apply(init_embedding_normal)
         # Zero-init modulations and output: each block starts as the identity, the output as 0.
         for layer in [block.modulation[-1] for block in self.blocks] + [self.final.modulation[-1], self.final.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            layer.apply(init_zero)
 
     def forward(self, x: torch.Tensor, scalars: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
         cond = self.cond_proj(z)

@@ -77,3 +77,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def largest_layer_parameters(model: nn.Module) -> int:
+    """The most parameters one module holds itself (not counting its children): the unit a partitioned
+    build holds whole at a time."""
+    return max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())

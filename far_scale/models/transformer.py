@@ -164,14 +164,3 @@ class BlockStack(nn.Module):
             else:
                 x = block(x, causal=causal, cache=layer_cache)
         return x
-
-
-def init_backbone_weights(module: nn.Module) -> None:
-    """MAR init: Xavier-uniform linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -15,8 +15,9 @@ from far_scale.config.schema import Config
 from far_scale.data.loader import micro_batches_per_epoch
 from far_scale.data.manifest import Manifest, find_manifest
 from far_scale.data.spec import DataSpec
-from far_scale.distributed.deepspeed_config import ModelStateMemory, build_deepspeed_config, estimate_model_state_memory
-from far_scale.models.model import count_parameters
+from far_scale.distributed.deepspeed_config import (ModelStateMemory, build_deepspeed_config, builds_partitioned,
+                                                    estimate_construction_memory, estimate_model_state_memory)
+from far_scale.models.model import count_parameters, largest_layer_parameters
 from far_scale.models.registry import ModelDims
 from far_scale.planning.builder import build_meta_model, resolve_dims
 from far_scale.planning.checks import validate
@@ -86,6 +87,10 @@ class TrainingPlan:
     whole_target_network: bool
     """The shortcut head's target network is an EMA kept whole on every rank."""
     memory: ModelStateMemory
+    built_partitioned: bool
+    """ZeRO-3: the model is built partitioned over the ranks (``zero.Init``), never whole on one rank."""
+    construction_bytes: float
+    """The most fp32 weight bytes one rank holds while the model is built."""
     deepspeed_config: dict[str, Any]
 
     def as_dict(self) -> dict:
@@ -165,6 +170,9 @@ def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optio
         flops_per_image=train_flops_per_image(cfg.model, dims, data, model.expected_mask_ratio),
         whole_target_network=whole_target,
         memory=memory,
+        built_partitioned=builds_partitioned(par.zero_stage),
+        construction_bytes=estimate_construction_memory(parameters["total"], largest_layer_parameters(model),
+                                                        par.zero_stage, world_size),
         deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, accum, precision),
     )
 

@@ -45,6 +45,9 @@ def render_report(cfg: Config, world_size: int, source: DataSource, precision: O
         f"optimizer: {memory.optimizer / GIB:.2f} GiB, ema: {memory.ema / GIB:.2f} GiB "
         f"({'sharded evaluation EMA + whole target network' if plan.whole_target_network else 'sharded'}), "
         f"total: {memory.total / GIB:.2f} GiB",
+        f"model construction: {plan.construction_bytes / GIB:.2f} GiB of fp32 weights per rank at most "
+        + ("(built partitioned with zero.Init: its share plus the layer being built)" if plan.built_partitioned
+           else "(built whole on every rank; ZeRO-3 builds it partitioned)"),
         "",
         "# deepspeed config (optimizer: client torch.optim.AdamW; LR schedule: client-side)",
         json.dumps(plan.deepspeed_config, indent=2),

@@ -7,6 +7,7 @@ import math
 from torch import nn
 
 from far_scale.config.schema import Config
+from far_scale.distributed.engine import full_shape
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -17,7 +18,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or name.endswith(".bias") or name in model_exempt
+        exempt = len(full_shape(param)) < 2 or name.endswith(".bias") or name in model_exempt
         (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

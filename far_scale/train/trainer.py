@@ -8,7 +8,6 @@ ranks draws what a 1-rank run with W-fold accumulation draws.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import resource
@@ -36,7 +35,7 @@ from far_scale.eval.grid import save_image_atomic, tile
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.eval.scoring import build_scorer, concat_features
 from far_scale.models.model import TARGET_NET_PREFIX
-from far_scale.planning.builder import build_model
+from far_scale.planning.builder import build_meta_model, build_model
 from far_scale.planning.flops import peak_flops
 from far_scale.planning.plan import derive_plan
 from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
@@ -128,11 +127,17 @@ class Trainer:
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, self.data)
+        if self.plan.built_partitioned:  # ZeRO-3: no rank ever holds the whole model (same weights)
+            model = ds.build_partitioned(lambda: build_model(cfg.model, self.data), self.plan.deepspeed_config,
+                                         env.device)
+        else:
+            model = build_model(cfg.model, self.data)
         self.dims = self.plan.dims
         target_kind = cfg.model.head.consistency_target if self.dims.head_kind == "shortcut" else "live"
-        # Only the head's MLP is copied before ZeRO may partition it: the bootstrap targets run on it.
-        target_template = copy.deepcopy(model.head.net) if target_kind != "live" else None
+        # The network the bootstrap targets run on: the head's MLP, unpartitioned, its weights bound to an EMA
+        # below (built on the meta device and allocated empty: no generator draws, no values copied).
+        target_template = (build_meta_model(cfg.model, self.data).head.net.to_empty(device=env.device)
+                           if target_kind != "live" else None)
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
         resume = self._find_checkpoint()
@@ -156,7 +161,7 @@ class Trainer:
         self.target_ema = (EMA(self.engine.module, cfg.model.head.target_ema_decay, prefix=TARGET_NET_PREFIX,
                                whole_prefix=TARGET_NET_PREFIX) if target_kind == "ema" else None)
         target_source = self.target_ema if target_kind == "ema" else self.ema
-        self.target_net = (target_source.bind(target_template.to(env.device), TARGET_NET_PREFIX)
+        self.target_net = (target_source.bind(target_template, TARGET_NET_PREFIX)
                            if target_template is not None else None)
         run_id = None
         if resume is not None:
@@ -276,6 +281,10 @@ class Trainer:
               f"(sharded over {self.env.world_size} rank(s)"
               + (f"; target network {self.target_ema.num_bytes() / MIB:.2f} MiB, whole" if self.target_ema else "")
               + ")", flush=True)
+        if self.plan.built_partitioned:
+            held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.engine.module.parameters())
+            print(f"model built partitioned (ZeRO-3 zero.Init): rank 0 holds {held / MIB:.2f} MiB of weights; "
+                  f"at most {self.plan.construction_bytes / MIB:.2f} MiB of fp32 weights while building", flush=True)
 
     # ---- one step ---------------------------------------------------------------------------------
     def _micro_step(self, batch: LatentBatch, micro: int) -> tuple[Optional[torch.Tensor], dict]:
