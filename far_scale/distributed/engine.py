@@ -24,7 +24,8 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}  # deepspeed.checkpoint.constants value
 
 
-def _configure_deepspeed_for(device: torch.device):
+def configure_deepspeed(device: torch.device):
+    """Import and configure DeepSpeed for ``device`` (idempotent); returns the module."""
     import deepspeed
     import deepspeed.ops
 
@@ -46,7 +47,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig, device: torch.device,
                  param_groups: list[dict], lr: float, load_universal: bool = False):
     """A DeepSpeed engine over ``model`` with a client AdamW; ``ds_config`` is the plan's."""
-    deepspeed = _configure_deepspeed_for(device)
+    deepspeed = configure_deepspeed(device)
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                                   fused=device.type == "cuda")
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may edit its config; the plan's stays as planned
@@ -69,7 +70,7 @@ def build_partitioned(build: Callable[[], nn.Module], ds_config: dict, device: t
     precision, which DeepSpeed does not do for a model built this way. DeepSpeed's memory-efficient linear
     stays off: it patches ``torch.nn.functional.linear`` for the whole process.
     """
-    deepspeed = _configure_deepspeed_for(device)
+    deepspeed = configure_deepspeed(device)
     # zero.Init reads the world size from DeepSpeed's communicator: attach it to the process group first.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
                                dist_init_required=False, verbose=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import signal
 import sys
@@ -42,6 +41,7 @@ from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
 from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.ema import EMA, ramped_decay
+from far_scale.train.memory import GIB, peak_bytes, peak_growth
 from far_scale.train.optim import parameter_groups, schedule_for
 from far_scale.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, STOP_FILE
 from far_scale.train.remote_checkpoints import RemoteCheckpoints, is_remote, local_directory
@@ -50,6 +50,7 @@ log = logging.getLogger("far_scale.train")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 METRICS_FILE = "metrics.jsonl"
+MEMORY_FILE = "memory.json"  # per-rank peak memory and model-build growth, written when a run ends
 UNSENT_METRICS_FILE = "mlflow_unsent.jsonl"  # metrics an unreachable tracking server never received
 MIB = 2**20
 GRID_FILE = "samples_step{step:08d}.png"
@@ -127,11 +128,13 @@ class Trainer:
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        if self.plan.built_partitioned:  # ZeRO-3: no rank ever holds the whole model (same weights)
-            model = ds.build_partitioned(lambda: build_model(cfg.model, self.data), self.plan.deepspeed_config,
-                                         env.device)
-        else:
-            model = build_model(cfg.model, self.data)
+        ds.configure_deepspeed(env.device)  # imported first: its libraries are not the model build's memory
+        with peak_growth(env.device) as self.build_memory:
+            if self.plan.built_partitioned:  # ZeRO-3: no rank ever holds the whole model (same weights)
+                model = ds.build_partitioned(lambda: build_model(cfg.model, self.data), self.plan.deepspeed_config,
+                                             env.device)
+            else:
+                model = build_model(cfg.model, self.data)
         self.dims = self.plan.dims
         target_kind = cfg.model.head.consistency_target if self.dims.head_kind == "shortcut" else "live"
         # The network the bootstrap targets run on: the head's MLP, unpartitioned, its weights bound to an EMA
@@ -404,12 +407,37 @@ class Trainer:
         """Close the bar and the MLflow run, then leave together: under `srun --kill-on-bad-exit` the first
         rank to exit non-zero ends the others, so nothing may remain to be done after this barrier."""
         bar.close()
+        self._record_memory()
         if self.node_metrics is not None:
             self.node_metrics.finish()
         if self.tracker is not None:
             self.tracker.close(status, wait=code != EXIT_PREEMPTED)
         barrier()
         return code
+
+    def _record_memory(self) -> None:
+        """Collective: every rank's peak memory and what building the model added, beside the plan's
+        estimates, in ``memory.json`` (one entry per rank) and MLflow (the largest over the ranks)."""
+        growth = self.build_memory
+        ranks = all_gather_objects({"peak_gib": peak_bytes(self.env.device) / GIB,
+                                    "build_host_gib": growth.host_bytes / GIB,
+                                    "build_device_gib": None if growth.device_bytes is None else growth.device_bytes / GIB})
+        if not self.env.is_main:
+            return
+        record = {"device": self.env.device.type, "zero_stage": self.cfg.parallel.zero_stage,
+                  "built_partitioned": self.plan.built_partitioned,
+                  "model_state_estimate_gib": self.plan.memory.total / GIB,
+                  "construction_estimate_gib": self.plan.construction_bytes / GIB, "ranks": ranks}
+        write_atomic(self.run_dir / MEMORY_FILE, json.dumps(record, indent=1))
+        build = [r["build_device_gib"] if r["build_device_gib"] is not None else r["build_host_gib"] for r in ranks]
+        peak = max(r["peak_gib"] for r in ranks)
+        print(f"memory: peak {peak:.2f} GiB on the fullest of {len(ranks)} rank(s) (model states estimated at "
+              f"{record['model_state_estimate_gib']:.2f} GiB); building the model added at most {max(build):.2f} GiB "
+              f"({'partitioned' if self.plan.built_partitioned else 'whole'}; fp32 weights estimated at "
+              f"{record['construction_estimate_gib']:.2f} GiB)", flush=True)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"memory/peak_gib_max_rank": peak, "memory/build_gib_max_rank": max(build)},
+                                     self.step)
 
     def _mark_preempted(self) -> None:
         if not self.env.is_main:
@@ -424,7 +452,7 @@ class Trainer:
         if self.env.is_main:
             row = {"step": self.step, "loss": loss, **parts, "lr": self.lr_at(self.step - 1),
                    "step_time_s": times.total_s, "data_s": times.data_s,
-                   "peak_memory_gib": _peak_memory_gib(self.env.device)}
+                   "peak_memory_gib": peak_bytes(self.env.device) / GIB}
             with open(self.run_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
@@ -445,7 +473,7 @@ class Trainer:
             "data_wait_share": t.data_s / t.total_s if t.total_s > 0 else 0.0,
             "time/forward_backward_s": t.compute_s / window.steps,
             "time/optimizer_s": t.optimizer_s / window.steps,
-            "memory/peak_gib": _peak_memory_gib(self.env.device),
+            "memory/peak_gib": peak_bytes(self.env.device) / GIB,
             "nonfinite_skipped": float(self.nonfinite),
         }
         if self.peak:
@@ -566,9 +594,3 @@ class Trainer:
 def _grad_norm(engine) -> Optional[float]:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else None
-
-
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux

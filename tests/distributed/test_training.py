@@ -107,6 +107,17 @@ def test_zero_stages_on_two_ranks_match_one_rank(parity_runs, stage):
     assert reference[6] < reference[1]
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_rank_reports_its_memory(parity_runs, stage):
+    """memory.json: each rank's peak and what building the model added, beside the plan's estimates."""
+    record = json.loads((parity_runs / f"zero{stage}" / "memory.json").read_text())
+    assert record["built_partitioned"] == (stage == 3)
+    assert len(record["ranks"]) == 2
+    for rank in record["ranks"]:
+        assert rank["peak_gib"] > rank["build_host_gib"] >= 0 and rank["build_device_gib"] is None
+    assert 0 < record["construction_estimate_gib"] and 0 < record["model_state_estimate_gib"]
+
+
 def _assert_close_states(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                          rtol: float = PARITY_RTOL, atol: float = 1e-6) -> None:
     assert got.keys() == expected.keys()

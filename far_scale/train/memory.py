@@ -1,0 +1,63 @@
+"""This rank's memory: its peak, and how far a block of work (building the model) raised it.
+
+Device memory on a GPU comes from torch's allocator (exact). Host memory is the process's resident set:
+its peak from ``getrusage``, its current size from ``/proc/self/status`` (libraries and the Python heap
+included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+GIB = 1024**3
+KIB = 1024
+
+
+def host_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # KiB on Linux
+
+
+def host_current_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KIB
+    return host_peak_bytes()  # no VmRSS line: the peak bounds it
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The most memory this rank has held so far: on the GPU when it has one, else on the host."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return host_peak_bytes()
+
+
+@dataclass
+class Growth:
+    """Filled in when the ``peak_growth`` block ends."""
+
+    host_bytes: int = 0
+    """How far the host's peak resident set rose above its size when the block began (an upper bound: the
+    process's high-water mark may predate the block)."""
+    device_bytes: Optional[int] = None
+    """The same for GPU memory (exact: the peak counter is reset first); None without a GPU."""
+
+
+@contextlib.contextmanager
+def peak_growth(device: torch.device):
+    """Measure the peak memory of a block above what this rank held when it began."""
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+        device_before = torch.cuda.memory_allocated(device)
+    host_before = host_current_bytes()
+    growth = Growth()
+    yield growth
+    growth.host_bytes = max(host_peak_bytes() - host_before, 0)
+    if on_gpu:
+        growth.device_bytes = max(torch.cuda.max_memory_allocated(device) - device_before, 0)
