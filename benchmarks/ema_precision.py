@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+from report import (  # noqa: E402
+    command_line, describe_machine, load_results, markdown_table, save_result, write_doc_section,
+)
 
 BENCHMARK = "ema_precision"
 INIT_STD = 0.02  # the backbone's embedding init; Xavier weights of width 768-1280 are of the same order
@@ -83,8 +85,7 @@ def main(argv=None) -> None:
             print(row, flush=True)
     if not args.no_docs:
         save_result(BENCHMARK, "sim", {"rows": rows, "machine": describe_machine(torch.device("cpu")),
-                                       "command": "python benchmarks/ema_precision.py " + " ".join(
-                                           sys.argv[1:] if argv is None else argv)})
+                                       "command": command_line("ema_precision.py", argv)})
         render_docs()
 
 

@@ -22,7 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+from report import (  # noqa: E402
+    command_line, describe_machine, load_results, markdown_table, save_result, write_doc_section,
+)
 
 from data_prep.encode import EncodeJob, _ImageDataset, job_images, run_encode  # noqa: E402
 from data_prep.fit_codec import fit_pca_codec  # noqa: E402
@@ -104,8 +106,7 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     machine = describe_machine(torch.device("cpu"))
     result = {"machine": machine, "rows": rows, "images": args.images, "resolution": args.resolution,
-              "image_size": args.image_size, "command": "python benchmarks/encode_throughput.py " + " ".join(
-                  sys.argv[1:] if argv is None else argv)}
+              "image_size": args.image_size, "command": command_line("encode_throughput.py", argv)}
     if args.no_docs:
         return
     save_result(BENCHMARK, "cpu", result)

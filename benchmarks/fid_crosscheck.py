@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import describe_machine, save_result  # noqa: E402
+from report import command_line, describe_machine, save_result  # noqa: E402
 
 from far_scale.eval.fid import InceptionScorer  # noqa: E402
 from far_scale.eval.image_sets import load_npz_images  # noqa: E402
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     save_result("fid_crosscheck", device.type, {
         "machine": describe_machine(device), "num_samples": len(samples), "num_reference": len(reference),
         "far_scale": ours, "torch_fidelity": theirs, "difference": diff,
-        "command": "python benchmarks/fid_crosscheck.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+        "command": command_line("fid_crosscheck.py", argv)})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    REPO_ROOT, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, result_heading, save_result,
+    write_doc_section,
 )
 
 from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON  # noqa: E402
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
     _, shards, bench_path, bench = prepare_work(work, args.images_per_class)
     device = torch.device("cpu")
     result = {"machine": describe_machine(device), "steps": args.steps, "num_images": args.num_images,
-              "command": "python benchmarks/quality_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": command_line("quality_speed.py", argv),
               "calibration": [r.as_dict() for r in bench.calibration], "training": {}, "rows": []}
     for label in ("FAR", "MAR"):
         run_dir, seconds = train(label, work, shards, bench_path, args)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -99,6 +100,11 @@ def write_doc_section(benchmark: str, body: str) -> None:
     tmp = DOC_PATH.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(DOC_PATH)
+
+
+def command_line(script: str, argv) -> str:
+    """The command that produced a result, as docs/benchmarks.md shows it (``argv`` None: this process's)."""
+    return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def result_heading(what: str, result: dict, details: str = "") -> list[str]:

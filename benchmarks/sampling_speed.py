@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import (  # noqa: E402
-    REPO_ROOT, describe_machine, load_results, markdown_table, median_seconds, result_heading, save_result,
-    synchronize, write_doc_section,
+    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, median_seconds, result_heading,
+    save_result, synchronize, write_doc_section,
 )
 
 import sampling_study  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     machine = describe_machine(device)
-    command = "python benchmarks/sampling_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("sampling_speed.py", argv)
     tag = f"_{args.tag}" if args.tag else ""
     if args.pareto:
         result = {**sampling_study.run_pareto(args, device), "machine": machine, "command": command}

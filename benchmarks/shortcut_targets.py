@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_speed import RECIPES, add_training_arguments, prepare_work, train_recipe  # noqa: E402
 from report import (  # noqa: E402
-    describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+    command_line, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
 )
 
 BENCHMARK = "shortcut_targets"
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     _, shards, bench_path, bench = prepare_work(work, args.images_per_class)
     result = {"machine": describe_machine(torch.device("cpu")), "steps": args.steps, "num_iter": args.num_iter,
               "num_images": args.num_images, "variants": [],
-              "command": "python benchmarks/shortcut_targets.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": command_line("shortcut_targets.py", argv)}
     args.eval_interval = max(args.eval_interval, args.steps)
     for name in args.variants.split(","):
         overrides = VARIANTS[name]

@@ -2,7 +2,8 @@
 
 Trains tiny/base FAR on the machine's CPUs (or GPU) for a few steps per configuration (1 or 2 ranks, ZeRO
 0/2/3) on a synthetic latent dataset it builds, and reads rank 0's per-step records (metrics.jsonl) after
-a warm-up, including its peak memory beside check-config's model-state estimate. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
+a warm-up, and every rank's peak memory and model-build memory (the run's memory.json) beside check-config's
+estimates. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
 Results: benchmarks/results/train_throughput__*.json and docs/benchmarks.md.
 """
 
@@ -19,12 +20,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode_throughput import start_moto  # noqa: E402
-from report import REPO_ROOT, describe_machine, load_results, markdown_table, save_result, write_doc_section  # noqa: E402
+from report import (  # noqa: E402
+    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, result_heading, save_result,
+    write_doc_section,
+)
 
 from data_prep.encode import EncodeJob, run_encode  # noqa: E402
 from data_prep.fit_codec import fit_pca_codec  # noqa: E402
@@ -32,6 +37,9 @@ from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
 from far_scale.data.loader import LatentLoader  # noqa: E402
 
 BENCHMARK = "train_throughput"
+FIT_BENCHMARK = "largest_micro_batch"
+FIT_STEPS = 3  # steps per trial of --fit (the peak is reached in the first optimizer step)
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
 RECIPE = REPO_ROOT / "recipes" / "far_tiny_synth64.yaml"
 
 
@@ -45,7 +53,7 @@ def build_data(tmp: Path, images: int) -> Path:
 
 
 def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, steps: int) -> dict:
-    name = f"{size}_n{nproc}_z{zero}"
+    name = f"{size}_n{nproc}_z{zero}_m{micro}"  # a fresh run directory per trial (no resume)
     overrides = [f"data.url={data}", f"run.output_dir={out}", f"run.name={name}", f"model.size={size}",
                  f"run.max_steps={steps}", f"parallel.zero_stage={zero}", f"parallel.micro_batch_size_per_gpu={micro}",
                  f"parallel.global_batch_size={micro * nproc}", "data.expect.seq_len=256", "tracking.enabled=false",
@@ -61,18 +69,51 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     step_s = statistics.median(r["step_time_s"] for r in measured)
     data_share = statistics.median(r["data_s"] / r["step_time_s"] for r in measured)
     images = micro * nproc
+    # Written by the trainer when the run ends: every rank's peak and what building the model added, beside
+    # the run's own plan (check-config's estimates for exactly this run).
+    memory = json.loads((out / name / "memory.json").read_text())
+    build = [r["build_device_gib"] if r["build_device_gib"] is not None else r["build_host_gib"]
+             for r in memory["ranks"]]
     return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
             "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
-            "peak_gib": max(r["peak_memory_gib"] for r in rows), "estimate_gib": estimated_gib(overrides, nproc)}
+            "peak_gib": max(r["peak_gib"] for r in memory["ranks"]), "estimate_gib": memory["model_state_estimate_gib"],
+            "build_gib": max(build), "build_estimate_gib": memory["construction_estimate_gib"]}
 
 
-def estimated_gib(overrides: list[str], nproc: int) -> float:
-    """``check-config``'s per-rank model-state estimate for exactly this run (its plan), fp32."""
-    from far_scale.config.loader import load_config
-    from far_scale.planning.plan import plan_for, resolve_data
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest n in [1, limit] with ``fits(n)``, fitting being monotone in n (doubling, then bisection);
+    0 when not even 1 fits."""
+    low, high, probe = 0, limit + 1, 1
+    while probe < high:
+        if not fits(probe):
+            high = probe
+            break
+        low, probe = probe, probe * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
-    cfg = load_config(RECIPE, overrides)
-    return plan_for(cfg, nproc, resolve_data(cfg), "fp32").memory.total / 1024**3
+
+def fit_micro_batch(data: Path, out: Path, size: str, nproc: int, zero: int, limit: int, budget_gib: float) -> dict:
+    """The largest micro batch per rank that trains ``FIT_STEPS`` steps without running out of GPU memory and
+    with every rank's peak within ``budget_gib``."""
+    peaks: dict[int, float] = {}
+
+    def fits(micro: int) -> bool:
+        try:
+            row = train(data, out, size, nproc, zero, micro, FIT_STEPS)
+        except subprocess.CalledProcessError as exc:
+            if any(marker in (exc.stderr or b"").decode(errors="replace") for marker in OOM_MARKERS):
+                return False
+            raise
+        peaks[micro] = row["peak_gib"]
+        print(f"{size} ZeRO-{zero} x{nproc}: micro batch {micro} peaks at {row['peak_gib']:.2f} GiB", flush=True)
+        return row["peak_gib"] <= budget_gib
+
+    largest = largest_fitting(fits, limit)
+    return {"size": size, "ranks": nproc, "zero": zero, "largest_micro": largest, "limit": limit,
+            "budget_gib": budget_gib, "peak_gib": peaks.get(largest)}
 
 
 def _gib(row: dict, key: str) -> str:
@@ -97,7 +138,15 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--fit", action="store_true",
+                        help="instead of throughput: the largest micro batch per rank (up to each config's micro "
+                             "batch) that trains without running out of memory and within --memory-budget-gib")
+    parser.add_argument("--memory-budget-gib", type=float,
+                        help="peak memory allowed per rank for --fit (default on a GPU: the card's memory)")
     args = parser.parse_args(argv)
+    if args.fit:
+        fit_main(args, argv)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="far-scale-train-bench-"))
     results, loader_rows = [], []
     moto = None
@@ -124,7 +173,7 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"machine": describe_machine(device), "runs": results, "loader": loader_rows,
-              "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": command_line("train_throughput.py", argv)}
     if args.no_docs:
         return
     save_result(BENCHMARK, device.type, result)
@@ -134,18 +183,60 @@ def main(argv=None) -> None:
         parts += [f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
                   f"Date: {res['date']}. Command: `{res['command']}`", "",
                   markdown_table(["size", "ranks", "ZeRO", "images/step", "step (s)", "images/s", "latents/s",
-                                  "data wait", "peak memory, rank 0 (GiB)", "model-state estimate (GiB)"],
+                                  "data wait", "peak memory, fullest rank (GiB)", "model-state estimate (GiB)",
+                                  "model build added (GiB)", "build estimate (GiB)"],
                                  [[r["size"], r["ranks"], r["zero"], r["batch"], f"{r['step_s']:.3f}",
                                    f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
-                                   f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib")]
+                                   f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib"),
+                                   _gib(r, "build_gib"), _gib(r, "build_estimate_gib")]
                                   for r in res["runs"]]),
                   "",
-                  "Peak memory is the process's peak RSS on CPU (Python, libraries and activations included) or "
-                  "torch.cuda.max_memory_allocated on a GPU; the estimate counts model states only (check-config).",
+                  "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
+                  "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
+                  "estimate counts model states only. Model build: how far building the model raised a rank's peak "
+                  "(the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's fp32-weights "
+                  "estimate.",
                   "",
                   "", "Loader only (1 worker, batch 64):", "",
                   markdown_table(["source", "latents/s"], res["loader"]), ""]
     write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+def fit_main(args, argv) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = args.memory_budget_gib
+    if budget is None:
+        if device.type != "cuda":
+            raise SystemExit("--fit on CPU needs --memory-budget-gib (the host has no card size to fill)")
+        budget = torch.cuda.get_device_properties(device).total_memory / 1024**3
+    tmp = Path(tempfile.mkdtemp(prefix="far-scale-fit-bench-"))
+    try:
+        data = build_data(tmp, args.images)
+        rows = []
+        for spec in args.configs.split(","):
+            size, nproc, zero, limit = spec.split(":")
+            rows.append(fit_micro_batch(data, tmp / "runs", size, int(nproc), int(zero), int(limit), budget))
+            print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.no_docs:
+        return
+    save_result(FIT_BENCHMARK, device.type, {
+        "machine": describe_machine(device), "rows": rows,
+        "command": command_line("train_throughput.py", argv)})
+    parts = ["## Largest micro batch per rank (`benchmarks/train_throughput.py --fit`)", ""]
+    for res in load_results(FIT_BENCHMARK):
+        precision = "bf16" if res["machine"]["device"] == "cuda" else "fp32"
+        parts += result_heading("FAR", res, f"256 tokens x 16, {precision}")
+        parts += [markdown_table(["size", "ranks", "ZeRO", "largest micro batch", "searched up to",
+                                  "peak at it (GiB)", "budget (GiB)"],
+                                 [[r["size"], r["ranks"], r["zero"], r["largest_micro"], r["limit"],
+                                   _gib(r, "peak_gib") if r["peak_gib"] is not None else "-", f"{r['budget_gib']:.1f}"]
+                                  for r in res["rows"]]),
+                  "",
+                  f"Each trial trains {FIT_STEPS} steps; a trial fits when no rank runs out of memory and every "
+                  "rank's peak (memory.json) stays within the budget.", ""]
+    write_doc_section(FIT_BENCHMARK, "\n".join(parts))
 
 
 if __name__ == "__main__":
