@@ -9,6 +9,8 @@ from typing import Optional
 import pytest
 import torch
 
+from far_scale.distributed.runtime import free_port  # noqa: F401  (tests import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
 
@@ -24,14 +26,6 @@ def _deterministic_torch():
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float, process=None) -> None:

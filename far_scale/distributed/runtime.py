@@ -33,7 +33,8 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
@@ -56,7 +57,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     # What torchrun exports for a launch; DeepSpeed reads these from the environment (LOCAL_RANK above
     # all), so a plain `far-scale train` on one process gets the same variables a 1-process torchrun would.
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank),
-                        ("MASTER_ADDR", LOOPBACK), ("MASTER_PORT", _free_port() if world_size == 1 else None)):
+                        ("MASTER_ADDR", LOOPBACK), ("MASTER_PORT", free_port() if world_size == 1 else None)):
         if value is not None:
             os.environ.setdefault(name, str(value))
     if not dist.is_initialized():

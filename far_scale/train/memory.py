@@ -8,14 +8,18 @@ included).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import resource
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 GIB = 1024**3
 KIB = 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+T = TypeVar("T")
 
 
 def host_peak_bytes() -> int:
@@ -23,11 +27,34 @@ def host_peak_bytes() -> int:
 
 
 def host_current_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * KIB
-    return host_peak_bytes()  # no VmRSS line: the peak bounds it
+    raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
+
+
+def host_peak_of(fn: Callable[[], T]) -> tuple[T, int]:
+    """``(fn(), bytes)``: how far the process's resident set rose above its size before ``fn`` ran, from the
+    kernel's high-water mark, which this resets first (Linux ``clear_refs``; a process-wide counter, so for
+    measurements, not for training processes). With glibc, fix its mmap threshold beforehand
+    (``set_mmap_threshold``) to count live tensors rather than freed memory the heap keeps."""
+    gc.collect()  # what is already unreachable goes first, not during fn
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    before = _status_bytes("VmRSS")
+    result = fn()
+    return result, _status_bytes("VmHWM") - before
+
+
+def set_mmap_threshold(num_bytes: int) -> None:
+    """glibc: serve allocations of at least ``num_bytes`` with their own mappings, returned to the OS when
+    freed (a fixed threshold also stops glibc from raising it after frees). Process-wide; for measurements."""
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, num_bytes)
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -135,6 +135,8 @@ class Trainer:
                                              env.device)
             else:
                 model = build_model(cfg.model, self.data)
+        # Observed, not planned: recorded in memory.json.
+        self.built_partitioned = all(ds.is_partitioned(p) for p in model.parameters())
         self.dims = self.plan.dims
         target_kind = cfg.model.head.consistency_target if self.dims.head_kind == "shortcut" else "live"
         # The network the bootstrap targets run on: the head's MLP, unpartitioned, its weights bound to an EMA
@@ -284,7 +286,7 @@ class Trainer:
               f"(sharded over {self.env.world_size} rank(s)"
               + (f"; target network {self.target_ema.num_bytes() / MIB:.2f} MiB, whole" if self.target_ema else "")
               + ")", flush=True)
-        if self.plan.built_partitioned:
+        if self.built_partitioned:
             held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.engine.module.parameters())
             print(f"model built partitioned (ZeRO-3 zero.Init): rank 0 holds {held / MIB:.2f} MiB of weights; "
                   f"at most {self.plan.construction_bytes / MIB:.2f} MiB of fp32 weights while building", flush=True)
@@ -425,7 +427,7 @@ class Trainer:
         if not self.env.is_main:
             return
         record = {"device": self.env.device.type, "zero_stage": self.cfg.parallel.zero_stage,
-                  "built_partitioned": self.plan.built_partitioned,
+                  "built_partitioned": self.built_partitioned,
                   "model_state_estimate_gib": self.plan.memory.total / GIB,
                   "construction_estimate_gib": self.plan.construction_bytes / GIB, "ranks": ranks}
         write_atomic(self.run_dir / MEMORY_FILE, json.dumps(record, indent=1))
@@ -433,7 +435,7 @@ class Trainer:
         peak = max(r["peak_gib"] for r in ranks)
         print(f"memory: peak {peak:.2f} GiB on the fullest of {len(ranks)} rank(s) (model states estimated at "
               f"{record['model_state_estimate_gib']:.2f} GiB); building the model added at most {max(build):.2f} GiB "
-              f"({'partitioned' if self.plan.built_partitioned else 'whole'}; fp32 weights estimated at "
+              f"({'partitioned' if self.built_partitioned else 'whole'}; fp32 weights estimated at "
               f"{record['construction_estimate_gib']:.2f} GiB)", flush=True)
         if self.tracker is not None:
             self.tracker.log_metrics({"memory/peak_gib_max_rank": peak, "memory/build_gib_max_rank": max(build)},

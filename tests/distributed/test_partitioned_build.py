@@ -8,8 +8,6 @@ a bf16 engine on a model built partitioned must train exactly like one on a mode
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 
 import pytest
@@ -24,6 +22,7 @@ from far_scale.distributed.deepspeed_config import build_deepspeed_config, estim
 from far_scale.distributed.runtime import init_distributed
 from far_scale.models.model import largest_layer_parameters
 from far_scale.planning.builder import build_meta_model, build_model
+from far_scale.train.memory import host_peak_of, set_mmap_threshold
 from far_scale.train.optim import parameter_groups
 from tests.conftest import free_port
 
@@ -38,7 +37,6 @@ PROBE_MODEL, PROBE_DATA = ModelConfig(arch="far", size="base"), DataSpec(seq_len
 # Besides the layer being built, a rank briefly holds up to three more copies of it: the all-gather
 # output that zero.Init's apply writes into, gloo's staging copy of it, and the host-drawn values.
 LAYER_BUFFERS = 3
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_BYTES = 64 * 1024
 TRAIN_STEPS = 3
 MICRO_BATCH = 2
@@ -48,24 +46,6 @@ def _ds_config(precision: str) -> dict:
     par = ParallelConfig(zero_stage=3, precision=precision, global_batch_size=MICRO_BATCH * WORLD_SIZE,
                          micro_batch_size_per_gpu=MICRO_BATCH)
     return build_deepspeed_config(par, grad_clip=1.0, grad_accum_steps=1, precision=precision)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _peak_bytes_while(build) -> tuple[object, int]:
-    """(``build()``, the growth of this process's RSS high-water mark while it ran)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current RSS
-    before = _status_bytes("VmRSS")
-    result = build()
-    return result, _status_bytes("VmHWM") - before
 
 
 def _gathered_state(model) -> dict[str, torch.Tensor]:
@@ -98,7 +78,7 @@ def _train_losses(model, ds_config: dict) -> list[float]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)  # freed tensors leave the RSS
+    set_mmap_threshold(MMAP_THRESHOLD_BYTES)  # freed tensors leave the resident set
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init_distributed("cpu")
@@ -113,11 +93,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         del model
 
         torch.manual_seed(SEED)
-        model, partitioned_peak = _peak_bytes_while(
+        model, partitioned_peak = host_peak_of(
             lambda: ds.build_partitioned(lambda: build_model(PROBE_MODEL, PROBE_DATA), fp32, torch.device("cpu")))
         probe_held = _held_elements(model)
         del model
-        model, whole_peak = _peak_bytes_while(lambda: build_model(PROBE_MODEL, PROBE_DATA))
+        model, whole_peak = host_peak_of(lambda: build_model(PROBE_MODEL, PROBE_DATA))
         del model
 
         bf16 = _ds_config("bf16")
