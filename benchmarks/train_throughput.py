@@ -72,12 +72,11 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     # Written by the trainer when the run ends: every rank's peak and what building the model added, beside
     # the run's own plan (check-config's estimates for exactly this run).
     memory = json.loads((out / name / "memory.json").read_text())
-    build = [r["build_device_gib"] if r["build_device_gib"] is not None else r["build_host_gib"]
-             for r in memory["ranks"]]
     return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
             "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
             "peak_gib": max(r["peak_gib"] for r in memory["ranks"]), "estimate_gib": memory["model_state_estimate_gib"],
-            "build_gib": max(build), "build_estimate_gib": memory["construction_estimate_gib"]}
+            "build_gib": max(r["build_host_gib"] for r in memory["ranks"]),
+            "build_estimate_gib": memory["construction_estimate_gib"]}
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
@@ -184,7 +183,7 @@ def main(argv=None) -> None:
                   f"Date: {res['date']}. Command: `{res['command']}`", "",
                   markdown_table(["size", "ranks", "ZeRO", "images/step", "step (s)", "images/s", "latents/s",
                                   "data wait", "peak memory, fullest rank (GiB)", "model-state estimate (GiB)",
-                                  "model build added (GiB)", "build estimate (GiB)"],
+                                  "model build added, host (GiB)", "build estimate (GiB)"],
                                  [[r["size"], r["ranks"], r["zero"], r["batch"], f"{r['step_s']:.3f}",
                                    f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
                                    f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib"),
@@ -194,8 +193,8 @@ def main(argv=None) -> None:
                   "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
                   "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
                   "estimate counts model states only. Model build: how far building the model raised a rank's peak "
-                  "(the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's fp32-weights "
-                  "estimate.",
+                  "host memory (the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's "
+                  "fp32-weights estimate.",
                   "",
                   "", "Loader only (1 worker, batch 64):", "",
                   markdown_table(["source", "latents/s"], res["loader"]), ""]

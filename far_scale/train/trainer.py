@@ -431,14 +431,18 @@ class Trainer:
                   "model_state_estimate_gib": self.plan.memory.total / GIB,
                   "construction_estimate_gib": self.plan.construction_bytes / GIB, "ranks": ranks}
         write_atomic(self.run_dir / MEMORY_FILE, json.dumps(record, indent=1))
-        build = [r["build_device_gib"] if r["build_device_gib"] is not None else r["build_host_gib"] for r in ranks]
         peak = max(r["peak_gib"] for r in ranks)
+        build = {"host": max(r["build_host_gib"] for r in ranks)}
+        if self.env.device.type == "cuda":
+            build["gpu"] = max(r["build_device_gib"] for r in ranks)
         print(f"memory: peak {peak:.2f} GiB on the fullest of {len(ranks)} rank(s) (model states estimated at "
-              f"{record['model_state_estimate_gib']:.2f} GiB); building the model added at most {max(build):.2f} GiB "
+              f"{record['model_state_estimate_gib']:.2f} GiB); building the model "
               f"({'partitioned' if self.built_partitioned else 'whole'}; fp32 weights estimated at "
-              f"{record['construction_estimate_gib']:.2f} GiB)", flush=True)
+              f"{record['construction_estimate_gib']:.2f} GiB) added at most "
+              + ", ".join(f"{gib:.2f} GiB on the {where}" for where, gib in build.items()), flush=True)
         if self.tracker is not None:
-            self.tracker.log_metrics({"memory/peak_gib_max_rank": peak, "memory/build_gib_max_rank": max(build)},
+            self.tracker.log_metrics({"memory/peak_gib_max_rank": peak,
+                                      **{f"memory/build_{where}_gib_max_rank": gib for where, gib in build.items()}},
                                      self.step)
 
     def _mark_preempted(self) -> None:
