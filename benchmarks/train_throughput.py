@@ -35,6 +35,7 @@ from data_prep.encode import EncodeJob, run_encode  # noqa: E402
 from data_prep.fit_codec import fit_pca_codec  # noqa: E402
 from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
 from far_scale.data.loader import LatentLoader  # noqa: E402
+from far_scale.train.memory import GIB  # noqa: E402
 
 BENCHMARK = "train_throughput"
 FIT_BENCHMARK = "largest_micro_batch"
@@ -207,7 +208,7 @@ def fit_main(args, argv) -> None:
     if budget is None:
         if device.type != "cuda":
             raise SystemExit("--fit on CPU needs --memory-budget-gib (the host has no card size to fill)")
-        budget = torch.cuda.get_device_properties(device).total_memory / 1024**3
+        budget = torch.cuda.get_device_properties(device).total_memory / GIB
     tmp = Path(tempfile.mkdtemp(prefix="far-scale-fit-bench-"))
     try:
         data = build_data(tmp, args.images)

@@ -27,7 +27,10 @@ def host_peak_bytes() -> int:
 
 
 def host_current_bytes() -> int:
-    return _status_bytes("VmRSS")
+    try:
+        return _status_bytes("VmRSS")
+    except OSError:  # no /proc (not Linux): the peak so far bounds it
+        return host_peak_bytes()
 
 
 def _status_bytes(field: str) -> int:
@@ -35,7 +38,7 @@ def _status_bytes(field: str) -> int:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * KIB
-    raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
+    raise OSError(f"/proc/self/status has no {field} line")
 
 
 def host_peak_of(fn: Callable[[], T]) -> tuple[T, int]:
