@@ -82,11 +82,6 @@ def _estimates(size: str, world_size: int) -> dict:
             "partitioned_estimate_gib": estimate_construction_memory(total, layer, 3, world_size) / GIB}
 
 
-def _largest(rows: list[dict], path: str) -> float:
-    kind, key = path.split(".")
-    return max(row[kind][key] for row in rows)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="base,large", help="FAR sizes, comma-separated")
@@ -103,8 +98,8 @@ def main(argv=None) -> None:
         ranks = [ranked[index] for ranked in per_rank]
         device_gib = [r["partitioned"]["device_gib"] for r in ranks]
         rows.append({"size": size, **_estimates(size, args.ranks),
-                     "whole_host_gib": _largest(ranks, "whole.host_gib"),
-                     "partitioned_host_gib": _largest(ranks, "partitioned.host_gib"),
+                     "whole_host_gib": max(r["whole"]["host_gib"] for r in ranks),
+                     "partitioned_host_gib": max(r["partitioned"]["host_gib"] for r in ranks),
                      "partitioned_device_gib": None if None in device_gib else max(device_gib)})
         print(rows[-1], flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

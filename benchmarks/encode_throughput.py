@@ -29,6 +29,7 @@ from report import (  # noqa: E402
 from data_prep.encode import EncodeJob, _ImageDataset, job_images, run_encode  # noqa: E402
 from data_prep.fit_codec import fit_pca_codec  # noqa: E402
 from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
+from far_scale.distributed.runtime import free_port  # noqa: E402
 
 BENCHMARK = "encode_throughput"
 
@@ -48,9 +49,7 @@ def encode(job: EncodeJob) -> float:
 
 
 def start_moto() -> tuple[subprocess.Popen, dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from far_scale.data.storage import write_atomic
+from far_scale.distributed.runtime import free_port
 from far_scale.eval.grid import save_image_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,17 +96,11 @@ def _worth_showing(line: str) -> bool:
     return bool(line.strip()) and not line.startswith("  ") and not any(n in line for n in noisy)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MotoServer:
     """A local S3 API on 127.0.0.1 (moto), stopped on every exit path of the demo."""
 
     def __init__(self, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         executable = shutil.which("moto_server") or str(Path(PYTHON).with_name("moto_server"))
         self.log = open(log, "a")
         self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
