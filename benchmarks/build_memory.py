@@ -1,7 +1,7 @@
 """Memory of building a model: whole on every rank (ZeRO-0/1/2) vs partitioned over the ranks (ZeRO-3, zero.Init).
 
-Each rank (2 on CPU; one per GPU on a GPU machine) builds every size twice with the same seed, whole and partitioned, and reports how far each
-build raised its resident set (the kernel's high-water mark, reset before each build; glibc's mmap threshold
+Each rank (2 on CPU; one per GPU on a GPU machine) builds every model (FAR beside MAR at each size) twice with
+the same seed, whole and partitioned, and reports how far each build raised its resident set (the kernel's high-water mark, reset before each build; glibc's mmap threshold
 fixed so that freed tensors leave the resident set and the number counts live memory) and, on a GPU, its
 allocated GPU memory, beside check-config's estimate (``estimate_construction_memory``).
 Results: benchmarks/results/build_memory__*.json and docs/benchmarks.md.
@@ -46,7 +46,12 @@ def _measure(build, device: torch.device) -> dict:
     return {"host_gib": host / GIB, "device_gib": None if growth.device_bytes is None else growth.device_bytes / GIB}
 
 
-def _worker(rank: int, world_size: int, port: int, sizes: list[str], out_dir: str) -> None:
+def _model_config(spec: str) -> ModelConfig:
+    arch, size = spec.split(":")
+    return ModelConfig(arch=arch, size=size)
+
+
+def _worker(rank: int, world_size: int, port: int, models: list[str], out_dir: str) -> None:
     set_mmap_threshold(MMAP_THRESHOLD_BYTES)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -60,22 +65,22 @@ def _worker(rank: int, world_size: int, port: int, sizes: list[str], out_dir: st
         rows = []
         # A first small build so that one-time set-up (DeepSpeed's communicator, zero.Init) is not measured.
         ds.build_partitioned(lambda: build_model(ModelConfig(arch="far", size="tiny"), DATA), ds_config, env.device)
-        for size in sizes:
-            cfg = ModelConfig(arch="far", size=size)
+        for spec in models:
+            cfg = _model_config(spec)
             torch.manual_seed(0)
             whole = _measure(lambda: build_model(cfg, DATA), env.device)
             torch.manual_seed(0)
             partitioned = _measure(lambda: ds.build_partitioned(lambda: build_model(cfg, DATA), ds_config,
                                                                 env.device), env.device)
-            rows.append({"size": size, "whole": whole, "partitioned": partitioned})
+            rows.append({"model": spec, "whole": whole, "partitioned": partitioned})
             dist.barrier()
         torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _estimates(size: str, world_size: int) -> dict:
-    meta = build_meta_model(ModelConfig(arch="far", size=size), DATA)
+def _estimates(spec: str, world_size: int) -> dict:
+    meta = build_meta_model(_model_config(spec), DATA)
     total, layer = sum(p.numel() for p in meta.parameters()), largest_layer_parameters(meta)
     return {"parameters": total,
             "whole_estimate_gib": estimate_construction_memory(total, layer, 0, world_size) / GIB,
@@ -84,20 +89,21 @@ def _estimates(size: str, world_size: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="base,large", help="FAR sizes, comma-separated")
+    parser.add_argument("--models", default="far:base,mar:base,far:large,mar:large",
+                        help="arch:size, comma-separated (FAR beside MAR: same backbone, another head)")
     parser.add_argument("--ranks", type=int, default=torch.cuda.device_count() or 2,
                         help="ranks to partition over (default: one per GPU, else 2 CPU ranks)")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
-    sizes = args.sizes.split(",")
+    models = args.models.split(",")
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(args.ranks, free_port(), sizes, out), nprocs=args.ranks, join=True)
+        mp.spawn(_worker, args=(args.ranks, free_port(), models, out), nprocs=args.ranks, join=True)
         per_rank = [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(args.ranks)]
     rows = []
-    for index, size in enumerate(sizes):
+    for index, spec in enumerate(models):
         ranks = [ranked[index] for ranked in per_rank]
         device_gib = [r["partitioned"]["device_gib"] for r in ranks]
-        rows.append({"size": size, **_estimates(size, args.ranks),
+        rows.append({"model": spec, **_estimates(spec, args.ranks),
                      "whole_host_gib": max(r["whole"]["host_gib"] for r in ranks),
                      "partitioned_host_gib": max(r["partitioned"]["host_gib"] for r in ranks),
                      "partitioned_device_gib": None if None in device_gib else max(device_gib)})
@@ -109,11 +115,11 @@ def main(argv=None) -> None:
                                          "command": command_line("build_memory.py", argv)})
     parts = ["## Memory of building the model (`benchmarks/build_memory.py`)", ""]
     for res in load_results(BENCHMARK):
-        parts += result_heading(f"FAR, {res['ranks']} ranks", res, "ImageNet-256 shapes, fp32 weights while building")
+        parts += result_heading(f"{res['ranks']} ranks", res, "ImageNet-256 shapes, fp32 weights while building")
         parts += [markdown_table(
-            ["size", "parameters", "whole: host (GiB)", "estimate", "partitioned: host (GiB)",
+            ["model", "parameters", "whole: host (GiB)", "estimate", "partitioned: host (GiB)",
              "partitioned: GPU (GiB)", "estimate"],
-            [[r["size"], f"{r['parameters'] / 1e6:.0f}M", f"{r['whole_host_gib']:.2f}",
+            [[r["model"], f"{r['parameters'] / 1e6:.0f}M", f"{r['whole_host_gib']:.2f}",
               f"{r['whole_estimate_gib']:.2f}", f"{r['partitioned_host_gib']:.2f}",
               "-" if r["partitioned_device_gib"] is None else f"{r['partitioned_device_gib']:.2f}",
               f"{r['partitioned_estimate_gib']:.2f}"] for r in res["rows"]]),

@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a recipe without a GPU and print every derived value",
         description="Validate RECIPE (+ overrides) for a world size and print the resolved YAML, derived "
-        "values, parameter counts, model-state memory per GPU and the generated DeepSpeed config.",
+        "values, parameter counts, model-state memory per GPU, the memory of building the model (whole, or "
+        "partitioned under ZeRO-3) and the generated DeepSpeed config.",
     )
     check.add_argument("recipe", help="recipe YAML (see recipes/)")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
