@@ -28,7 +28,7 @@ from far_scale.codecs import Codec, load_codec
 from far_scale.data.contract import (
     FORMAT_VERSION, LATENT_DTYPE, NUM_VIEWS, SHARD_PREFIX, TAR_MODE, TAR_MTIME, TAR_OWNER, encode_sample, shard_name, stats_name,
 )
-from far_scale.data.images import ImageList, list_images, load_image, shuffled, to_unit_range
+from far_scale.data.images import read_dataset_card, ImageList, list_images, load_image, shuffled, to_unit_range
 from far_scale.data.manifest import Manifest, combine_stats, write_manifest
 from far_scale.data.storage import atomic_writer, filesystem, join, redact_command, write_bytes_atomic
 
@@ -174,7 +174,8 @@ def build_manifest(job: EncodeJob, images: ImageList, codec: Codec, records: lis
         "codec": {**info.as_dict(), "scale": stats["scale"], "dtype": "float16",
                   "moments": 2 if info.posterior else 1},
         "source": {"root": str(images.root), "num_images": len(images), "classes": images.classes,
-                   "image_size": job.image_size, "order_seed": job.order_seed},
+                   "image_size": job.image_size, "order_seed": job.order_seed,
+                   **({"dataset": card} if (card := read_dataset_card(job.src)) else {})},
         "images_per_shard": job.images_per_shard,
         "shards": [{k: r[k] for k in ("name", "num_samples", "num_bytes", "sha256")} for r in records],
         "stats": stats,

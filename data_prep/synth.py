@@ -1,8 +1,15 @@
 """A synthetic class-conditional image dataset in ImageNet layout (``train/<class>/*.JPEG``).
 
-Each class is a shape kind and a colour palette (10 kinds x 10 palettes = up to 100 classes),
-drawn at a random position, size and rotation over a textured background, so the class is
-visible at a glance and a small model can learn it. Deterministic from the seed.
+Two modes (``SynthSpec.colors``):
+- ``class``: each class is a shape kind and a colour palette (10 kinds x 10 palettes = up to 100
+  classes). The class is visible at a glance, but a classifier can tell the classes apart by colour
+  alone, so this data cannot show whether a model draws shapes (the offline benchmark's verdict calls
+  a benchmark on it invalid).
+- ``random``: the class is the shape alone (up to 10 classes); each image's shape and background
+  colours are drawn at random, independently of the class. Use it wherever synthetic data stands for
+  "can the model draw".
+Each shape is drawn at a random position, size and rotation over a dim gradient. Deterministic from
+the seed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ PALETTES = (
     ("purple", (110, 40, 170)), ("brown", (130, 80, 40)),
 )
 MAX_CLASSES = len(SHAPES) * len(PALETTES)
+COLOR_MODES = ("class", "random")
+MIN_RANDOM_BRIGHTNESS = 120  # a random shape colour's brightest channel, so it stands out of the dim background
 JPEG_QUALITY = 95
 COLOR_JITTER = 25
 
@@ -34,12 +43,25 @@ class SynthSpec:
     images_per_class: int = 32
     resolution: int = 64
     seed: int = 0
+    colors: str = "class"
+    """class: colour and shape make the class; random: the shape alone (colours drawn per image)."""
+
+    def max_classes(self) -> int:
+        return MAX_CLASSES if self.colors == "class" else len(SHAPES)
 
 
-def class_name(label: int) -> str:
+def class_name(label: int, colors: str = "class") -> str:
     shape = SHAPES[label % len(SHAPES)]
+    if colors == "random":
+        return f"c{label:03d}_{shape}"
     palette = PALETTES[(label // len(SHAPES) + label) % len(PALETTES)][0]
     return f"c{label:03d}_{shape}_{palette}"
+
+
+def _random_color(rng: np.random.Generator) -> tuple[int, ...]:
+    color = rng.integers(0, 256, 3)
+    color[rng.integers(0, 3)] = rng.integers(MIN_RANDOM_BRIGHTNESS, 256)
+    return tuple(int(c) for c in color)
 
 
 def _color(rng: np.random.Generator, base: tuple[int, int, int]) -> tuple[int, ...]:
@@ -99,32 +121,40 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_image(label: int, index: int, resolution: int, seed: int) -> Image.Image:
+def draw_image(label: int, index: int, resolution: int, seed: int, colors: str = "class") -> Image.Image:
     """Image ``index`` of class ``label`` (independent of every other image's draw)."""
     rng = np.random.default_rng([seed, label, index])
     shape = SHAPES[label % len(SHAPES)]
-    base = PALETTES[(label // len(SHAPES) + label) % len(PALETTES)][1]
     image = _background(rng, resolution)
     r = rng.uniform(0.18, 0.32) * resolution
     cx, cy = rng.uniform(r, resolution - r), rng.uniform(r, resolution - r)
-    _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, rng.uniform(0, math.pi), _color(rng, base), resolution)
+    angle = rng.uniform(0, math.pi)
+    if colors == "random":
+        color = _random_color(rng)
+    else:
+        color = _color(rng, PALETTES[(label // len(SHAPES) + label) % len(PALETTES)][1])
+    _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, angle, color, resolution)
     return image
 
 
 def write_dataset(out: str | Path, spec: SynthSpec, progress: bool = True) -> Path:
     """Write ``out/train/<class>/<class>_<i>.JPEG``; existing files are rewritten identically."""
-    if not 1 <= spec.num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {spec.num_classes}")
+    if spec.colors not in COLOR_MODES:
+        raise ValueError(f"colors must be one of {', '.join(COLOR_MODES)}, got {spec.colors!r}")
+    if not 1 <= spec.num_classes <= spec.max_classes():
+        raise ValueError(f"num_classes must be in [1, {spec.max_classes()}] with colors={spec.colors}, "
+                         f"got {spec.num_classes}")
     root = Path(out)
     total = spec.num_classes * spec.images_per_class
     with tqdm(total=total, unit="img", desc="synth", disable=not progress) as bar:
         for label in range(spec.num_classes):
-            folder = root / "train" / class_name(label)
+            name = class_name(label, spec.colors)
+            folder = root / "train" / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(spec.images_per_class):
-                path = folder / f"{class_name(label)}_{index:05d}.JPEG"
+                path = folder / f"{name}_{index:05d}.JPEG"
                 with local_atomic_writer(path) as handle:
-                    draw_image(label, index, spec.resolution, spec.seed).save(handle, format="JPEG",
-                                                                              quality=JPEG_QUALITY)
+                    draw_image(label, index, spec.resolution, spec.seed, spec.colors).save(
+                        handle, format="JPEG", quality=JPEG_QUALITY)
                 bar.update()
     return root

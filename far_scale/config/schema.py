@@ -116,6 +116,9 @@ class DataConfig(Section):
     split: Literal["shards", "samples"] = "shards"
     """shards: each rank reads its own shards (scales); samples: every rank reads all shards and keeps its
     slice of each global batch, so a step's data is the same at any world size (small data, exact tests)."""
+    hflip: bool = True
+    """Train on the stored horizontal flip half the time (MAR's only augmentation). Off for data whose class a
+    flip changes (digits: the dataset card says ``hflip_invariant: false``; train refuses the flip there)."""
     read_retry_s: float = Field(default=300.0, ge=0.0)
     """How long a shard that cannot be read (object store down, network) is retried, with exponential backoff,
     before the run stops with an error naming the shard's URL. Damaged shards are never retried."""

@@ -12,6 +12,10 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp")
 TRAIN_DIR = "train"
+HELDOUT_DIR = "val"
+"""A folder may hold a seeded held-out split beside ``train/`` (``far-scale data digits`` writes one)."""
+DATASET_CARD = "DATASET.json"
+"""What a built-in dataset says about itself: source, checksum, licence, split, whether flips keep the class."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,44 @@ def list_images(root: str | Path, class_map: Optional[str | Path] = None) -> Ima
     if not paths:
         raise ValueError(f"no images under {base}")
     return ImageList(root, classes, paths, labels)
+
+
+def read_dataset_card(root: str | Path) -> Optional[dict]:
+    """The folder's ``DATASET.json`` (None for a plain image folder such as ImageNet's)."""
+    path = Path(root) / DATASET_CARD
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable dataset card ({exc}): rewrite the folder with the far-scale "
+                         "data command that made it") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return card
+
+
+def hflip_invariant(root: str | Path) -> bool:
+    """Whether a horizontal flip keeps an image's class (ImageNet: yes; digits: no). Default yes."""
+    card = read_dataset_card(root)
+    return True if card is None else bool(card.get("hflip_invariant", True))
+
+
+def heldout_images(root: str | Path, classes: list[str]) -> Optional[ImageList]:
+    """``root/val/<class>/*`` with the training split's class indices, or None when there is no held-out split."""
+    base = Path(root) / HELDOUT_DIR
+    if not base.is_dir():
+        return None
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = base / name
+        for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(file.relative_to(root)))
+                labels.append(label)
+    if not paths:
+        raise ValueError(f"{base} holds no images of the classes {', '.join(classes[:5])}...")
+    return ImageList(Path(root), classes, paths, labels)
 
 
 def shuffled(images: ImageList, seed: int) -> ImageList:

@@ -114,9 +114,11 @@ def micro_batches_per_epoch(shard_sizes: list[int], split: str, seed: int, epoch
     return steps_per_epoch(shard_sizes, seed, epoch, world_size, num_workers, batch_size)
 
 
-def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
-    """One of the two views (p = 1/2); from the posterior when moments are (mean, logvar)."""
-    view = latents[rng.integers(0, 2)].astype(np.float32)
+def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float, hflip: bool = True) -> np.ndarray:
+    """One of the two views (p = 1/2; the image itself when ``hflip`` is off); from the posterior when
+    moments are (mean, logvar). The view is drawn either way, so the posterior noise does not depend on it."""
+    drawn = rng.integers(0, 2)
+    view = latents[drawn if hflip else 0].astype(np.float32)
     if view.shape[0] == 2:
         mean, logvar = view
         return (mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)) * scale
@@ -129,9 +131,9 @@ class LatentShardDataset(IterableDataset):
     def __init__(self, url: str, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
                  batch_size: int, seed: int, position: LoaderPosition, shuffle: bool = True,
                  worker_offset: int = 0, split: str = "shards", grad_accum: int = 1,
-                 read_retry_s: float = 0.0):
+                 read_retry_s: float = 0.0, hflip: bool = True):
         self.url = url
-        self.read_retry_s = read_retry_s
+        self.read_retry_s, self.hflip = read_retry_s, hflip
         self.shards = manifest.shards
         self.scale = manifest.scale
         self.rank, self.world_size = rank, world_size
@@ -257,8 +259,8 @@ class LatentShardDataset(IterableDataset):
                     yield self._collate(batches.pop(k), epoch, worker, k)
 
     def _collate(self, samples: list, epoch: int, worker: int, index: int) -> LatentBatch:
-        latents = [sample_latent(s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.scale)
-                   for s in samples]
+        latents = [sample_latent(s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.scale,
+                                 self.hflip) for s in samples]
         return LatentBatch(torch.from_numpy(np.stack(latents)), torch.tensor([s.label for s in samples]),
                            [s.key for s in samples], worker, index)
 
@@ -316,9 +318,9 @@ class LatentLoader:
     def __init__(self, url: str, *, rank: int, world_size: int, num_workers: int, batch_size: int, seed: int,
                  shuffle: bool = True, position: Optional[LoaderPosition] = None, split: str = "shards",
                  grad_accum: int = 1, manifest: Optional[Manifest] = None,
-                 read_retry_s: float = 0.0):
+                 read_retry_s: float = 0.0, hflip: bool = True):
         self.url = url
-        self.read_retry_s = read_retry_s
+        self.read_retry_s, self.hflip = read_retry_s, hflip
         self.manifest = manifest or read_manifest(url)
         self.spec: DataSpec = self.manifest.spec
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -373,7 +375,8 @@ class LatentLoader:
         dataset = LatentShardDataset(self.url, self.manifest, rank=self.rank, world_size=self.world_size,
                                      num_workers=self.num_workers, batch_size=self.batch_size, seed=self.seed,
                                      position=start, shuffle=self.shuffle, worker_offset=self.next_worker(),
-                                     split=self.split, grad_accum=self.grad_accum, read_retry_s=self.read_retry_s)
+                                     split=self.split, grad_accum=self.grad_accum, read_retry_s=self.read_retry_s,
+                                     hflip=self.hflip)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
         produced = 0

@@ -67,8 +67,10 @@ class Manifest:
     @property
     def spec(self) -> DataSpec:
         """The data shape a model and the plan need."""
+        card = self.source.get("dataset") or {}
         return DataSpec(seq_len=int(self.codec["seq_len"]), token_dim=int(self.codec["token_dim"]),
-                        num_classes=len(self.classes), num_images=self.num_images)
+                        num_classes=len(self.classes), num_images=self.num_images,
+                        hflip_invariant=bool(card.get("hflip_invariant", True)))
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Manifest":

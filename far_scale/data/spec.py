@@ -14,6 +14,8 @@ class DataSpec:
     token_dim: int
     num_classes: int
     num_images: Optional[int] = None
+    hflip_invariant: bool = True
+    """False where the dataset card says a horizontal flip changes the class (digits)."""
 
     @classmethod
     def from_expectation(cls, expect: DataExpectation) -> "DataSpec":

