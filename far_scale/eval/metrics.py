@@ -90,3 +90,44 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS)
     precision = _inside_manifold(fake_t, real_t, _kth_neighbour_radii(real_t, k)).double().mean()
     recall = _inside_manifold(real_t, fake_t, _kth_neighbour_radii(fake_t, k)).double().mean()
     return float(precision), float(recall)
+
+
+BOOTSTRAP_RESAMPLES = 200  # percentile intervals; more resamples move a 95% bound by well under its width
+CONFIDENCE = 0.95
+
+
+def class_frechet_distance(features: np.ndarray, labels: np.ndarray, reference: FeatureStats | None,
+                           reference_by_class: dict[int, FeatureStats]) -> float:
+    """Mean over classes of the Fréchet distance between class c's images and class c's reference images.
+
+    Unlike the pooled distance it sees a model that draws the right *mixture* of images but the wrong image
+    for the label. Classes with fewer than 2 images (or no reference) are skipped; NaN if none is left.
+    """
+    distances = []
+    for label, stats in reference_by_class.items():
+        rows = features[labels == label]
+        if len(rows) >= 2:
+            distances.append(frechet_distance(FeatureStats.of(rows), stats))
+    return float(np.mean(distances)) if distances else float("nan")
+
+
+def bootstrap_interval(statistic, num_items: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
+                       confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """95% bootstrap interval of ``statistic(indices)`` over ``num_items`` items resampled with replacement,
+    placed around the point estimate ``statistic(all)``: [estimate - (median - q_low), estimate + (q_high -
+    median)], clipped at 0 for non-negative statistics.
+
+    Why centred: a resample repeats images, which lowers the effective count and so biases distances such as
+    FD upward (on 1,000 real digits the plain percentile interval of an FD of 0.11 was [0.26, 1.12], not
+    containing it); the bootstrap's spread is right, its location is not. Seeded: the same images give the
+    same bounds."""
+    estimate = statistic(np.arange(num_items))
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, num_items, num_items)) for _ in range(resamples)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values) or not np.isfinite(estimate):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, median, high = np.percentile(values, [tail, 50, 100 - tail])
+    floor = 0.0 if values.min() >= 0 else -np.inf
+    return float(max(estimate - (median - low), floor)), float(estimate + (high - median))

@@ -95,6 +95,21 @@ def test_offline_benchmark_calibration_orders_real_recon_random(bench):
     assert recon.accuracy >= 0.9 and recon.fd < random.fd / 10  # the codec keeps what the classifier sees
 
 
+def test_benchmark_on_colour_classes_is_reported_invalid(bench):
+    """The synthetic data's classes are colours: its shape-free control keeps most of the accuracy, so the
+    verdict refuses to let this benchmark rank generators."""
+    from far_scale.eval.offline import CALIBRATION_REAL, CONTROL_TOKENS_SHUFFLED
+
+    _, benchmark = bench
+    rows = _rows(benchmark)
+    assert rows[CONTROL_TOKENS_SHUFFLED].accuracy > 0.55 and rows[CALIBRATION_REAL].accuracy >= 0.95
+    assert not benchmark.verdict.valid
+    assert "without shape" in benchmark.verdict.reason and benchmark.verdict.line().startswith(
+        "offline benchmark INVALID")
+    features = benchmark.features(np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    assert benchmark.score(features, np.arange(4))["benchmark_valid"] == 0.0  # what reaches MLflow
+
+
 def test_offline_benchmark_is_cached_by_data_and_settings(bench, synth64, tmp_path):
     from far_scale.eval.classifier import ClassifierSettings
     from far_scale.eval.offline import BenchmarkSettings, benchmark_key, build_benchmark, folder_fingerprint

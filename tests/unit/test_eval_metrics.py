@@ -144,3 +144,48 @@ def test_sample_files_are_byte_reproducible(tmp_path):
     save_npz(tmp_path / "bad.npz", {"x": images})
     with pytest.raises(ValueError, match="arr_0"):
         load_npz_images(tmp_path / "bad.npz")
+
+
+def test_token_controls_keep_or_remove_what_they_say():
+    from far_scale.eval.offline import shuffle_pixels, shuffle_tokens, token_means
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    blocks = lambda x: sorted(x[0].reshape(4, 4, 4, 4, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1).tolist())  # noqa: E731
+    shuffled = shuffle_tokens(images, 4, seed=0)
+    assert blocks(shuffled) == blocks(images) and not (shuffled == images).all()  # same patches, moved
+    means = token_means(images, 4)
+    assert (means[0, :4, :4] == np.round(images[0, :4, :4].astype(float).mean((0, 1)))).all()
+    pixels = shuffle_pixels(images, seed=0)
+    assert sorted(map(tuple, pixels[0].reshape(-1, 3))) == sorted(map(tuple, images[0].reshape(-1, 3)))
+    with pytest.raises(ValueError, match="tokens of 5 px"):
+        shuffle_tokens(images, 5, seed=0)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
+    from far_scale.eval.metrics import FeatureStats, bootstrap_interval, frechet_distance
+
+    rng = np.random.default_rng(1)
+    reference = FeatureStats.of(rng.normal(size=(500, 8)))
+    features = rng.normal(size=(400, 8))
+    statistic = lambda rows: frechet_distance(FeatureStats.of(features[rows]), reference)  # noqa: E731
+    low, high = bootstrap_interval(statistic, len(features))
+    assert low <= statistic(np.arange(400)) <= high and low >= 0.0
+    assert (low, high) == bootstrap_interval(statistic, len(features))
+
+
+def test_verdict_needs_controls_clearly_worse_and_shape():
+    from far_scale.eval.offline import (CALIBRATION_REAL, CONTROL_TOKEN_MEANS, CONTROL_TOKENS_SHUFFLED, QualityRow,
+                                        judge)
+
+    def row(name, accuracy, fd):
+        return QualityRow(name, 100, accuracy, fd, 0.5, 0.5, fd, (accuracy - 0.02, accuracy + 0.02),
+                          (fd * 0.9, fd * 1.1), (fd * 0.9, fd * 1.1))
+
+    real = row(CALIBRATION_REAL, 0.99, 1.0)
+    assert judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.4, 90)], 10).valid
+    colour = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.87, 26), row(CONTROL_TOKEN_MEANS, 0.9, 12)], 10)
+    assert not colour.valid and "without shape" in colour.reason
+    overlap = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.98, 1.05)], 10)
+    assert not overlap.valid and "intervals overlap" in overlap.reason
+    assert not judge([real], 10).valid  # no controls: nothing to judge by
