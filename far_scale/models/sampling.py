@@ -148,8 +148,10 @@ def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_st
                                                                   options.mask_schedule_power)
         else:
             end = start + 1
+        # Progress over iterations, so the last one runs head_steps_end (by tokens known, "8 -> 1" at K=4
+        # ran 8, 8, 4, 2: the end value was never reached).
         steps = options.head_steps if options.head_steps_end is None else anneal_steps(
-            options.head_steps, options.head_steps_end, start / seq_len)
+            options.head_steps, options.head_steps_end, step / max(num_iter - 1, 1))
         both = options.guided and (not caching_guidance or step % options.guidance_refresh_every == 0)
         # Cached guidance differences need every position: a pass of both halves is a full one.
         full = step % options.backbone_refresh_every == 0 or (caching_guidance and both)
@@ -276,11 +278,24 @@ def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions
                                 fast=options.fast_ddpm).to(dtype)
         tokens[:, i] = torch.cat([new_token, new_token]) if options.guided else new_token
     return tokens[:batch]
+def check_head_steps(model: ARModel, options: SamplingOptions) -> None:
+    """Refuse shortcut steps the head was not trained for (O above its finest level, or not a power of two)."""
+    levels = getattr(model.head, "num_levels", None)
+    if levels is None:
+        return
+    for name in ("head_steps", "head_steps_end"):
+        steps = getattr(options, name)
+        if steps is not None and (steps > levels or steps & (steps - 1)):
+            raise ValueError(f"sampling option {name}={steps} (eval.{name}): the shortcut head has step sizes "
+                             f"1/1 ... 1/{levels} (model.head.num_levels={levels}); use a power of two <= {levels}")
+
+
 def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: NoiseSource = None) -> torch.Tensor:
     """Latent tokens [B, L, D] (in the model's scaled space) for class ``labels``.
 
     ``noise``: prepared ``SamplingNoise``, or a generator (None: the global one) to draw it from.
     """
+    check_head_steps(model, options)
     if not isinstance(noise, SamplingNoise):
         noise = SamplingNoise.from_generator(model, options, labels.shape[0], noise, labels.device)
     sampler = sample_causal if model.backbone.kind == "causal" else sample_masked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -49,17 +50,34 @@ def digest(samples: torch.Tensor) -> str:
     return hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest()
 
 
+# Another CPU's kernels (AVX2 vs AVX512, another BLAS path) round the last bits differently, and the sampler
+# iterates: such differences stay far below this, a change of the sampler's logic moves samples by O(1).
+CROSS_CPU_TOLERANCE = 1e-3
+
+
+def cpu_kernels() -> str:
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_every_option_off_is_bit_identical_to_the_reference_sampler(case):
+    """Bit-identical to the stored digest on the CPU kernel family it was written on; elsewhere equal to the
+    stored samples within CROSS_CPU_TOLERANCE. Either way, each option at its no-op value changes no bit."""
     golden = json.loads(GOLDEN.read_text())
     if golden["torch"] != torch.__version__:
         pytest.skip(f"digests written with torch {golden['torch']}, running {torch.__version__}")
     arch, options = GOLDEN_CASES[case]
     model = build(arch)
-    assert digest(sample(model, **options)) == golden["sha256"][case]
+    samples = sample(model, **options)
+    recorded = golden["sha256"].get(cpu_kernels())
+    if recorded is not None:
+        assert digest(samples) == recorded[case]
+    else:
+        reference = torch.tensor(golden["values"][case]).reshape(samples.shape)
+        torch.testing.assert_close(samples, reference, rtol=CROSS_CPU_TOLERANCE, atol=CROSS_CPU_TOLERANCE)
     # Each option at the value that makes it a no-op changes nothing either.
     no_op = dict(NO_OP_OPTIONS, head_steps_end=options.get("head_steps", 8))
-    assert digest(sample(model, **options, **no_op)) == golden["sha256"][case]
+    assert digest(sample(model, **options, **no_op)) == digest(samples)
 
 
 @pytest.mark.parametrize("guided", [False, True])
@@ -207,3 +225,20 @@ def test_sampling_loop_has_no_host_syncs_on_cuda():
         sample_masked(model, labels, options, noise)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("num_iter", [2, 4, 8, 16, 64])
+def test_head_steps_end_is_reached_at_the_last_iteration(num_iter):
+    for head, first, last in ((ShortcutHead, 8, 1), (ShortcutHead, 1, 8), (DiffusionHead, 100, 20)):
+        plan = plan_generation(SamplingOptions(num_iter=num_iter, head_steps=first, head_steps_end=last), 256,
+                               "masked", head.anneal_steps)
+        assert (plan[0].head_steps, plan[-1].head_steps) == (first, last), (head.__name__, num_iter)
+
+
+def test_head_steps_above_the_shortcut_levels_are_refused_naming_the_field():
+    model = build("far")
+    levels = model.head.num_levels
+    with pytest.raises(ValueError, match=rf"head_steps={2 * levels} \(eval.head_steps\).*num_levels={levels}"):
+        sample(model, num_iter=2, head_steps=2 * levels)
+    with pytest.raises(ValueError, match=r"head_steps_end=3 \(eval.head_steps_end\)"):
+        sample(model, num_iter=2, head_steps=4, head_steps_end=3)
