@@ -586,6 +586,8 @@ class Trainer:
             all_labels = np.concatenate([l for _, parts, _ in gathered for l in parts])
             scores = self.scorer.score(concat_features(f for f, _, _ in gathered if f), all_labels)
             metrics.update({f"eval/{k}": v for k, v in scores.items()})
+            if scores.get("benchmark_valid") == 0.0:
+                print(f"warning: {self.scorer.verdict.line()}: these scores cannot rank models", flush=True)
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.flush()
         print(f"eval at step {self.step} ({job.num_images} images, K={options.num_iter}, head steps "
