@@ -169,7 +169,11 @@ class ParallelConfig(Section):
     micro_batch_size_per_gpu: int = Field(default=64, ge=1)
     """Images per forward/backward on one rank; global_batch_size must be a multiple of it x world size."""
     offload_optimizer: Literal["none", "cpu"] = "none"
-    """ZeRO-Offload of the optimizer states to host memory (stage >= 1)."""
+    """ZeRO-Offload of the optimizer states to host memory (stage >= 1). Refused by check-config for now:
+    DeepSpeed offloads only its own CPU Adam (a JIT-compiled op), not the client torch AdamW far-scale uses."""
+    process_group_timeout_min: float = Field(default=60.0, ge=1.0)
+    """How long a collective may wait for the slowest rank before the job fails (NCCL's default is 10 min:
+    too short for rank 0's universal-checkpoint conversion or one node's upload of a multi-GB checkpoint)."""
     overlap_comm: bool = True
     """DeepSpeed: overlap gradient reduction with the backward pass."""
     reduce_bucket_size: int = Field(default=500_000_000, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join (or create) the process group: NCCL on GPUs, gloo on CPU."""
+DEFAULT_TIMEOUT_MIN = 60.0  # parallel.process_group_timeout_min's default, for callers without a recipe
+
+
+def init_distributed(device: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
+    """Join (or create) the process group: NCCL on GPUs, gloo on CPU; a collective fails after ``timeout_min``."""
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -61,7 +65,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
         if value is not None:
             os.environ.setdefault(name, str(value))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return DistEnv(rank, world_size, local_rank, torch_device)
 
 

@@ -90,6 +90,11 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
     if cfg.eval.benchmark and cfg.eval.inception_weights:
         problems.append("set one quality metric for training-time evaluation: eval.benchmark (offline) or "
                         "eval.inception_weights + eval.reference_stats (FID), not both")
+    if cfg.parallel.offload_optimizer != "none":
+        problems.append(f"parallel.offload_optimizer={cfg.parallel.offload_optimizer}: DeepSpeed offloads only its own "
+                        "CPU Adam (zero_force_ds_cpu_optimizer), and far-scale trains with a client torch AdamW (no "
+                        "JIT-compiled op): set parallel.offload_optimizer=none and lower the memory with "
+                        "parallel.zero_stage=3 or parallel.activation_checkpointing=true")
     if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
         problems.append(
             f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"

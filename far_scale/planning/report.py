@@ -49,6 +49,9 @@ def render_report(cfg: Config, world_size: int, source: DataSource, precision: O
         + ("(built partitioned with zero.Init: its share plus the layer being built)" if plan.built_partitioned
            else "(built whole on every rank; ZeRO-3 builds it partitioned)"),
         "",
+        f"# collectives: a rank waits at most {cfg.parallel.process_group_timeout_min:g} min for the others "
+        "(parallel.process_group_timeout_min; universal-checkpoint conversion and checkpoint uploads run inside it)",
+        "",
         "# deepspeed config (optimizer: client torch.optim.AdamW; LR schedule: client-side)",
         json.dumps(plan.deepspeed_config, indent=2),
     ]

@@ -19,7 +19,7 @@ def configure_logging(rank: int) -> None:
 
 def run_training(recipe: str, overrides: Sequence[str]) -> int:
     cfg = load_config(recipe, overrides)
-    env = init_distributed(cfg.run.device)
+    env = init_distributed(cfg.run.device, cfg.parallel.process_group_timeout_min)
     configure_logging(env.rank)
     from far_scale.train.trainer import Trainer
 

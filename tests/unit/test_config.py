@@ -18,7 +18,7 @@ from far_scale.planning.plan import derive_plan
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RUNNABLE = sorted(p for p in RECIPES_DIR.glob("*.yaml"))
-WORLD_SIZE_FOR = {"in256": 32, "synth64": 2}
+WORLD_SIZE_FOR = {"in256": 32, "synth64": 2, "digits32": 2}
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -154,6 +154,7 @@ def test_batch_divisibility_names_all_three_numbers():
         ({"model": {"arch": "mar", "head": {"guidance_distillation_scale": 2.0}}},
          "model.head.guidance_distillation_scale applies to the shortcut head"),
         ({"model": {"class_dropout": 0.0, "head": {"guidance_distillation_scale": 2.0}}}, "model.class_dropout > 0"),
+        ({"parallel": {"offload_optimizer": "cpu"}}, "parallel.offload_optimizer=cpu: DeepSpeed offloads only its own"),
     ],
 )
 def test_cross_section_rules_name_their_fields(data, fragment):
@@ -233,3 +234,27 @@ def test_check_config_cli_reports_yaml_line(tmp_path):
     path = _write(tmp_path, "bad.yaml", "run:\n  name: x\n  seed: [1\n")
     result = _cli("check-config", str(path))
     assert result.returncode != 0 and f"{path}:4" in result.stderr
+
+
+def test_flip_on_digits_is_refused_naming_the_field():
+    cfg = Config.model_validate({"run": {"max_steps": 1}, "data": {"hflip": True}, "eval": {"num_iter": 16}})
+    problems = check_config(cfg, 1, DataSpec(seq_len=16, token_dim=16, num_classes=10, hflip_invariant=False))
+    assert any(p.startswith("data.hflip is true") and "data.hflip=false" in p for p in problems), problems
+    assert not check_config(cfg, 1, DataSpec(seq_len=16, token_dim=16, num_classes=10))
+
+
+def test_process_group_gets_the_recipes_timeout(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from far_scale.distributed import runtime
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.update(kwargs))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    runtime.init_distributed("cpu", 90.0)
+    assert seen["timeout"] == datetime.timedelta(minutes=90)
+    assert Config().parallel.process_group_timeout_min >= 60
