@@ -89,6 +89,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(betas)
+        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}  # _take's copies, per device
 
     @classmethod
     def create(cls, kind: str, num_timesteps: int) -> "GaussianDiffusion":
@@ -103,10 +104,14 @@ class GaussianDiffusion:
             last = self.alphas_cumprod[index]
         return GaussianDiffusion(np.array(betas), [self.timestep_map[i] for i in kept])
 
-    @staticmethod
-    def _take(array: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        values = torch.from_numpy(array).to(device=t.device)[t].to(like.dtype)
-        return values.view(-1, *([1] * (like.dim() - 1)))
+    def _take(self, array: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # The float64 table is copied to t's device once, not on every call (~11 host-to-device copies per
+        # training micro-step and per sampling step otherwise: on a GPU each one is a synchronising copy).
+        key = (id(array), t.device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = torch.from_numpy(array).to(device=t.device)
+        return table[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self._take(self.sqrt_alphas_cumprod, t, x0) * x0 + self._take(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise

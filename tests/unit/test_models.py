@@ -290,3 +290,20 @@ def test_guidance_distillation_training_pass_runs_the_null_class_without_gradien
     assert not torch.allclose(out.z_unconditional, out.z)
     loss = model(torch.randn(2, 16, 8), torch.tensor([0, 1]))["loss"]
     assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_diffusion_schedule_tables_reach_the_device_once(monkeypatch):
+    """MAR's schedule arrays are copied to the device once per array, not on every q_sample or step."""
+    from far_scale.diffusion.gaussian import GaussianDiffusion
+
+    diffusion = GaussianDiffusion.create("cosine", 1000).respaced(20)
+    copies = []
+    original = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda array: copies.append(id(array)) or original(array))
+    x0, noise = torch.randn(4, 8), torch.randn(4, 8)
+    t = torch.tensor([0, 3, 7, 19])
+    first = diffusion.q_sample(x0, t, noise)
+    for _ in range(5):
+        assert torch.equal(diffusion.q_sample(x0, t, noise), first)
+        diffusion.q_posterior(x0, first, t)
+    assert len(copies) == len(set(copies)) == 5  # q_sample reads two tables, q_posterior three: each copied once
