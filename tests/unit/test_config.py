@@ -258,3 +258,12 @@ def test_process_group_gets_the_recipes_timeout(monkeypatch):
     runtime.init_distributed("cpu", 90.0)
     assert seen["timeout"] == datetime.timedelta(minutes=90)
     assert Config().parallel.process_group_timeout_min >= 60
+
+
+def test_deepspeed_throughput_timer_is_off():
+    """DeepSpeed's default throughput timer synchronises the device at every forward and step."""
+    from deepspeed.utils.config import get_timers_config
+
+    config = build_deepspeed_config(load_config(RECIPES_DIR / "far_large_in256.yaml"), 8)
+    timers = get_timers_config(config)
+    assert timers.enabled is False and timers.synchronized is False
