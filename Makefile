@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The stamp changes whenever pyproject.toml or the torch spec does, and only then.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | { cat; echo '$(TORCH_SPEC)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup system-deps test test-fast chaos demo clean
+.PHONY: setup system-deps lint format test test-fast chaos demo clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,15 @@ $(STAMP): pyproject.toml
 # Debian packages the tests need (slurm-wlm, munge: tests marked `slurm`; chromium: `browser`); no-op when present.
 system-deps:
 	bash scripts/system-deps.sh
+
+# ruff with the project's settings (pyproject.toml): lint, and the formatter's check. `make format` applies it.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
