@@ -14,17 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches
-from far_scale.eval.scoring import Scorer, concat_features
+from far_scale.eval.evaluation import SPEED, evaluate_on_ranks
+from far_scale.eval.sampler import ImageGenerator, SamplingJob
+from far_scale.eval.scoring import Scorer
 from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
 
 POINT_TAG = "far_scale.sweep_point"
 PARENT_TAG = "mlflow.parentRunId"
-SPEED = "images_per_s"
 
 
 @dataclass(frozen=True)
@@ -57,13 +56,7 @@ def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, 
     """Scores of ``num_images`` class-balanced images from ``generator`` and their images/s (one rank)."""
     job = SamplingJob(num_images, generator.model.num_classes, batch_size, seed)
     generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
-    features, labels, seconds = [], [], 0.0
-    for _, batch, spent in iter_rank_batches(generator, job, rank=0, world_size=1):
-        seconds += spent
-        features.append(scorer.features(batch.images))
-        labels.append(batch.labels)
-    scores = scorer.score(concat_features(features), np.concatenate(labels))
-    return {**scores, SPEED: num_images / seconds}
+    return evaluate_on_ranks(generator, job, scorer).metrics
 
 
 def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:

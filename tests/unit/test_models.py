@@ -218,8 +218,10 @@ def test_per_image_seeds_make_an_image_independent_of_its_batch(arch, steps):
     whole = generate(model, labels, options, SamplingNoise.per_image(model, options, seeds, "cpu"))
     halves = [generate(model, labels[i : i + 2], options, SamplingNoise.per_image(model, options, seeds[i : i + 2], "cpu"))
               for i in (0, 2)]
-    # Same draws per image; only matmul shapes differ with the batch, so equal to fp32 rounding.
-    torch.testing.assert_close(torch.cat(halves), whole, atol=1e-5, rtol=1e-4)
+    # Same draws per image; only matmul shapes differ with the batch, so equal to fp32 rounding, which MAR's
+    # cosine chain amplifies (its outputs reach ~300 with this perturbed head): 2.4e-4 relative was measured
+    # on an AVX512 Xeon, where the kernels for a batch of 2 and of 4 differ.
+    torch.testing.assert_close(torch.cat(halves), whole, atol=1e-5, rtol=1e-3)
     reseeded = generate(model, labels, options, SamplingNoise.per_image(model, options, [11, 12, 13, 99], "cpu"))
     assert torch.equal(reseeded[:3], whole[:3]) or torch.allclose(reseeded[:3], whole[:3], atol=1e-6)
     assert not torch.allclose(reseeded[3], whole[3])
