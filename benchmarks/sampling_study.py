@@ -105,7 +105,7 @@ def run_pareto(args, device: torch.device) -> dict:
             raise FileNotFoundError(f"no trained {label} run at {run_dir}: run benchmarks/quality_speed.py first "
                                     f"(it trains both into {work})")
         loaded = load_sampling_model(run_dir, device=device)
-        training_steps[label] = loaded.meta["step"]
+        training_steps[label] = loaded.meta.step
         generator = build_generator(loaded, SampleRequest(source="", out=""), device)
         techniques = [t for t in TECHNIQUES if t.model == label]
         for k in (args.pareto_far_k if label == "FAR" else args.pareto_mar_k):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from far_scale.artifacts import RunMeta, open_weights
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
@@ -29,7 +30,6 @@ from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, s
 from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.models.model import ARModel
 from far_scale.planning.builder import build_model, resolve_dims
-from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW, resolve_checkpoint
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -63,7 +63,7 @@ class SampleRequest:
 @dataclass(frozen=True)
 class LoadedModel:
     model: ARModel
-    meta: dict
+    meta: RunMeta
     cfg: object
     weights: Path
 
@@ -78,31 +78,26 @@ def load_sampling_model(source: str | Path, raw_weights: bool = False,
     if foreign:
         raise ValueError(f"sampling overrides must set eval.* fields (the model is fixed by its weights); got "
                          f"{', '.join(foreign)}")
-    source = Path(source)
-    directory = source if (source / EXPORT_EMA).is_file() else resolve_checkpoint(source).path
-    weights = directory / (EXPORT_RAW if raw_weights else EXPORT_EMA)
-    if not weights.is_file():
-        hint = " (raw weights exist only in exports: `far-scale export`)" if raw_weights else ""
-        raise FileNotFoundError(f"no weights at {weights}{hint}")
-    cfg = config_from_yaml((directory / EXPORT_CONFIG).read_text(), str(directory / EXPORT_CONFIG), overrides)
+    found = open_weights(source, raw_weights)
+    cfg = config_from_yaml(found.config_path.read_text(), str(found.config_path), overrides)
     problems = check_config(cfg, world_size=1)
     if problems:
-        raise ConfigError(problems, f"{directory / EXPORT_CONFIG} with {' '.join(overrides)}")
-    meta = json.loads((directory / EXPORT_META).read_text())
-    data = meta["data"]
-    model = build_model(cfg.model, DataSpec(data["seq_len"], data["token_dim"], data["num_classes"]))
-    model.load_state_dict(load_file(str(weights)))
+        raise ConfigError(problems, f"{found.config_path} with {' '.join(overrides)}")
+    data = found.meta.data
+    model = build_model(cfg.model, DataSpec(data.seq_len, data.token_dim, data.num_classes))
+    model.load_state_dict(load_file(str(found.path)))
+    meta, weights = found.meta, found.path
     return LoadedModel(model.to(device).eval(), meta, cfg, weights)
 
 
 def build_generator(loaded: LoadedModel, request: SampleRequest, device: torch.device) -> ImageGenerator:
-    data = loaded.meta["data"]
-    options = sampling_options(loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind, data["seq_len"],
+    data = loaded.meta.data
+    options = sampling_options(loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind, data.seq_len,
                                num_iter=request.num_iter, head_steps=request.head_steps,
                                cfg_scale=request.cfg_scale, temperature=request.temperature)
-    codec = load_manifest_codec(data["codec"])
+    codec = load_manifest_codec(data.codec)
     precision = request.precision if device.type == "cuda" else "fp32"
-    return ImageGenerator(loaded.model, codec, data["scale"], options, device, precision)
+    return ImageGenerator(loaded.model, codec, data.scale, options, device, precision)
 
 
 class SampleStore:
@@ -162,7 +157,7 @@ def run_sampling(request: SampleRequest) -> dict:
         device = torch.device(request.device)
     loaded = load_sampling_model(request.source, request.raw_weights, device, request.overrides)
     generator = build_generator(loaded, request, device)
-    job = SamplingJob(request.num_images, loaded.meta["data"]["num_classes"], request.batch_size, request.seed)
+    job = SamplingJob(request.num_images, loaded.meta.data.num_classes, request.batch_size, request.seed)
     store = SampleStore(request.out)
     settings = {"weights_sha256": sha256_file(loaded.weights), "job": asdict(job), "options": asdict(generator.options),
                 "precision": generator.precision}

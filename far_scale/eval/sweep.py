@@ -112,7 +112,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
 
     torch_device = torch.device(device)
     loaded = load_sampling_model(source, device=torch_device)
-    parent_id = loaded.meta.get("mlflow_run_id")
+    parent_id = loaded.meta.mlflow_run_id
     uri = tracking_uri or loaded.cfg.tracking.uri or _run_store(Path(source))
     if not parent_id or not uri:
         raise ValueError(f"{source} names no MLflow run to attach the sweep to (meta.json has no mlflow_run_id, or "
@@ -132,7 +132,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
             child = client.create_run(parent.info.experiment_id, run_name=point.key,
                                       tags={PARENT_TAG: parent_id, POINT_TAG: point.key})
             params = {**asdict(point), "num_images": num_images, "seed": seed, "precision": precision,
-                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.get("step")}
+                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.step}
             client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                              metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
             client.set_terminated(child.info.run_id)
@@ -140,7 +140,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
             print(f"{point.key}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         rows.append({**asdict(point), **metrics})
     metric = primary_metric or next(m for m in ("fid", "fd", "accuracy") if m in rows[0])
-    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.get('step')}")
+    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.step}")
     for path in plots:
         client.log_artifact(parent_id, str(path), "sweep")
     return SweepResult(rows, created, len(points) - created, plots)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from far_scale.artifacts import DataInfo, RunMeta
 from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
 from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
@@ -313,10 +314,9 @@ class Trainer:
                   "nonfinite": self.nonfinite}
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         target_ema_state = self.targets.full_state_dict()
-        meta = {"step": self.step, "world_size": self.env.world_size, "mlflow_run_id": run_id,
-                "data": {"url": self.cfg.data.url, "seq_len": self.data.seq_len, "token_dim": self.data.token_dim,
-                         "num_classes": self.data.num_classes, "scale": self.loader.scale,
-                         "codec": dict(self.loader.manifest.codec)}}
+        meta = RunMeta(self.step, self.env.world_size, run_id,
+                       DataInfo(self.cfg.data.url, self.data.seq_len, self.data.token_dim, self.data.num_classes,
+                                self.loader.scale, dict(self.loader.manifest.codec))).as_dict()
         location = self.checkpointer.save(self.engine, self.step, client, self.config_yaml, meta, ema_state,
                                           target_ema_state)
         self.tracking.set_tags({"checkpoint/latest": location, "checkpoint/step": self.step})
