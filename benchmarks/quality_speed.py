@@ -1,11 +1,14 @@
 """Quality vs speed: FAR against MAR on the offline benchmark after the same training budget, one machine, one run.
 
-1. Data: the built-in synthetic dataset (10 classes x 100 images, 64 px), the PCA codec, latent shards.
-2. The offline benchmark on those images (classifier, reference set, calibration).
+1. Data (``--data``): the built-in real digits (default: 3,000 training MNIST digits at 32 px, 8 x 8 px PCA
+   tokens, the demo's data), or the synthetic 64 px shapes (``synth``: class = colour and shape, a benchmark
+   its verdict calls invalid; ``synth-shape``: colours drawn per image, the class is the shape alone).
+2. The offline benchmark on those images (classifier, reference set, calibration, negative controls, verdict).
 3. Train the tiny FAR and MAR recipes for the same number of steps (real trainer, 1 rank), with the
    quality metric logged during training.
 4. Sweep sampling settings of each trained model (K; O for FAR, DDPM steps for MAR; CFG), sample the same
-   class-balanced image set per point, time it and score it.
+   class-balanced image set per point with each of ``--seeds`` sampling seeds, time it and score it: every
+   number is the mean over the seeds with a 95% t-interval across them.
 Writes benchmarks/results/quality_speed__*.json, a table, a quality-vs-speed plot and the answer to
 "does FAR reach MAR's quality at >= 2.3x its speed here?" into docs/benchmarks.md.
 Run ``python benchmarks/quality_speed.py --help``.
@@ -34,36 +37,62 @@ BENCHMARK = "quality_speed"
 IMG_DIR = REPO_ROOT / "docs" / "img"
 PAPER_SPEEDUP = 2.3  # FAR paper: up to 2.3x faster than MAR at competitive quality
 ACCURACY_TOLERANCE = 0.02  # "the same quality": accuracy within this and Fréchet distance no worse
-RECIPES = {"FAR": "recipes/far_tiny_synth64.yaml", "MAR": "recipes/mar_tiny_synth64.yaml"}
+# data -> (recipe data tag, image size, token size in px, images per shard)
+DATASETS = {"digits": ("digits32", 32, 8, 250), "synth": ("synth64", 64, 8, 100), "synth-shape": ("synth64", 64, 8, 100)}
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # Student t quantiles for a 95% interval over n seeds
 
 
-def prepare_data(work: Path, images_per_class: int) -> tuple[Path, Path]:
+def recipes_for(data: str) -> dict[str, str]:
+    tag = DATASETS[data][0]
+    return {label: f"recipes/{label.lower()}_tiny_{tag}.yaml" for label in ("FAR", "MAR")}
+
+
+def prepare_data(work: Path, images_per_class: int, data: str = "synth") -> tuple[Path, Path]:
+    from data_prep.digits import write_digits
     from data_prep.encode import EncodeJob, run_encode
     from data_prep.fit_codec import fit_pca_codec
     from data_prep.synth import SynthSpec, write_dataset
 
+    _, size, token_px, per_shard = DATASETS[data]
     images, codec, shards = work / "images", work / "pca.safetensors", work / "shards"
     if not (shards / "manifest.json").is_file():
-        write_dataset(images, SynthSpec(10, images_per_class, 64, seed=0), progress=False)
-        fit_pca_codec(str(images), str(codec), 64, 8, 16, max_images=512, max_patches=200_000, seed=0)
-        run_encode(EncodeJob(src=str(images), dst=str(shards), codec="pca", codec_weights=str(codec), image_size=64,
-                             images_per_shard=100, batch_size=64, loader_workers=0, progress=False))
+        if data == "digits":
+            write_digits(images, progress=False)
+        else:
+            colors = "random" if data == "synth-shape" else "class"
+            write_dataset(images, SynthSpec(10, images_per_class, size, seed=0, colors=colors), progress=False)
+        fit_pca_codec(str(images), str(codec), size, token_px, 16, max_images=512, max_patches=200_000, seed=0)
+        run_encode(EncodeJob(src=str(images), dst=str(shards), codec="pca", codec_weights=str(codec), image_size=size,
+                             images_per_shard=per_shard, batch_size=64, loader_workers=0, progress=False))
     return images, shards
 
 
-def prepare_work(work: Path, images_per_class: int):
+def prepare_work(work: Path, images_per_class: int, data: str = "synth"):
     """Data, codec, shards and the offline benchmark under ``work`` (each reused when present):
     (images, shards, benchmark path, benchmark)."""
-    from far_scale.eval.offline import build_benchmark
+    from far_scale.eval.offline import BenchmarkSettings, build_benchmark
 
-    images, shards = prepare_data(work, images_per_class)
-    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards))
+    images, shards = prepare_data(work, images_per_class, data)
+    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards), BenchmarkSettings.for_folder(images))
+    print(bench.verdict.line(), flush=True)
     return images, shards, bench_path, bench
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): a 95% t-interval of the mean over sampling seeds."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(values), 1.96) * float(values.std(ddof=1)) / len(values) ** 0.5
+    return mean, mean - half, mean + half
 
 
 def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:
     """Train one recipe with the real trainer (unless done); returns (run directory, seconds in training steps)."""
-    return train_recipe(RECIPES[label], label.lower(), work, shards, bench, args)
+    return train_recipe(recipes_for(args.data)[label], label.lower(), work, shards, bench, args)
 
 
 def train_recipe(recipe: str, name: str, work: Path, shards: Path, bench: Path, args,
@@ -103,25 +132,55 @@ def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[
 
     loaded = load_sampling_model(run_dir, device=device)
     steps = args.far_steps if label == "FAR" else args.mar_steps
-    points = [SweepPoint(k, o, args.cfg[0]) for k in args.num_iter for o in steps]
-    points += [SweepPoint(args.num_iter[0], o, w) for w in args.cfg[1:] for o in steps]
+    # Every (K, steps) at every CFG scale: the answer compares each setting at its own best scale.
+    points = [SweepPoint(k, o, w) for k in args.num_iter for o in steps for w in args.cfg]
     rows = []
     for point in points:
-        metrics = evaluate_point(loaded, point, bench, args.num_images, args.batch, 0, device)
-        rows.append({"model": label, "K": point.num_iter, "head_steps": point.head_steps, "cfg": point.cfg_scale,
-                     **metrics})
-        print(f"{label} {point.key}: {metrics['images_per_s']:.2f} img/s, accuracy {metrics['accuracy']:.3f}, "
-              f"FD {metrics['fd']:.2f}", flush=True)
+        per_seed = [evaluate_point(loaded, point, bench, args.num_images, args.batch, seed, device)
+                    for seed in range(args.seeds)]
+        row = {"model": label, "K": point.num_iter, "head_steps": point.head_steps, "cfg": point.cfg_scale,
+               "seeds": args.seeds}
+        for name in ("images_per_s", "accuracy", "fd", "class_fd", "precision", "recall"):
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed])
+        rows.append(row)
+        print(f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {_ci(row, 'accuracy', 3)}, "
+              f"FD {_ci(row, 'fd', 2)}", flush=True)
     return rows
 
 
+def _ci(row: dict, name: str, digits: int) -> str:
+    low, high = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if low is None or low != low:
+        return f"{row[name]:.{digits}f}"
+    return f"{row[name]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _at_least_as_good(far: dict, mar: dict) -> bool:
+    """FAR's quality is within MAR's interval or better, on accuracy and FD (older results without intervals:
+    accuracy within ACCURACY_TOLERANCE and FD no worse)."""
+    if "accuracy_lo" in mar and mar["accuracy_lo"] == mar["accuracy_lo"]:
+        return far["accuracy"] >= mar["accuracy_lo"] and far["fd"] <= mar["fd_hi"]
+    return far["accuracy"] >= mar["accuracy"] - ACCURACY_TOLERANCE and far["fd"] <= mar["fd"]
+
+
+def best_cfg(rows: list[dict]) -> list[dict]:
+    """Each (model, K, steps) setting at its best CFG scale (highest accuracy, then lowest FD), so that no
+    setting wins or loses by its guidance strength."""
+    best: dict = {}
+    for row in rows:
+        key = (row["model"], row["K"], row["head_steps"])
+        if key not in best or (row["accuracy"], -row["fd"]) > (best[key]["accuracy"], -best[key]["fd"]):
+            best[key] = row
+    return list(best.values())
+
+
 def answer(rows: list[dict]) -> str:
-    """The fastest FAR point at MAR's best quality (MAR 100 steps, or its most steps), per K and CFG."""
+    """The fastest FAR setting at the quality of MAR's most-steps setting, per K; every setting at its best CFG."""
+    rows = best_cfg(rows)
     mar_steps = max(r["head_steps"] for r in rows if r["model"] == "MAR")
     lines = []
     for mar in [r for r in rows if r["model"] == "MAR" and r["head_steps"] == mar_steps]:
-        matching = [r for r in rows if r["model"] == "FAR" and r["accuracy"] >= mar["accuracy"] - ACCURACY_TOLERANCE
-                    and r["fd"] <= mar["fd"]]
+        matching = [r for r in rows if r["model"] == "FAR" and _at_least_as_good(r, mar)]
         what = f"MAR K={mar['K']} {mar_steps} steps CFG {mar['cfg']} (accuracy {mar['accuracy']:.3f}, FD {mar['fd']:.2f}, " \
                f"{mar['images_per_s']:.2f} img/s)"
         if not matching:
@@ -165,7 +224,8 @@ def plot(result: dict, path: Path) -> None:
             ax.set_yscale("log")
     axes[0].legend(fontsize=7, loc="lower left")
     machine = result["machine"]
-    fig.suptitle(f"tiny FAR vs MAR after {result['steps']} steps on synthetic 64 px data: {machine['name']}, "
+    fig.suptitle(f"tiny FAR vs MAR after {result['steps']} steps on {result.get('data', 'synth')} data: "
+                 f"{machine['name']}, "
                  f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +236,13 @@ def plot(result: dict, path: Path) -> None:
 def render_docs() -> None:
     parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
     for result in load_results(BENCHMARK):
-        parts += result_heading(f"tiny, {result['steps']} training steps each,", result,
-                                f"{result['num_images']} images per point")
+        data = result.get("data", "synth")
+        label = {"digits": "real digits (32 px)", "synth": "synthetic shapes, class colours (benchmark INVALID by "
+                 "its verdict)", "synth-shape": "synthetic shapes, random colours"}[data]
+        parts += result_heading(f"tiny on {label}, {result['steps']} training steps each,", result,
+                                f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds")
+        if "verdict" in result:
+            parts += [f"Benchmark verdict: {result['verdict']}", ""]
         parts += [
             "Training (same budget, 1 rank, batch 64; time in training steps): " + "; ".join(
                 f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
@@ -194,13 +259,14 @@ def render_docs() -> None:
                            [[r["name"], r["num_images"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}",
                              f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in result["calibration"]]),
             "",
-            markdown_table(["model", "K", "head steps", "CFG", "images/s", "class accuracy", "Fréchet distance",
-                            "precision", "recall"],
+            markdown_table(["model", "K", "head steps", "CFG", "images/s", "class accuracy [95% CI]",
+                            "Fréchet distance [95% CI]", "precision", "recall"],
                            [[r["model"], r["K"], r["head_steps"], r["cfg"], f"{r['images_per_s']:.2f}",
-                             f"{r['accuracy']:.3f}", f"{r['fd']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+                             _ci(r, "accuracy", 3), _ci(r, "fd", 2), f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
                             for r in result["rows"]]),
             "",
-            "Does FAR reach MAR's quality at >= 2.3x its speed here?",
+            "Does FAR reach MAR's quality at >= 2.3x its speed here? (each setting at its best CFG; quality within "
+            "MAR's 95% interval)",
             "",
             result["answer"],
             "",
@@ -215,7 +281,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, eval_interval: in
     parser.add_argument("--work", default="runs/bench-quality", help="data, runs and cache (reused when present)")
     parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
     parser.add_argument("--eval-interval", type=int, default=eval_interval)
-    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--images-per-class", type=int, default=100, help="synthetic data only")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="digits")
     parser.add_argument("--num-images", type=int, default=num_images, help="images per point (and per eval)")
     parser.add_argument("--batch", type=int, default=100, help="sampling batch")
     parser.add_argument("--threads", type=int, default=2)
@@ -228,21 +295,27 @@ def parse_args(argv=None):
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     add_training_arguments(parser, eval_interval=200, num_images=200)
-    parser.add_argument("--num-iter", type=ints, default=[16, 32, 64], help="K values (the first one for CFG)")
+    parser.add_argument("--num-iter", type=ints, default=None,
+                        help="K values (default: 4,8,16 on the digits' 16 tokens, 16,32,64 on synthetic data)")
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
-    parser.add_argument("--cfg", type=floats, default=[2.0, 1.0, 3.0], help="CFG scales (the first one for K)")
+    parser.add_argument("--cfg", type=floats, default=[2.0, 4.0], help="CFG scales (every setting at each)")
+    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds per point (95%% t-interval over them)")
     parser.add_argument("--tag", default="")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_iter is None:
+        args.num_iter = [4, 8, 16] if args.data == "digits" else [16, 32, 64]
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()
-    _, shards, bench_path, bench = prepare_work(work, args.images_per_class)
+    _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
     device = torch.device("cpu")
     result = {"machine": describe_machine(device), "steps": args.steps, "num_images": args.num_images,
+              "data": args.data, "seeds": args.seeds, "verdict": bench.verdict.line(),
               "command": command_line("quality_speed.py", argv),
               "calibration": [r.as_dict() for r in bench.calibration], "training": {}, "rows": []}
     for label in ("FAR", "MAR"):
@@ -253,7 +326,7 @@ def main(argv=None) -> None:
     print(result["answer"])
     if args.no_docs:
         return
-    key = f"cpu_tiny_{args.steps}steps" + (f"_{args.tag}" if args.tag else "")
+    key = f"cpu_tiny_{args.data}_{args.steps}steps" + (f"_{args.tag}" if args.tag else "")
     result["plot"] = f"{BENCHMARK}_{key}.png"
     save_result(BENCHMARK, key, result)
     saved = next(r for r in load_results(BENCHMARK) if r["plot"] == result["plot"])

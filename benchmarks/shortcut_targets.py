@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_speed import RECIPES, add_training_arguments, prepare_work, train_recipe  # noqa: E402
+from quality_speed import add_training_arguments, prepare_work, recipes_for, train_recipe  # noqa: E402
 from report import (  # noqa: E402
     command_line, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
 )
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()
-    _, shards, bench_path, bench = prepare_work(work, args.images_per_class)
+    _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
     result = {"machine": describe_machine(torch.device("cpu")), "steps": args.steps, "num_iter": args.num_iter,
               "num_images": args.num_images, "variants": [],
               "command": command_line("shortcut_targets.py", argv)}
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         overrides = VARIANTS[name]
         slug = "targets-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
         print(f"{name}: training {slug}", flush=True)
-        run_dir, seconds = train_recipe(RECIPES["FAR"], slug, work, shards, bench_path, args, tuple(overrides))
+        run_dir, seconds = train_recipe(recipes_for(args.data)["FAR"], slug, work, shards, bench_path, args, tuple(overrides))
         decay = decay_of(overrides)
         lag = "0 (live)" if decay is None else f"{1 / (1 - decay):.0f}, {100 / (1 - decay) / args.steps:.0f}%"
         rows = evaluate(run_dir, bench, args, distilled="guidance_distillation_scale" in " ".join(overrides))

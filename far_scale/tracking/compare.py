@@ -26,6 +26,11 @@ DEFAULT_METRICS = ("loss", "eval/accuracy", "eval/fd", "eval/precision", "eval/r
 HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "is", "images_per_s", "latents_per_s", "mfu")
 QUALITY_METRICS = ("eval/accuracy", "eval/fd", "eval/fid", "eval/is")
 SPEED_METRIC = "eval/images_per_s"
+# What a metric's value means depends on these parameters: a winner is marked only among runs that agree on
+# them. A training loss is the run's own objective (MAR's diffusion loss and FAR's flow-matching loss are
+# different quantities); an evaluation metric is only comparable on the same yardstick.
+OBJECTIVE_PARAMS = ("config.model.arch", "config.model.head.noise_schedule")
+YARDSTICK_PARAMS = ("config.eval.benchmark", "config.eval.inception_weights", "config.eval.reference_stats")
 MAX_SHOWN_VALUE = 60  # characters of a parameter value in the table
 
 
@@ -118,6 +123,27 @@ class MetricSummary:
     last: dict[str, Optional[float]]  # run id -> last value
     best: dict[str, Optional[float]]  # run id -> best value over its history
     winner: Optional[str]  # run id with the best last value
+    not_comparable: str = ""  # why no winner is marked although several runs have the metric
+
+
+def meaning_params(metric: str) -> tuple[str, ...]:
+    """The parameters a metric's meaning depends on (its yardstick, or the training objective)."""
+    if metric.startswith("eval/"):
+        return () if metric.endswith("images_per_s") else YARDSTICK_PARAMS
+    if metric in ("images_per_s", "latents_per_s", "step_time_s", "lr") or metric.startswith(("system/", "memory/")):
+        return ()
+    return OBJECTIVE_PARAMS
+
+
+def incomparable_reason(records: Sequence[RunRecord], metric: str) -> str:
+    """Why ``metric`` means different things across ``records`` ('' when it means the same)."""
+    having = [r for r in records if metric in r.history]
+    differing = [p for p in meaning_params(metric) if len({r.params.get(p) for r in having}) > 1]
+    if not differing:
+        return ""
+    values = ", ".join(sorted({str(having[0].params.get(differing[0]))} | {str(r.params.get(differing[0]))
+                                                                           for r in having}))
+    return f"{differing[0]} differs ({values}): not the same quantity"
 
 
 def summarize(records: Sequence[RunRecord], metrics: Sequence[str]) -> list[MetricSummary]:
@@ -129,8 +155,9 @@ def summarize(records: Sequence[RunRecord], metrics: Sequence[str]) -> list[Metr
         last = {r.run_id: r.history[metric][-1][2] if metric in r.history else None for r in records}
         best = {r.run_id: pick(v for _, _, v in r.history[metric]) if metric in r.history else None for r in records}
         candidates = {k: v for k, v in last.items() if v is not None}
-        winner = pick(candidates, key=candidates.get) if len(candidates) > 1 else None
-        summaries.append(MetricSummary(metric, last, best, winner))
+        reason = incomparable_reason(records, metric) if len(candidates) > 1 else ""
+        winner = pick(candidates, key=candidates.get) if len(candidates) > 1 and not reason else None
+        summaries.append(MetricSummary(metric, last, best, winner, reason))
     return summaries
 
 
@@ -225,8 +252,11 @@ def compare(records: Sequence[RunRecord], out: str | Path, metrics: Sequence[str
     """Write the table (markdown, CSV) and plots under ``out``; log them as a comparison run at ``log_to``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = comparison_rows(records, summarize(records, metrics))
-    table = markdown(header, rows)
+    summaries = summarize(records, metrics)
+    header, rows = comparison_rows(records, summaries)
+    notes = [f"- {s.metric}: no best run marked: {s.not_comparable}" for s in summaries if s.not_comparable]
+    table = markdown(header, rows) + ("\n\n* best last value among runs where the metric means the same\n"
+                                      + "\n".join(notes) if notes else "")
     files = [out / "comparison.md", out / "comparison.csv"]
     for path, text in zip(files, (table + "\n", csv_text(header, rows))):
         with local_atomic_writer(path) as handle:

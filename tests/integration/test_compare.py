@@ -86,7 +86,9 @@ def test_compare_lists_only_differing_params_and_marks_the_best(tmp_path):
     cells = [c.strip() for c in far_row.strip("|").split("|")]
     header = [c.strip() for c in result.table.splitlines()[0].strip("|").split("|")]
     assert cells[header.index("eval/accuracy last")] == "0.9 *"  # higher is better: FAR wins
-    assert cells[header.index("loss last")] == "0.05 *"  # lower is better
+    # FAR's flow-matching loss and MAR's diffusion loss are different quantities: no winner, and the table says why.
+    assert cells[header.index("loss last")] == "0.05"
+    assert "- loss: no best run marked: config.model.arch differs (far, mar): not the same quantity" in result.table
     assert cells[header.index("eval/accuracy max")] == "0.9"
     from mlflow.tracking import MlflowClient
 
@@ -97,6 +99,19 @@ def test_compare_lists_only_differing_params_and_marks_the_best(tmp_path):
     assert client.get_run(result.run_id).info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     filtered = collect_runs([], uri, filter_string="params.`config.model.arch` = 'mar'")
     assert [r.name for r in filtered] == ["mar-run"]
+
+
+def test_compare_marks_the_loss_winner_among_runs_of_one_objective(tmp_path):
+    from far_scale.tracking.compare import collect_runs, compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    low = _log_run(uri, tmp_path / "artifacts", "far-a", "far", 1e-3, 0.9)
+    _log_run(uri, tmp_path / "artifacts", "far-b", "far", 2e-3, 0.6)
+    result = compare(collect_runs(["far-a", "far-b"], uri), tmp_path / "out")
+    header = [c.strip() for c in result.table.splitlines()[0].strip("|").split("|")]
+    row = next(line for line in result.table.splitlines() if line.startswith(f"| far-a ({low[:8]})"))
+    assert [c.strip() for c in row.strip("|").split("|")][header.index("loss last")] == "0.05 *"
+    assert "no best run marked" not in result.table
 
 
 def test_compare_command_on_two_run_directories(tmp_path):
