@@ -127,7 +127,7 @@ def learning_curve(run_dir: Path) -> list[dict]:
 
 def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[dict]:
     """The same points as `far-scale eval sweep` evaluates (without logging child runs)."""
-    from far_scale.eval.sample import load_sampling_model
+    from far_scale.eval.sample_job import load_sampling_model
     from far_scale.eval.sweep import SweepPoint, evaluate_point
 
     loaded = load_sampling_model(run_dir, device=device)

@@ -34,7 +34,7 @@ from bench_models import build_pair  # noqa: E402
 
 from far_scale.data.spec import DataSpec  # noqa: E402
 from far_scale.models.model import ARModel  # noqa: E402
-from far_scale.models.sampling import SamplingOptions, generate  # noqa: E402
+from far_scale.models.generation import SamplingOptions, generate  # noqa: E402
 
 BENCHMARK = "sampling_speed"
 IMG_DIR = REPO_ROOT / "docs" / "img"

@@ -20,7 +20,7 @@ from report import (
 from techniques import MAR_FAITHFUL, MAR_TUNED, TECHNIQUES, far_speedup_answer, speedups
 
 from far_scale.data.spec import DataSpec
-from far_scale.models.sampling import SamplingOptions, generate
+from far_scale.models.generation import SamplingOptions, generate
 
 SPEED_BENCHMARK = "sampling_techniques"
 PARETO_BENCHMARK = "sampling_pareto"
@@ -93,7 +93,7 @@ def save_speed(result: dict, key: str) -> None:
 def run_pareto(args, device: torch.device) -> dict:
     """Each technique on the trained tiny models, scored on the offline benchmark."""
     from far_scale.eval.offline import build_benchmark
-    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
+    from far_scale.eval.sample_job import build_generator, load_sampling_model
     from far_scale.eval.sweep import score_generator
 
     work = Path(args.runs).resolve()
@@ -106,7 +106,7 @@ def run_pareto(args, device: torch.device) -> dict:
                                     f"(it trains both into {work})")
         loaded = load_sampling_model(run_dir, device=device)
         training_steps[label] = loaded.meta.step
-        generator = build_generator(loaded, SampleRequest(source="", out=""), device)
+        generator = build_generator(loaded, device)
         techniques = [t for t in TECHNIQUES if t.model == label]
         for k in (args.pareto_far_k if label == "FAR" else args.pareto_mar_k):
             for technique in techniques:

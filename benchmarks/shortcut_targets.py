@@ -47,11 +47,11 @@ def decay_of(overrides: list[str]) -> float | None:
 
 
 def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
-    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
+    from far_scale.eval.sample_job import build_generator, load_sampling_model
     from far_scale.eval.sweep import score_generator
 
     loaded = load_sampling_model(run_dir)
-    generator = build_generator(loaded, SampleRequest(source="", out=""), torch.device("cpu"))
+    generator = build_generator(loaded, torch.device("cpu"))
     rows = []
     # A distilled head learned the guided flow at its coarse levels: sampled without CFG there, and also with
     # sampling-time CFG for comparison.

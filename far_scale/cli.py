@@ -130,13 +130,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from far_scale.eval.sample import SampleRequest, run_sampling
+SAMPLING_SHORTHANDS = ("num_iter", "head_steps", "cfg_scale", "temperature")  # --num-iter N = eval.num_iter=N
 
+
+def _sample(args: argparse.Namespace) -> int:
+    from far_scale.eval.sample_job import SampleRequest, run_sampling
+
+    # The flags are shorthands for eval.* overrides (the one way sampling settings come in); explicit
+    # eval.KEY=VALUE arguments after them win.
+    shorthands = [f"eval.{key}={getattr(args, key)}" for key in SAMPLING_SHORTHANDS if getattr(args, key) is not None]
     report = run_sampling(SampleRequest(
-        args.source, args.out, args.num_images, args.batch_size, args.num_iter, args.head_steps, args.cfg_scale,
-        args.temperature, args.seed, args.device, args.precision, args.raw_weights, args.grid_images,
-        not args.no_latency, tuple(args.overrides)))
+        args.source, args.out, args.num_images, args.batch_size, args.seed, args.device, args.precision,
+        args.raw_weights, args.grid_images, not args.no_latency, (*shorthands, *args.overrides)))
     if report:
         speed = f"{report['images_per_s']:.3f} images/s" if report["images_per_s"] else "all batches reused"
         latency = (f", {report['seconds_per_image_batch1']:.3f} s per image at batch 1"

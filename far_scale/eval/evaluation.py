@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches
+from far_scale.eval.image_generator import ImageGenerator, SamplingJob, iter_rank_batches
 from far_scale.eval.scoring import Scorer, concat_features
 
 SPEED = "images_per_s"  # sampling + decoding, on the slowest rank

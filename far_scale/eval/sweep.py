@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from far_scale.eval.evaluation import SPEED, evaluate_on_ranks
-from far_scale.eval.sampler import ImageGenerator, SamplingJob
+from far_scale.eval.image_generator import ImageGenerator, SamplingJob
 from far_scale.eval.scoring import Scorer
 from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
@@ -44,11 +44,11 @@ def sweep_points(num_iter: Sequence[int], head_steps: Sequence[int], cfg_scale: 
 def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, batch_size: int, seed: int,
                    device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Sample ``num_images`` class-balanced images at ``point``; their scores and images/s (sampling + decoding)."""
-    from far_scale.eval.sample import SampleRequest, build_generator
+    from far_scale.eval.sample_job import build_generator
 
-    request = SampleRequest(source="", out="", num_iter=point.num_iter, head_steps=point.head_steps,
-                            cfg_scale=point.cfg_scale, precision=precision)
-    return score_generator(build_generator(loaded, request, device), scorer, num_images, batch_size, seed)
+    ev = loaded.cfg.eval.model_copy(update={"num_iter": point.num_iter, "head_steps": point.head_steps,
+                                            "cfg_scale": point.cfg_scale})
+    return score_generator(build_generator(loaded, device, precision, ev), scorer, num_images, batch_size, seed)
 
 
 def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, batch_size: int,
@@ -108,7 +108,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from far_scale.eval.sample import load_sampling_model
+    from far_scale.eval.sample_job import load_sampling_model
 
     torch_device = torch.device(device)
     loaded = load_sampling_model(source, device=torch_device)

@@ -30,7 +30,7 @@ from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
 from far_scale.eval.evaluation import build_scorer, evaluate_on_ranks
 from far_scale.eval.grid import save_image_atomic, tile
-from far_scale.eval.sampler import ImageGenerator, SamplingJob, sampling_options
+from far_scale.eval.image_generator import ImageGenerator, SamplingJob, sampling_options
 from far_scale.planning.builder import build_model
 from far_scale.planning.flops import peak_flops
 from far_scale.planning.plan import derive_plan
@@ -335,7 +335,7 @@ class Trainer:
         model = build_model(self.cfg.model, self.data).to(self.env.device)
         model.load_state_dict(state)
         model.eval()
-        options = sampling_options(ev, self.plan.dims.head_kind, self.data.seq_len)
+        options = sampling_options(ev, self.plan.dims.head_kind)
         generator = ImageGenerator(model, self.codec, self.loader.scale, options, self.env.device, self.precision)
         job = SamplingJob(ev.num_images if self.scorer else ev.grid_images, self.data.num_classes, ev.batch_size,
                           self.cfg.run.seed)

@@ -10,7 +10,7 @@ from far_scale.data.spec import DataSpec
 from far_scale.diffusion.shortcut import draw_shortcut_rows, interpolate
 from far_scale.models.backbones import sample_mask_ratio
 from far_scale.planning.builder import build_model, count_parameters_for
-from far_scale.models.sampling import SamplingNoise, SamplingOptions, generate, num_masked_after
+from far_scale.models.generation import SamplingNoise, SamplingOptions, generate, num_masked_after
 
 IN256 = DataSpec(seq_len=256, token_dim=16, num_classes=1000)
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
