@@ -13,13 +13,25 @@ from pathlib import Path
 
 import torch
 
-from bench_models import build_pair
-from report import (
-    REPO_ROOT, load_results, markdown_table, median_seconds, result_heading, save_result, write_doc_section,
+from benchmarks.bench_models import build_pair
+from benchmarks.report import (
+    REPO_ROOT,
+    load_results,
+    markdown_table,
+    median_seconds,
+    result_heading,
+    save_result,
+    write_doc_section,
 )
-from techniques import MAR_FAITHFUL, MAR_TUNED, TECHNIQUES, far_speedup_answer, speedups
-
+from benchmarks.techniques import (
+    MAR_FAITHFUL,
+    MAR_TUNED,
+    TECHNIQUES,
+    far_speedup_answer,
+    speedups,
+)
 from far_scale.data.spec import DataSpec
+from far_scale.eval.sweep import pareto_front
 from far_scale.models.generation import SamplingOptions, generate
 
 SPEED_BENCHMARK = "sampling_techniques"
@@ -122,14 +134,6 @@ def run_pareto(args, device: torch.device) -> dict:
             "answer": far_speedup_answer(rows)}
 
 
-def pareto_front(rows: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
-    sign = 1 if higher_is_better else -1
-    return sorted((r for r in rows if not any(
-        o is not r and sign * o[metric] >= sign * r[metric] and o["images_per_s"] >= r["images_per_s"]
-        and (sign * o[metric] > sign * r[metric] or o["images_per_s"] > r["images_per_s"]) for o in rows)),
-        key=lambda r: r["images_per_s"])
-
-
 def plot_pareto(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -144,7 +148,7 @@ def plot_pareto(result: dict, path: Path) -> None:
                 sub = [r for r in result["rows"] if r["model"] == model and r["K"] == k]
                 ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker,
                            label=f"{model} K={k}", alpha=0.75)
-        front = pareto_front(result["rows"], metric, better)
+        front = pareto_front(result["rows"], metric)  # higher_is_better(metric) agrees with `better`
         ax.plot([r["images_per_s"] for r in front], [r[metric] for r in front], "k--", linewidth=1,
                 label="Pareto front")
         for i, r in enumerate(front):

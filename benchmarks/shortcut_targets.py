@@ -6,22 +6,31 @@ offline benchmark of ``quality_speed.py`` (its work directory is reused), then s
 O in {1, 2, 4, 8} and scores it. An EMA's lag is about 1 / (1 - decay) steps: what matters is that lag
 relative to how fast the head moves, so each row also states the lag as a share of the run.
 Writes benchmarks/results/shortcut_targets__*.json and a section of docs/benchmarks.md.
-Run ``python benchmarks/shortcut_targets.py --help``.
+Run ``python -m benchmarks.shortcut_targets --help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_speed import add_training_arguments, prepare_work, recipes_for, train_recipe  # noqa: E402
-from report import (  # noqa: E402
-    command_line, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+from benchmarks.quality_speed import (
+    add_training_arguments,
+    prepare_work,
+    recipes_for,
+    train_recipe,
+)
+from benchmarks.report import (
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    result_heading,
+    save_result,
+    write_doc_section,
 )
 
 BENCHMARK = "shortcut_targets"

@@ -52,7 +52,11 @@ def test_every_shared_setting_reaches_the_sampler_by_name():
 
 
 def test_more_iterations_than_tokens_are_refused_in_one_rule():
-    from far_scale.models.generation import SamplingOptions, num_iter_problem, plan_generation
+    from far_scale.models.generation import (
+        SamplingOptions,
+        num_iter_problem,
+        plan_generation,
+    )
 
     message = num_iter_problem(32, 16)
     assert message.startswith("eval.num_iter=32 exceeds the sequence length 16")

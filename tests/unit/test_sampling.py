@@ -13,9 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
+from far_scale.models.generation import (
+    SamplingOptions,
+    _conditions,
+    generate,
+    plan_generation,
+)
 from far_scale.models.heads import DiffusionHead, ShortcutHead
 from far_scale.planning.builder import build_model
-from far_scale.models.generation import SamplingOptions, _conditions, generate, plan_generation
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_samples.json"
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
