@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,19 +18,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import (  # noqa: E402
-    command_line, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+from benchmarks.report import (
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    result_heading,
+    save_result,
+    write_doc_section,
 )
-
-from far_scale.config.schema import ModelConfig, ParallelConfig  # noqa: E402
-from far_scale.data.spec import DataSpec  # noqa: E402
-from far_scale.distributed import engine as ds  # noqa: E402
-from far_scale.distributed.deepspeed_config import build_deepspeed_config, estimate_construction_memory  # noqa: E402
-from far_scale.distributed.runtime import free_port, init_distributed  # noqa: E402
-from far_scale.models.model import largest_layer_parameters  # noqa: E402
-from far_scale.planning.builder import build_meta_model, build_model  # noqa: E402
-from far_scale.train.memory import GIB, host_peak_of, peak_growth, set_mmap_threshold  # noqa: E402
+from far_scale.config.schema import ModelConfig, ParallelConfig
+from far_scale.data.spec import DataSpec
+from far_scale.distributed import engine as ds
+from far_scale.distributed.deepspeed_config import (
+    build_deepspeed_config,
+    estimate_construction_memory,
+)
+from far_scale.distributed.runtime import free_port, init_distributed
+from far_scale.models.model import largest_layer_parameters
+from far_scale.planning.builder import build_meta_model, build_model
+from far_scale.train.memory import GIB, host_peak_of, peak_growth, set_mmap_threshold
 
 BENCHMARK = "build_memory"
 DATA = DataSpec(seq_len=256, token_dim=16, num_classes=1000)  # ImageNet 256 through KL-16

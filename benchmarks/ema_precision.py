@@ -15,14 +15,16 @@ bf16 sampling does. Writes benchmarks/results/ema_precision__*.json and a sectio
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import (  # noqa: E402
-    command_line, describe_machine, load_results, markdown_table, save_result, write_doc_section,
+from benchmarks.report import (
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    save_result,
+    write_doc_section,
 )
 
 BENCHMARK = "ema_precision"

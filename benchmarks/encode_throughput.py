@@ -10,10 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,15 +17,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import (  # noqa: E402
-    command_line, describe_machine, load_results, markdown_table, save_result, write_doc_section,
+from benchmarks.report import (
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    save_result,
+    write_doc_section,
 )
-
-from data_prep.encode import EncodeJob, _ImageDataset, job_images, run_encode  # noqa: E402
-from data_prep.fit_codec import fit_pca_codec  # noqa: E402
-from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
-from far_scale.distributed.runtime import free_port  # noqa: E402
+from data_prep.encode import EncodeJob, _ImageDataset, job_images, run_encode
+from data_prep.fit_codec import fit_pca_codec
+from data_prep.synth import SynthSpec, write_dataset
+from far_scale.local_s3 import LocalS3
 
 BENCHMARK = "encode_throughput"
 
@@ -46,22 +45,6 @@ def decode_only(job: EncodeJob) -> float:
 def encode(job: EncodeJob) -> float:
     summary = run_encode(job)
     return summary.images_encoded / summary.seconds
-
-
-def start_moto() -> tuple[subprocess.Popen, dict]:
-    port = free_port()
-    process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
-                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process, env
-        time.sleep(0.2)
-    raise RuntimeError("moto_server did not start")
 
 
 def main(argv=None) -> None:
@@ -83,8 +66,8 @@ def main(argv=None) -> None:
         fit_pca_codec(str(images), str(weights), args.image_size, 8, 16, 256, 100_000, 0)
         targets = [("local", str(tmp / "out"))]
         if not args.no_s3:
-            moto, env = start_moto()
-            os.environ.update(env)  # this process only: s3fs reads the standard AWS variables
+            moto = LocalS3("bench", "bench")
+            os.environ.update(moto.env)  # this process only: s3fs reads the standard AWS variables
             import fsspec
 
             fsspec.filesystem("s3").mkdir("bench")
@@ -101,7 +84,7 @@ def main(argv=None) -> None:
                 print(rows[-1], flush=True)
     finally:
         if moto is not None:
-            os.killpg(moto.pid, signal.SIGTERM)
+            moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     machine = describe_machine(torch.device("cpu"))
     result = {"machine": machine, "rows": rows, "images": args.images, "resolution": args.resolution,

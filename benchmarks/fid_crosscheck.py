@@ -3,7 +3,7 @@
 torch-fidelity needs torchvision, which does not load beside the CPU torch of the core install, so this
 runs where `pip install '.[eval]'` works (a CUDA machine). Both libraries read the same local weights file.
 
-    python benchmarks/fid_crosscheck.py SAMPLES.npz REFERENCE.npz --inception weights-inception-2015-12-05-6726825d.pth
+    python -m benchmarks.fid_crosscheck SAMPLES.npz REFERENCE.npz --inception weights-inception-2015-12-05-6726825d.pth
 
 SAMPLES and REFERENCE are image sets (``arr_0`` uint8 NHWC). Prints both results and their differences and
 writes them to benchmarks/results/fid_crosscheck__<device>.json.
@@ -12,19 +12,15 @@ writes them to benchmarks/results/fid_crosscheck__<device>.json.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import command_line, describe_machine, save_result  # noqa: E402
-
-from far_scale.eval.fid import InceptionScorer  # noqa: E402
-from far_scale.eval.image_sets import load_npz_images  # noqa: E402
-from far_scale.eval.inception import load_inception  # noqa: E402
-from far_scale.eval.metrics import FeatureStats  # noqa: E402
+from benchmarks.report import command_line, describe_machine, save_result
+from far_scale.eval.fid import InceptionScorer
+from far_scale.eval.image_sets import load_npz_images
+from far_scale.eval.inception import load_inception
+from far_scale.eval.metrics import FeatureStats
 
 
 class _Images(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@
    number is the mean over the seeds with a 95% t-interval across them.
 Writes benchmarks/results/quality_speed__*.json, a table, a quality-vs-speed plot and the answer to
 "does FAR reach MAR's quality at >= 2.3x its speed here?" into docs/benchmarks.md.
-Run ``python benchmarks/quality_speed.py --help``.
+Run ``python -m benchmarks.quality_speed --help``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import (  # noqa: E402
-    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, result_heading, save_result,
+from benchmarks.report import (
+    REPO_ROOT,
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    result_heading,
+    save_result,
     write_doc_section,
 )
-
-from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON  # noqa: E402
+from far_scale.eval.offline import (
+    CALIBRATION_RANDOM,
+    CALIBRATION_REAL,
+    CALIBRATION_RECON,
+)
 
 BENCHMARK = "quality_speed"
 IMG_DIR = REPO_ROOT / "docs" / "img"
@@ -49,21 +57,19 @@ def recipes_for(data: str) -> dict[str, str]:
 
 def prepare_data(work: Path, images_per_class: int, data: str = "synth") -> tuple[Path, Path]:
     from data_prep.digits import write_digits
-    from data_prep.encode import EncodeJob, run_encode
-    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.pca_latents import encode_with_pca
     from data_prep.synth import SynthSpec, write_dataset
 
     _, size, token_px, per_shard = DATASETS[data]
-    images, codec, shards = work / "images", work / "pca.safetensors", work / "shards"
+    images, shards = work / "images", work / "shards"
     if not (shards / "manifest.json").is_file():
         if data == "digits":
             write_digits(images, progress=False)
         else:
             colors = "random" if data == "synth-shape" else "class"
             write_dataset(images, SynthSpec(10, images_per_class, size, seed=0, colors=colors), progress=False)
-        fit_pca_codec(str(images), str(codec), size, token_px, 16, max_images=512, max_patches=200_000, seed=0)
-        run_encode(EncodeJob(src=str(images), dst=str(shards), codec="pca", codec_weights=str(codec), image_size=size,
-                             images_per_shard=per_shard, batch_size=64, loader_workers=0, progress=False))
+        encode_with_pca(images, work, size, token_px, 16, images_per_shard=per_shard, max_images=512,
+                        max_patches=200_000)
     return images, shards
 
 
@@ -127,7 +133,7 @@ def learning_curve(run_dir: Path) -> list[dict]:
 
 def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[dict]:
     """The same points as `far-scale eval sweep` evaluates (without logging child runs)."""
-    from far_scale.eval.sample import load_sampling_model
+    from far_scale.eval.sample_job import load_sampling_model
     from far_scale.eval.sweep import SweepPoint, evaluate_point
 
     loaded = load_sampling_model(run_dir, device=device)

@@ -104,7 +104,7 @@ def write_doc_section(benchmark: str, body: str) -> None:
 
 def command_line(script: str, argv) -> str:
     """The command that produced a result, as docs/benchmarks.md shows it (``argv`` None: this process's)."""
-    return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return f"python -m benchmarks.{script.removesuffix('.py')} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def result_heading(what: str, result: dict, details: str = "") -> list[str]:

@@ -10,31 +10,35 @@ Three modes, one process each, results in benchmarks/results/*.json, docs/benchm
 - ``--pareto``: the same techniques on trained tiny FAR and MAR models (``benchmarks/quality_speed.py``
   trains them), each point scored on the offline benchmark: quality vs images/s with the Pareto front.
 
-Run ``python benchmarks/sampling_speed.py --help``.
+Run ``python -m benchmarks.sampling_speed --help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import (  # noqa: E402
-    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, median_seconds, result_heading,
-    save_result, synchronize, write_doc_section,
+from benchmarks import sampling_study
+from benchmarks.bench_models import build_pair
+from benchmarks.report import (
+    REPO_ROOT,
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    median_seconds,
+    result_heading,
+    save_result,
+    synchronize,
+    write_doc_section,
 )
-
-import sampling_study  # noqa: E402
-from bench_models import build_pair  # noqa: E402
-
-from far_scale.data.spec import DataSpec  # noqa: E402
-from far_scale.models.model import ARModel  # noqa: E402
-from far_scale.models.sampling import SamplingOptions, generate  # noqa: E402
+from far_scale.data.spec import DataSpec
+from far_scale.models.generation import SamplingOptions, generate
+from far_scale.models.model import ARModel
 
 BENCHMARK = "sampling_speed"
 IMG_DIR = REPO_ROOT / "docs" / "img"

@@ -13,14 +13,26 @@ from pathlib import Path
 
 import torch
 
-from bench_models import build_pair
-from report import (
-    REPO_ROOT, load_results, markdown_table, median_seconds, result_heading, save_result, write_doc_section,
+from benchmarks.bench_models import build_pair
+from benchmarks.report import (
+    REPO_ROOT,
+    load_results,
+    markdown_table,
+    median_seconds,
+    result_heading,
+    save_result,
+    write_doc_section,
 )
-from techniques import MAR_FAITHFUL, MAR_TUNED, TECHNIQUES, far_speedup_answer, speedups
-
+from benchmarks.techniques import (
+    MAR_FAITHFUL,
+    MAR_TUNED,
+    TECHNIQUES,
+    far_speedup_answer,
+    speedups,
+)
 from far_scale.data.spec import DataSpec
-from far_scale.models.sampling import SamplingOptions, generate
+from far_scale.eval.sweep import pareto_front
+from far_scale.models.generation import SamplingOptions, generate
 
 SPEED_BENCHMARK = "sampling_techniques"
 PARETO_BENCHMARK = "sampling_pareto"
@@ -93,7 +105,7 @@ def save_speed(result: dict, key: str) -> None:
 def run_pareto(args, device: torch.device) -> dict:
     """Each technique on the trained tiny models, scored on the offline benchmark."""
     from far_scale.eval.offline import build_benchmark
-    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
+    from far_scale.eval.sample_job import build_generator, load_sampling_model
     from far_scale.eval.sweep import score_generator
 
     work = Path(args.runs).resolve()
@@ -105,8 +117,8 @@ def run_pareto(args, device: torch.device) -> dict:
             raise FileNotFoundError(f"no trained {label} run at {run_dir}: run benchmarks/quality_speed.py first "
                                     f"(it trains both into {work})")
         loaded = load_sampling_model(run_dir, device=device)
-        training_steps[label] = loaded.meta["step"]
-        generator = build_generator(loaded, SampleRequest(source="", out=""), device)
+        training_steps[label] = loaded.meta.step
+        generator = build_generator(loaded, device)
         techniques = [t for t in TECHNIQUES if t.model == label]
         for k in (args.pareto_far_k if label == "FAR" else args.pareto_mar_k):
             for technique in techniques:
@@ -120,14 +132,6 @@ def run_pareto(args, device: torch.device) -> dict:
     return {"rows": rows, "calibration": calibration, "num_images": args.pareto_images, "cfg": args.pareto_cfg,
             "training_steps": training_steps,
             "answer": far_speedup_answer(rows)}
-
-
-def pareto_front(rows: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
-    sign = 1 if higher_is_better else -1
-    return sorted((r for r in rows if not any(
-        o is not r and sign * o[metric] >= sign * r[metric] and o["images_per_s"] >= r["images_per_s"]
-        and (sign * o[metric] > sign * r[metric] or o["images_per_s"] > r["images_per_s"]) for o in rows)),
-        key=lambda r: r["images_per_s"])
 
 
 def plot_pareto(result: dict, path: Path) -> None:
@@ -144,7 +148,7 @@ def plot_pareto(result: dict, path: Path) -> None:
                 sub = [r for r in result["rows"] if r["model"] == model and r["K"] == k]
                 ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker,
                            label=f"{model} K={k}", alpha=0.75)
-        front = pareto_front(result["rows"], metric, better)
+        front = pareto_front(result["rows"], metric)  # higher_is_better(metric) agrees with `better`
         ax.plot([r["images_per_s"] for r in front], [r[metric] for r in front], "k--", linewidth=1,
                 label="Pareto front")
         for i, r in enumerate(front):

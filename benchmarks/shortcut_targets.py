@@ -6,22 +6,31 @@ offline benchmark of ``quality_speed.py`` (its work directory is reused), then s
 O in {1, 2, 4, 8} and scores it. An EMA's lag is about 1 / (1 - decay) steps: what matters is that lag
 relative to how fast the head moves, so each row also states the lag as a share of the run.
 Writes benchmarks/results/shortcut_targets__*.json and a section of docs/benchmarks.md.
-Run ``python benchmarks/shortcut_targets.py --help``.
+Run ``python -m benchmarks.shortcut_targets --help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_speed import add_training_arguments, prepare_work, recipes_for, train_recipe  # noqa: E402
-from report import (  # noqa: E402
-    command_line, describe_machine, load_results, markdown_table, result_heading, save_result, write_doc_section,
+from benchmarks.quality_speed import (
+    add_training_arguments,
+    prepare_work,
+    recipes_for,
+    train_recipe,
+)
+from benchmarks.report import (
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    result_heading,
+    save_result,
+    write_doc_section,
 )
 
 BENCHMARK = "shortcut_targets"
@@ -47,11 +56,11 @@ def decay_of(overrides: list[str]) -> float | None:
 
 
 def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
-    from far_scale.eval.sample import SampleRequest, build_generator, load_sampling_model
+    from far_scale.eval.sample_job import build_generator, load_sampling_model
     from far_scale.eval.sweep import score_generator
 
     loaded = load_sampling_model(run_dir)
-    generator = build_generator(loaded, SampleRequest(source="", out=""), torch.device("cpu"))
+    generator = build_generator(loaded, torch.device("cpu"))
     rows = []
     # A distilled head learned the guided flow at its coarse levels: sampled without CFG there, and also with
     # sampling-time CFG for comparison.

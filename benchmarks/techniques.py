@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from far_scale.models.sampling import SamplingOptions
+from far_scale.models.generation import SamplingOptions
 
 
 @dataclass(frozen=True)

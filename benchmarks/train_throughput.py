@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,18 +23,21 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode_throughput import start_moto  # noqa: E402
-from report import (  # noqa: E402
-    REPO_ROOT, command_line, describe_machine, load_results, markdown_table, result_heading, save_result,
+from benchmarks.report import (
+    REPO_ROOT,
+    command_line,
+    describe_machine,
+    load_results,
+    markdown_table,
+    result_heading,
+    save_result,
     write_doc_section,
 )
-
-from data_prep.encode import EncodeJob, run_encode  # noqa: E402
-from data_prep.fit_codec import fit_pca_codec  # noqa: E402
-from data_prep.synth import SynthSpec, write_dataset  # noqa: E402
-from far_scale.data.loader import LatentLoader  # noqa: E402
-from far_scale.train.memory import GIB  # noqa: E402
+from data_prep.pca_latents import encode_with_pca
+from data_prep.synth import SynthSpec, write_dataset
+from far_scale.data.loader import LatentLoader
+from far_scale.local_s3 import LocalS3
+from far_scale.train.memory import GIB
 
 BENCHMARK = "train_throughput"
 FIT_BENCHMARK = "largest_micro_batch"
@@ -46,11 +48,10 @@ RECIPE = REPO_ROOT / "recipes" / "far_tiny_synth64.yaml"
 
 def build_data(tmp: Path, images: int) -> Path:
     src = write_dataset(tmp / "images", SynthSpec(10, images // 10, 64), progress=False)
-    weights = tmp / "pca.safetensors"
-    fit_pca_codec(str(src), str(weights), 64, 4, 16, 256, 100_000, 0)  # 256 tokens x 16, as ImageNet-256 KL-16
-    run_encode(EncodeJob(src=str(src), dst=str(tmp / "shards"), codec="pca", codec_weights=str(weights),
-                         image_size=64, images_per_shard=50, loader_workers=1, progress=False))
-    return tmp / "shards"
+    # 256 tokens x 16, as ImageNet-256 through KL-16.
+    _, shards = encode_with_pca(src, tmp, 64, 4, 16, images_per_shard=50, max_images=256, max_patches=100_000,
+                                loader_workers=1)
+    return shards
 
 
 def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, steps: int) -> dict:
@@ -158,7 +159,8 @@ def main(argv=None) -> None:
             print(results[-1], flush=True)
         loader_rows.append(["local disk", f"{loader_only(str(data), 30):.0f}"])
         if not args.no_s3:
-            moto, env = start_moto()
+            moto = LocalS3("bench", "bench")
+            env = moto.env
             os.environ.update(env)
             import fsspec
 
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
         print(loader_rows, flush=True)
     finally:
         if moto is not None:
-            os.killpg(moto.pid, signal.SIGTERM)
+            moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"machine": describe_machine(device), "runs": results, "loader": loader_rows,

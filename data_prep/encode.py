@@ -26,11 +26,33 @@ from tqdm import tqdm
 
 from far_scale.codecs import Codec, load_codec
 from far_scale.data.contract import (
-    FORMAT_VERSION, LATENT_DTYPE, NUM_VIEWS, SHARD_PREFIX, TAR_MODE, TAR_MTIME, TAR_OWNER, encode_sample, shard_name, stats_name,
+    FORMAT_VERSION,
+    LATENT_DTYPE,
+    NUM_VIEWS,
+    SHARD_PREFIX,
+    TAR_MODE,
+    TAR_MTIME,
+    TAR_OWNER,
+    encode_sample,
+    shard_name,
+    stats_name,
 )
-from far_scale.data.images import read_dataset_card, ImageList, list_images, load_image, shuffled, to_unit_range
+from far_scale.data.images import (
+    ImageList,
+    list_images,
+    load_image,
+    read_dataset_card,
+    shuffled,
+    to_unit_range,
+)
 from far_scale.data.manifest import Manifest, combine_stats, write_manifest
-from far_scale.data.storage import atomic_writer, filesystem, join, redact_command, write_bytes_atomic
+from far_scale.data.storage import (
+    atomic_writer,
+    filesystem,
+    join,
+    redact_command,
+    write_bytes_atomic,
+)
 
 
 @dataclass(frozen=True)

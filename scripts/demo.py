@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from far_scale.data.storage import write_atomic
-from far_scale.distributed.runtime import free_port
 from far_scale.eval.grid import save_image_atomic
+from far_scale.local_s3 import LocalS3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -100,34 +99,6 @@ def _worth_showing(line: str) -> bool:
     noisy = ("[WARNING]", "[INFO]", "INFO ", "Warning", "warn(", "[rank", "UserWarning", "deepspeed", "  warnings.")
     # The second line of a Python warning repeats a source line, indented.
     return bool(line.strip()) and not line.startswith("  ") and not any(n in line for n in noisy)
-
-
-class MotoServer:
-    """A local S3 API on 127.0.0.1 (moto), stopped on every exit path of the demo."""
-
-    def __init__(self, log: Path):
-        self.port = free_port()
-        executable = shutil.which("moto_server") or str(Path(PYTHON).with_name("moto_server"))
-        self.log = open(log, "a")
-        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + MOTO_START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                raise StageFailed(f"moto_server exited with {self.process.returncode}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise StageFailed("moto_server did not listen within 60 s")
-            time.sleep(0.2)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self.log.close()
 
 
 def prepare_images(demo: Demo) -> tuple[Path, Path]:
@@ -410,15 +381,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ("a previous demo is here: reusing its images, codec and benchmark; S3, training and MLflow start clean"
              if previous else "starting clean"))
     started = time.monotonic()
-    moto: Optional[MotoServer] = None
+    moto: Optional[LocalS3] = None
+    moto_log = None
     try:
         images, codec = prepare_images(demo)
         log = demo.stage("S3: a local endpoint (moto server on 127.0.0.1)")
-        moto = MotoServer(log)
-        demo.env.update({"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "demo", "AWS_DEFAULT_REGION":
-                         "us-east-1", "AWS_SECRET_ACCESS_KEY": "demo"})
-        os.environ.update({k: demo.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                    "AWS_DEFAULT_REGION")})
+        moto_log = open(log, "a")
+        try:
+            moto = LocalS3("demo", "demo", moto_log, MOTO_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise StageFailed(str(exc)) from None
+        demo.env.update(moto.env)
+        os.environ.update(moto.env)  # this process reads the shards' manifest and makes the bucket
         print(f"   {moto.endpoint}, bucket {BUCKET}")
         url = encode_to_s3(demo, images, codec)
         bench = offline_benchmark(demo, images, url)
@@ -435,6 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if moto is not None:
             moto.stop()
+        if moto_log is not None:
+            moto_log.close()
     text = summary(demo, [far, mar], scores, pictures, tracking_uri)
     write_atomic(out / "summary.md", text + "\n")
     print(f"\n== results ({(time.monotonic() - started) / 60:.1f} min)\n{text}")

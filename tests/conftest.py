@@ -50,28 +50,17 @@ MOTO_START_TIMEOUT_S = 30
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API: moto_server on 127.0.0.1, credentials and endpoint in the environment."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
+    from far_scale.local_s3 import LocalS3
 
-    executable = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = free_port()
-    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
     patch = pytest.MonkeyPatch()
-    try:
-        wait_for_port(port, MOTO_START_TIMEOUT_S, process)
-        for key, value in {**S3_TEST_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": endpoint}.items():
-            patch.setenv(key, value)
-        yield endpoint
-    finally:
-        patch.undo()
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
+    with LocalS3(S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"], S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                 timeout_s=MOTO_START_TIMEOUT_S) as s3:
+        try:
+            for key, value in s3.env.items():
+                patch.setenv(key, value)
+            yield s3.endpoint
+        finally:
+            patch.undo()
 
 
 @pytest.fixture
@@ -90,18 +79,15 @@ def s3_bucket(s3_endpoint, request):
 @pytest.fixture(scope="session")
 def latent_dataset(tmp_path_factory):
     """A small real latent dataset: synthetic 32 px images -> PCA codec -> 12 shards of 10 (+ a short one)."""
-    from data_prep.encode import EncodeJob, run_encode
-    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.pca_latents import encode_with_pca
     from data_prep.synth import SynthSpec, write_dataset
 
     root = tmp_path_factory.mktemp("latents")
     images = write_dataset(root / "images", SynthSpec(num_classes=4, images_per_class=32, resolution=32, seed=1),
                            progress=False)
-    weights = root / "pca.safetensors"
-    fit_pca_codec(str(images), str(weights), 32, 8, 8, max_images=64, max_patches=20_000, seed=0)
-    run_encode(EncodeJob(src=str(images), dst=str(root / "shards"), codec="pca", codec_weights=str(weights),
-                         image_size=32, images_per_shard=10, batch_size=16, loader_workers=0, progress=False))
-    return root / "shards"
+    _, shards = encode_with_pca(images, root, 32, 8, 8, images_per_shard=10, max_images=64, max_patches=20_000,
+                                batch_size=16)
+    return shards
 
 
 @dataclasses.dataclass

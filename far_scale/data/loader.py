@@ -340,6 +340,22 @@ class LatentLoader:
     def scale(self) -> float:
         return self.manifest.scale
 
+    def restore(self, positions: list[dict], rank: int, resized: bool) -> Optional[str]:
+        """Continue from the positions every rank saved in a checkpoint. At the same world size: exactly
+        this rank's. At another one: with ``split=samples`` the same global position (world-size
+        independent); with ``split=shards`` the start of the next epoch (returned as a warning)."""
+        workers = max(self.num_workers, 1)
+        if not resized:
+            self.position = LoaderPosition.from_dict(positions[rank])
+            return None
+        saved = LoaderPosition.from_dict(positions[0])
+        if self.split == "samples":
+            self.position = LoaderPosition(saved.epoch, [0] * workers, saved.global_micro_batches)
+            return None
+        self.position = LoaderPosition(saved.epoch + 1, [0] * workers)
+        return (f"world size changed with data.split=shards: the interrupted epoch's remaining samples cannot be "
+                f"located exactly; continuing at the start of epoch {saved.epoch + 1}")
+
     def steps_in_epoch(self, epoch: int) -> int:
         """Micro-batches this rank yields in ``epoch`` (the same on every rank)."""
         return micro_batches_per_epoch(self.shard_sizes, self.split, self.seed, epoch, self.world_size,

@@ -6,7 +6,7 @@ gather only the (small) features on rank 0.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -40,16 +40,3 @@ def score_batches(scorer: Scorer, batches: Iterable[ImageBatch]) -> tuple[dict[s
         raise ValueError("no images to score")
     all_labels = np.concatenate(labels)
     return scorer.score(concat_features(features), all_labels), len(all_labels)
-
-
-def build_scorer(ev, device) -> Optional[Scorer]:
-    """The quality metric an ``EvalConfig`` names: the offline benchmark, FID/IS, or None."""
-    if ev.benchmark:
-        from far_scale.eval.offline import OfflineBenchmark
-
-        return OfflineBenchmark.load(ev.benchmark)
-    if ev.inception_weights:
-        from far_scale.eval.fid import build_inception_scorer
-
-        return build_inception_scorer(ev.inception_weights, ev.reference_stats, device, ev.batch_size)
-    return None

@@ -14,17 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches
-from far_scale.eval.scoring import Scorer, concat_features
+from far_scale.eval.evaluation import SPEED, evaluate_on_ranks
+from far_scale.eval.image_generator import ImageGenerator, SamplingJob
+from far_scale.eval.scoring import Scorer
 from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
 
 POINT_TAG = "far_scale.sweep_point"
 PARENT_TAG = "mlflow.parentRunId"
-SPEED = "images_per_s"
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,11 @@ def sweep_points(num_iter: Sequence[int], head_steps: Sequence[int], cfg_scale: 
 def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, batch_size: int, seed: int,
                    device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Sample ``num_images`` class-balanced images at ``point``; their scores and images/s (sampling + decoding)."""
-    from far_scale.eval.sample import SampleRequest, build_generator
+    from far_scale.eval.sample_job import build_generator
 
-    request = SampleRequest(source="", out="", num_iter=point.num_iter, head_steps=point.head_steps,
-                            cfg_scale=point.cfg_scale, precision=precision)
-    return score_generator(build_generator(loaded, request, device), scorer, num_images, batch_size, seed)
+    ev = loaded.cfg.eval.model_copy(update={"num_iter": point.num_iter, "head_steps": point.head_steps,
+                                            "cfg_scale": point.cfg_scale})
+    return score_generator(build_generator(loaded, device, precision, ev), scorer, num_images, batch_size, seed)
 
 
 def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, batch_size: int,
@@ -57,13 +56,7 @@ def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, 
     """Scores of ``num_images`` class-balanced images from ``generator`` and their images/s (one rank)."""
     job = SamplingJob(num_images, generator.model.num_classes, batch_size, seed)
     generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
-    features, labels, seconds = [], [], 0.0
-    for _, batch, spent in iter_rank_batches(generator, job, rank=0, world_size=1):
-        seconds += spent
-        features.append(scorer.features(batch.images))
-        labels.append(batch.labels)
-    scores = scorer.score(concat_features(features), np.concatenate(labels))
-    return {**scores, SPEED: num_images / seconds}
+    return evaluate_on_ranks(generator, job, scorer).metrics
 
 
 def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
@@ -115,11 +108,11 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from far_scale.eval.sample import load_sampling_model
+    from far_scale.eval.sample_job import load_sampling_model
 
     torch_device = torch.device(device)
     loaded = load_sampling_model(source, device=torch_device)
-    parent_id = loaded.meta.get("mlflow_run_id")
+    parent_id = loaded.meta.mlflow_run_id
     uri = tracking_uri or loaded.cfg.tracking.uri or _run_store(Path(source))
     if not parent_id or not uri:
         raise ValueError(f"{source} names no MLflow run to attach the sweep to (meta.json has no mlflow_run_id, or "
@@ -139,7 +132,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
             child = client.create_run(parent.info.experiment_id, run_name=point.key,
                                       tags={PARENT_TAG: parent_id, POINT_TAG: point.key})
             params = {**asdict(point), "num_images": num_images, "seed": seed, "precision": precision,
-                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.get("step")}
+                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.step}
             client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                              metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
             client.set_terminated(child.info.run_id)
@@ -147,7 +140,7 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
             print(f"{point.key}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         rows.append({**asdict(point), **metrics})
     metric = primary_metric or next(m for m in ("fid", "fd", "accuracy") if m in rows[0])
-    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.get('step')}")
+    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.step}")
     for path in plots:
         client.log_artifact(parent_id, str(path), "sweep")
     return SweepResult(rows, created, len(points) - created, plots)

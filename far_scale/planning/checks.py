@@ -10,6 +10,7 @@ from typing import Optional
 from fsspec.registry import known_implementations
 
 from far_scale.config.loader import ConfigError
+from far_scale.models.generation import num_iter_problem
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
 from far_scale.planning.builder import resolve_dims
@@ -104,8 +105,9 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
         if cfg.data.hflip and not data.hflip_invariant:
             problems.append("data.hflip is true but the dataset's card (manifest source.dataset) says a horizontal "
                             "flip changes the class (a mirrored digit is another glyph): set data.hflip=false")
-        if cfg.eval.num_iter > data.seq_len:
-            problems.append(f"eval.num_iter={cfg.eval.num_iter} exceeds the sequence length {data.seq_len}")
+        problem = num_iter_problem(cfg.eval.num_iter, data.seq_len)
+        if problem:
+            problems.append(problem)
         needs_images = cfg.run.epochs is not None or cfg.schedule.warmup_epochs is not None
         if needs_images and data.num_images is None:
             problems.append(

@@ -1,4 +1,5 @@
-"""Checkpoint directory layout, the atomic ``latest.json`` pointer, retention and RNG capture."""
+"""Checkpoint files (the layout is ``far_scale.artifacts``): the atomic ``latest.json`` pointer, digests,
+sidecars, retention and RNG capture."""
 
 from __future__ import annotations
 
@@ -16,75 +17,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from far_scale.artifacts import (  # noqa: F401  (the layout's names, used as ckpt.* by the train package)
+    CONFIG_FILE, EMA_FILE, FILES_FILE, LATEST, META_FILE, TAG_PATTERN, TARGET_EMA_FILE, UNIVERSAL_DIR,
+    CheckpointError, CheckpointRef, _restore_hint, checkpoint_tags, parse_latest, read_latest, tag_for,
+)
 from far_scale.data.storage import write_atomic
-from far_scale.errors import ActionableError
 
-LATEST = "latest.json"
-EMA_FILE = "ema.safetensors"
-TARGET_EMA_FILE = "target_ema.safetensors"
-CONFIG_FILE = "config.yaml"
-FILES_FILE = "files.json"  # size and sha256 of every file of the checkpoint, checked before loading
 HASH_BLOCK_BYTES = 8 << 20
-META_FILE = "meta.json"
-UNIVERSAL_DIR = "universal"
-
-
-TAG_PATTERN = re.compile(r"step_\d{8}")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    directory: Path
-    tag: str
-    step: int
-    world_size: int
-
-    @property
-    def path(self) -> Path:
-        return self.directory / self.tag
-
-
-class CheckpointError(ActionableError, RuntimeError):
-    """An unreadable pointer or a checkpoint file that differs from what was written; says what to do."""
-
-
-def _restore_hint(directory: Path, bad_tag: Optional[str] = None) -> str:
-    tags = [t for t in checkpoint_tags(p.name for p in directory.iterdir() if p.is_dir()) if t != bad_tag]
-    if not tags:
-        return "no other checkpoint is here: delete the directory to start the run from scratch"
-    newest = directory / tags[-1]
-    pointer = {"tag": tags[-1], "step": int(tags[-1].removeprefix("step_")), "world_size": "N"}
-    try:
-        pointer["world_size"] = json.loads((newest / META_FILE).read_text())["world_size"]
-    except (OSError, ValueError, KeyError):
-        pass  # the user fills in the world size that wrote it
-    return (f"checkpoints here: {', '.join(tags)}; to resume from the newest of them, write {directory / LATEST} "
-            f"as {json.dumps(pointer)} (make sure that checkpoint is complete: `far-scale train` checks its files)")
-
-
-def parse_latest(text: str, where: str, directory: Path) -> tuple[str, int, int]:
-    """(tag, step, world size) of a ``latest.json``; ``CheckpointError`` names ``where`` if it is damaged."""
-    try:
-        data = json.loads(text)
-        tag, step, world_size = str(data["tag"]), int(data["step"]), int(data["world_size"])
-        if not TAG_PATTERN.fullmatch(tag):
-            raise ValueError(f"tag {tag!r} is not a checkpoint tag")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{where} is damaged ({type(exc).__name__}: {exc}); "
-                              f"{_restore_hint(directory) if directory.is_dir() else ''}") from None
-    return tag, step, world_size
-
-
-def read_latest(directory: Path) -> Optional[CheckpointRef]:
-    pointer = directory / LATEST
-    if not pointer.is_file():
-        return None
-    tag, step, world_size = parse_latest(pointer.read_text(errors="replace"), str(pointer), directory)
-    return CheckpointRef(directory, tag, step, world_size)
 
 
 def check_writable(directory: Path) -> None:
@@ -163,11 +102,6 @@ def load_ema(path: Path, name: str = EMA_FILE) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path / name} is missing: the checkpoint was written without it (e.g. by a run "
                                 "with another model.head.consistency_target)")
     return load_file(str(path / name))
-
-
-def checkpoint_tags(names: Iterable[str]) -> list[str]:
-    """The checkpoint tags among directory entry names, oldest first."""
-    return sorted(name for name in names if TAG_PATTERN.fullmatch(name))
 
 
 def tags_to_prune(tags: Iterable[str], keep_last: int, current: str) -> list[str]:

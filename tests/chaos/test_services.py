@@ -214,10 +214,10 @@ def test_s3_endpoint_down_during_training(s3_data, s3_endpoint, tmp_path, down_s
 
 @pytest.mark.s3
 def test_data_prep_killed_during_s3_uploads(tmp_path, s3_bucket, reliability):
+    import fsspec
+
     from data_prep.fit_codec import fit_pca_codec
     from data_prep.synth import SynthSpec, write_dataset
-
-    import fsspec
 
     images = write_dataset(tmp_path / "images", SynthSpec(num_classes=10, images_per_class=30, resolution=32),
                            progress=False)

@@ -18,7 +18,10 @@ import torch.multiprocessing as mp
 from far_scale.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.distributed import engine as ds
-from far_scale.distributed.deepspeed_config import build_deepspeed_config, estimate_construction_memory
+from far_scale.distributed.deepspeed_config import (
+    build_deepspeed_config,
+    estimate_construction_memory,
+)
 from far_scale.distributed.runtime import init_distributed
 from far_scale.models.model import largest_layer_parameters
 from far_scale.planning.builder import build_meta_model, build_model

@@ -365,12 +365,12 @@ def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
     import dataclasses
     import hashlib
 
+    import numpy as np
+    import webdataset as wds
+
     from far_scale.data.contract import encode_sample
     from far_scale.data.manifest import read_manifest, write_manifest
     from far_scale.data.shards import iter_tar_bytes
-
-    import numpy as np
-    import webdataset as wds
 
     data = tmp_path / "nan-shards"
     shutil.copytree(latent_dataset, data)

@@ -4,7 +4,6 @@ bit-identical images, a seeded disjoint split, a refused source, and negative co
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,24 +78,26 @@ def test_missing_or_changed_source_file_is_refused_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def digit_bench(digit_folder, tmp_path_factory):
     """The demo's digit benchmark: 8 x 8 px PCA tokens, the classifier at its default settings."""
-    from data_prep.encode import EncodeJob, run_encode
-    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.pca_latents import encode_with_pca
     from far_scale.eval.offline import BenchmarkSettings, build_benchmark
 
     work = tmp_path_factory.mktemp("digit-bench")
-    codec = work / "pca.safetensors"
-    fit_pca_codec(str(digit_folder), str(codec), 32, 8, 16, max_images=3000, max_patches=100_000, seed=0)
-    run_encode(EncodeJob(src=str(digit_folder), dst=str(work / "shards"), codec="pca", codec_weights=str(codec),
-                         image_size=32, images_per_shard=500, batch_size=250, loader_workers=0, progress=False))
-    _, bench, _ = build_benchmark(str(digit_folder), work / "cache", str(work / "shards"),
+    _, shards = encode_with_pca(digit_folder, work, 32, 8, 16, images_per_shard=500, max_images=3000,
+                                max_patches=100_000, batch_size=250)
+    _, bench, _ = build_benchmark(str(digit_folder), work / "cache", str(shards),
                                   BenchmarkSettings.for_folder(digit_folder), verbose=False)
     return bench
 
 
 @pytest.mark.slow
 def test_digit_benchmark_classifier_and_negative_controls(digit_bench):
-    from far_scale.eval.offline import (CALIBRATION_REAL, CALIBRATION_RECON, CONTROL_PIXELS_SHUFFLED,
-                                        CONTROL_TOKEN_MEANS, CONTROL_TOKENS_SHUFFLED)
+    from far_scale.eval.offline import (
+        CALIBRATION_REAL,
+        CALIBRATION_RECON,
+        CONTROL_PIXELS_SHUFFLED,
+        CONTROL_TOKEN_MEANS,
+        CONTROL_TOKENS_SHUFFLED,
+    )
 
     rows = {row.name: row for row in digit_bench.calibration}
     real = rows[CALIBRATION_REAL]

@@ -58,14 +58,14 @@ def _encode(images: Path, codec: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def synth64(tmp_path_factory) -> SynthData:
     """The demo's data at a smaller count: 10 classes x 60 synthetic 64 px images, PCA codec, shards."""
-    from data_prep.fit_codec import fit_pca_codec
+    from data_prep.pca_latents import encode_with_pca
     from data_prep.synth import SynthSpec, write_dataset
 
     root = tmp_path_factory.mktemp("synth64")
     images = write_dataset(root / "images", SynthSpec(NUM_CLASSES, 60, 64, seed=0), progress=False)
-    codec = root / "pca.safetensors"
-    fit_pca_codec(str(images), str(codec), 64, 8, 16, max_images=600, max_patches=100_000, seed=0)
-    return SynthData(images, codec, _encode(images, codec, root / "shards"))
+    codec, shards = encode_with_pca(images, root, 64, 8, 16, images_per_shard=100, max_images=600,
+                                    max_patches=100_000, batch_size=50)
+    return SynthData(images, codec, shards)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,11 @@ def _rows(benchmark) -> dict:
 
 
 def test_offline_benchmark_calibration_orders_real_recon_random(bench):
-    from far_scale.eval.offline import CALIBRATION_RANDOM, CALIBRATION_REAL, CALIBRATION_RECON
+    from far_scale.eval.offline import (
+        CALIBRATION_RANDOM,
+        CALIBRATION_REAL,
+        CALIBRATION_RECON,
+    )
 
     _, benchmark = bench
     rows = _rows(benchmark)
@@ -112,7 +116,12 @@ def test_benchmark_on_colour_classes_is_reported_invalid(bench):
 
 def test_offline_benchmark_is_cached_by_data_and_settings(bench, synth64, tmp_path):
     from far_scale.eval.classifier import ClassifierSettings
-    from far_scale.eval.offline import BenchmarkSettings, benchmark_key, build_benchmark, folder_fingerprint
+    from far_scale.eval.offline import (
+        BenchmarkSettings,
+        benchmark_key,
+        build_benchmark,
+        folder_fingerprint,
+    )
 
     path, benchmark = bench
     again, _, reused = build_benchmark(str(synth64.images), path.parent, str(synth64.shards), verbose=False)

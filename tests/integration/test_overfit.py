@@ -8,8 +8,8 @@ import torch
 from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.diffusion.gaussian import GaussianDiffusion
+from far_scale.models.generation import SamplingOptions, generate
 from far_scale.planning.builder import build_model
-from far_scale.models.sampling import SamplingOptions, generate
 
 DATA = DataSpec(seq_len=16, token_dim=8, num_classes=4)
 

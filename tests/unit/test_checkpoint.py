@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from far_scale.train.checkpoint import CheckpointError, CheckpointRef, prune, read_latest, tag_for, tags_to_prune
+from far_scale.train.checkpoint import (
+    CheckpointError,
+    CheckpointRef,
+    prune,
+    read_latest,
+    tag_for,
+    tags_to_prune,
+)
 
 
 def test_pruning_keeps_the_newest_up_to_the_current_and_drops_later_partial_ones():

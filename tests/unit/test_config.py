@@ -9,7 +9,13 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from far_scale.config.loader import ConfigError, apply_overrides, config_from_yaml, config_to_yaml, load_config
+from far_scale.config.loader import (
+    ConfigError,
+    apply_overrides,
+    config_from_yaml,
+    config_to_yaml,
+    load_config,
+)
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.deepspeed_config import estimate_model_state_memory

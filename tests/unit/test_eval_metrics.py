@@ -7,9 +7,22 @@ import pytest
 import torch
 
 from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
-from far_scale.eval.inception import (NUM_LOGITS, POOL_DIM, WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX, FIDInceptionV3,
-                                      InceptionWeightsError, load_inception, resize_like_tf1)
-from far_scale.eval.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from far_scale.eval.inception import (
+    NUM_LOGITS,
+    POOL_DIM,
+    WEIGHTS_FILE,
+    WEIGHTS_SHA256_PREFIX,
+    FIDInceptionV3,
+    InceptionWeightsError,
+    load_inception,
+    resize_like_tf1,
+)
+from far_scale.eval.metrics import (
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 
 
 def _features(seed: int, n: int = 400, dim: int = 16, shift: float = 0.0) -> np.ndarray:
@@ -163,7 +176,11 @@ def test_token_controls_keep_or_remove_what_they_say():
 
 
 def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
-    from far_scale.eval.metrics import FeatureStats, bootstrap_interval, frechet_distance
+    from far_scale.eval.metrics import (
+        FeatureStats,
+        bootstrap_interval,
+        frechet_distance,
+    )
 
     rng = np.random.default_rng(1)
     reference = FeatureStats.of(rng.normal(size=(500, 8)))
@@ -175,8 +192,13 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded():
 
 
 def test_verdict_needs_controls_clearly_worse_and_shape():
-    from far_scale.eval.offline import (CALIBRATION_REAL, CONTROL_TOKEN_MEANS, CONTROL_TOKENS_SHUFFLED, QualityRow,
-                                        judge)
+    from far_scale.eval.offline import (
+        CALIBRATION_REAL,
+        CONTROL_TOKEN_MEANS,
+        CONTROL_TOKENS_SHUFFLED,
+        QualityRow,
+        judge,
+    )
 
     def row(name, accuracy, fd):
         return QualityRow(name, 100, accuracy, fd, 0.5, 0.5, fd, (accuracy - 0.02, accuracy + 0.02),

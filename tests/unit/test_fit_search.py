@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from train_throughput import largest_fitting  # noqa: E402
+from benchmarks.train_throughput import largest_fitting
 
 
 @pytest.mark.parametrize("limit", [1, 7, 64, 100])

@@ -9,8 +9,13 @@ from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.diffusion.shortcut import draw_shortcut_rows, interpolate
 from far_scale.models.backbones import sample_mask_ratio
+from far_scale.models.generation import (
+    SamplingNoise,
+    SamplingOptions,
+    generate,
+    num_masked_after,
+)
 from far_scale.planning.builder import build_model, count_parameters_for
-from far_scale.models.sampling import SamplingNoise, SamplingOptions, generate, num_masked_after
 
 IN256 = DataSpec(seq_len=256, token_dim=16, num_classes=1000)
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
@@ -87,8 +92,8 @@ def test_masked_training_pass_masks_at_least_the_minimum_ratio():
 
 def test_masked_rows_only_loss_equals_the_zero_weighted_loss(monkeypatch):
     """Gathering the masked rows before the head gives today's weighted loss and gradients on the same draws."""
-    from far_scale.diffusion.shortcut import ShortcutDraws
     import far_scale.models.heads as heads
+    from far_scale.diffusion.shortcut import ShortcutDraws
 
     head = small_model("far", self_consistency_fraction=0.25).head
     perturb(head)

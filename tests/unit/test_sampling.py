@@ -13,9 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
+from far_scale.models.generation import (
+    SamplingOptions,
+    _conditions,
+    generate,
+    plan_generation,
+)
 from far_scale.models.heads import DiffusionHead, ShortcutHead
 from far_scale.planning.builder import build_model
-from far_scale.models.sampling import SamplingOptions, _conditions, generate, plan_generation
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_samples.json"
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
@@ -216,7 +221,7 @@ def test_sampling_loop_has_no_host_syncs_on_cuda():
     options = SamplingOptions(num_iter=6, head_steps=4, cfg_scale=2.0, backbone_refresh_every=2,
                               guidance_refresh_every=3)
     labels = torch.tensor([0, 1, 3], device="cuda")
-    from far_scale.models.sampling import SamplingNoise, sample_masked
+    from far_scale.models.generation import SamplingNoise, sample_masked
 
     noise = SamplingNoise.from_generator(model, options, 3, torch.Generator(device="cuda").manual_seed(0), "cuda")
     torch.cuda.synchronize()

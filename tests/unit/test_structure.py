@@ -18,6 +18,8 @@ def _imports(module_path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            # `from package import module` imports the module too (names that are not modules match nothing).
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -54,3 +56,60 @@ def test_the_checker_sees_real_imports():
     """The test above would pass vacuously if the parser found nothing: it must see known edges."""
     assert "far_scale.config.schema" in _imports(PACKAGE / "planning" / "plan.py")
     assert "deepspeed" in set().union(*_package_imports("distributed").values())
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_circles(root: Path) -> list[list[str]]:
+    """Cycles among the modules of each sub-package of ``root`` (lazy imports inside functions count too)."""
+    modules = {_module_name(p, root): _imports(p) for p in sorted(root.rglob("*.py"))}
+    circles = []
+    for package in sorted({name.rsplit(".", 1)[0] for name in modules if name.count(".") >= 2}):
+        graph = {name: {i for i in imports if i in modules and i.rsplit(".", 1)[0] == package and i != name}
+                 for name, imports in modules.items() if name.rsplit(".", 1)[0] == package}
+        state: dict[str, int] = {}
+
+        def visit(node: str, path: list[str]) -> None:
+            state[node] = 1
+            for nxt in sorted(graph[node]):
+                if state.get(nxt) == 1:
+                    circles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                elif nxt not in state:
+                    visit(nxt, path + [nxt])
+            state[node] = 2
+
+        for start in sorted(graph):
+            if start not in state:
+                visit(start, [start])
+    return circles
+
+
+def imports_between(root: Path, package: str, forbidden: str) -> list[str]:
+    base = root / package
+    prefix = f"{root.name}.{forbidden}"
+    return [f"{path.relative_to(root.parent)} imports {name}" for path in sorted(base.rglob("*.py"))
+            for name in sorted(_imports(path)) if name == prefix or name.startswith(prefix + ".")]
+
+
+def test_eval_imports_nothing_from_train():
+    """Evaluation reads run folders through far_scale.artifacts, never the trainer's modules."""
+    assert imports_between(PACKAGE, "eval", "train") == []
+
+
+def test_no_import_circles_inside_a_package():
+    assert import_circles(PACKAGE) == []
+
+
+def test_the_structure_checks_fail_on_planted_violations(tmp_path):
+    root = tmp_path / "far_scale"
+    for package in ("eval", "train"):
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+    (root / "eval" / "a.py").write_text("from far_scale.eval import b\n")
+    (root / "eval" / "b.py").write_text("def f():\n    from far_scale.eval.a import x\n")
+    (root / "eval" / "c.py").write_text("from far_scale.train.trainer import Trainer\n")
+    assert import_circles(root) == [["far_scale.eval.a", "far_scale.eval.b", "far_scale.eval.a"]]
+    assert imports_between(root, "eval", "train")[0] == "far_scale/eval/c.py imports far_scale.train.trainer"

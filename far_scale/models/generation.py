@@ -132,6 +132,13 @@ class Iteration:
     """With guidance: conditional and unconditional passes (else the cached difference stands in)."""
 
 
+def num_iter_problem(num_iter: int, seq_len: int) -> Optional[str]:
+    """The one rule for K: at most one iteration per token (check-config and the sampler both apply it)."""
+    if num_iter > seq_len:
+        return f"eval.num_iter={num_iter} exceeds the sequence length {seq_len} (at most one iteration per token)"
+    return None
+
+
 def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_steps) -> list[Iteration]:
     """Every iteration's tokens, head steps, guidance scale and caching decisions.
 
@@ -140,7 +147,10 @@ def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_st
     """
     caching_guidance = options.guided and options.guidance_refresh_every > 1
     plan, start = [], 0
-    num_iter = min(options.num_iter, seq_len) if kind == "masked" else seq_len
+    problem = num_iter_problem(options.num_iter, seq_len) if kind == "masked" else None
+    if problem:
+        raise ValueError(problem)
+    num_iter = options.num_iter if kind == "masked" else seq_len
     for step in range(num_iter):
         if kind == "masked":
             last = step == num_iter - 1

@@ -17,19 +17,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from far_scale.artifacts import RunMeta, open_weights
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
+from far_scale.config.schema import EvalConfig
 from far_scale.planning.checks import check_config
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import write_atomic
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
 from far_scale.eval.grid import save_grid
 from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
-from far_scale.eval.sampler import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
+from far_scale.eval.image_generator import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.models.model import ARModel
 from far_scale.planning.builder import build_model, resolve_dims
-from far_scale.train.export import EXPORT_CONFIG, EXPORT_EMA, EXPORT_META, EXPORT_RAW, resolve_checkpoint
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -46,10 +47,6 @@ class SampleRequest:
     out: str
     num_images: int = 100
     batch_size: int = 50
-    num_iter: Optional[int] = None
-    head_steps: Optional[int] = None
-    cfg_scale: Optional[float] = None
-    temperature: Optional[float] = None
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -57,13 +54,14 @@ class SampleRequest:
     grid_images: int = 100
     latency: bool = True
     overrides: tuple[str, ...] = ()
-    """Dotted ``eval.*`` overrides of the run's recipe, e.g. ``eval.backbone_refresh_every=4``."""
+    """Dotted ``eval.*`` overrides of the run's recipe, e.g. ``eval.num_iter=16 eval.backbone_refresh_every=4``:
+    the only way sampling settings come in (``far-scale sample --num-iter 16`` is a shorthand for the first)."""
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     model: ARModel
-    meta: dict
+    meta: RunMeta
     cfg: object
     weights: Path
 
@@ -78,31 +76,26 @@ def load_sampling_model(source: str | Path, raw_weights: bool = False,
     if foreign:
         raise ValueError(f"sampling overrides must set eval.* fields (the model is fixed by its weights); got "
                          f"{', '.join(foreign)}")
-    source = Path(source)
-    directory = source if (source / EXPORT_EMA).is_file() else resolve_checkpoint(source).path
-    weights = directory / (EXPORT_RAW if raw_weights else EXPORT_EMA)
-    if not weights.is_file():
-        hint = " (raw weights exist only in exports: `far-scale export`)" if raw_weights else ""
-        raise FileNotFoundError(f"no weights at {weights}{hint}")
-    cfg = config_from_yaml((directory / EXPORT_CONFIG).read_text(), str(directory / EXPORT_CONFIG), overrides)
-    problems = check_config(cfg, world_size=1)
+    found = open_weights(source, raw_weights)
+    cfg = config_from_yaml(found.config_path.read_text(), str(found.config_path), overrides)
+    data = found.meta.data
+    spec = DataSpec(data.seq_len, data.token_dim, data.num_classes)
+    problems = check_config(cfg, world_size=1, data=spec)
     if problems:
-        raise ConfigError(problems, f"{directory / EXPORT_CONFIG} with {' '.join(overrides)}")
-    meta = json.loads((directory / EXPORT_META).read_text())
-    data = meta["data"]
-    model = build_model(cfg.model, DataSpec(data["seq_len"], data["token_dim"], data["num_classes"]))
-    model.load_state_dict(load_file(str(weights)))
+        raise ConfigError(problems, f"{found.config_path} with {' '.join(overrides)}")
+    model = build_model(cfg.model, spec)
+    model.load_state_dict(load_file(str(found.path)))
+    meta, weights = found.meta, found.path
     return LoadedModel(model.to(device).eval(), meta, cfg, weights)
 
 
-def build_generator(loaded: LoadedModel, request: SampleRequest, device: torch.device) -> ImageGenerator:
-    data = loaded.meta["data"]
-    options = sampling_options(loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind, data["seq_len"],
-                               num_iter=request.num_iter, head_steps=request.head_steps,
-                               cfg_scale=request.cfg_scale, temperature=request.temperature)
-    codec = load_manifest_codec(data["codec"])
-    precision = request.precision if device.type == "cuda" else "fp32"
-    return ImageGenerator(loaded.model, codec, data["scale"], options, device, precision)
+def build_generator(loaded: LoadedModel, device: torch.device, precision: str = "fp32",
+                    ev: Optional[EvalConfig] = None) -> ImageGenerator:
+    """The loaded model sampling with ``ev`` (default: its recipe's eval settings, overrides applied)."""
+    options = sampling_options(ev or loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind)
+    data = loaded.meta.data
+    precision = precision if device.type == "cuda" else "fp32"
+    return ImageGenerator(loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision)
 
 
 class SampleStore:
@@ -161,8 +154,8 @@ def run_sampling(request: SampleRequest) -> dict:
     else:
         device = torch.device(request.device)
     loaded = load_sampling_model(request.source, request.raw_weights, device, request.overrides)
-    generator = build_generator(loaded, request, device)
-    job = SamplingJob(request.num_images, loaded.meta["data"]["num_classes"], request.batch_size, request.seed)
+    generator = build_generator(loaded, device, request.precision)
+    job = SamplingJob(request.num_images, loaded.meta.data.num_classes, request.batch_size, request.seed)
     store = SampleStore(request.out)
     settings = {"weights_sha256": sha256_file(loaded.weights), "job": asdict(job), "options": asdict(generator.options),
                 "precision": generator.precision}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -23,7 +24,7 @@ from far_scale.config.schema import EvalConfig
 from far_scale.data.images import to_uint8
 from far_scale.eval.image_sets import ImageBatch
 from far_scale.models.model import ARModel
-from far_scale.models.sampling import SamplingNoise, SamplingOptions, generate
+from far_scale.models.generation import SamplingNoise, SamplingOptions, generate
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,13 @@ class SamplingJob:
         return [int(np.random.SeedSequence([self.seed, int(i)]).generate_state(1, np.uint64)[0] >> 1) for i in indices]
 
 
-def sampling_options(ev: EvalConfig, head_kind: str, seq_len: int, *, num_iter: Optional[int] = None,
-                     head_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-                     temperature: Optional[float] = None) -> SamplingOptions:
-    """The recipe's ``eval`` settings (acceleration options included) with explicit values taking precedence
-    (None keeps the recipe's)."""
-    return SamplingOptions(
-        num_iter=min(num_iter or ev.num_iter, seq_len),
-        head_steps=resolve_head_steps(head_steps or ev.head_steps, head_kind),
-        cfg_scale=ev.cfg_scale if cfg_scale is None else cfg_scale, cfg_schedule=ev.cfg_schedule,
-        temperature=ev.temperature if temperature is None else temperature, head_steps_end=ev.head_steps_end,
-        mask_schedule_power=ev.mask_schedule_power, backbone_refresh_every=ev.backbone_refresh_every,
-        guidance_refresh_every=ev.guidance_refresh_every, fast_ddpm=ev.fast_ddpm)
+def sampling_options(ev: EvalConfig, head_kind: str) -> SamplingOptions:
+    """The ``eval`` settings as sampler options: every ``SamplingOptions`` field that ``EvalConfig`` has, taken
+    by name (a new setting touches the schema and the sampler, nothing in between); ``head_steps`` None is
+    the head's default. Command-line shorthands (``--num-iter``...) arrive as ``eval.*`` overrides."""
+    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(SamplingOptions) if f.name in type(ev).model_fields}
+    shared["head_steps"] = resolve_head_steps(ev.head_steps, head_kind)
+    return SamplingOptions(**shared)
 
 
 class ImageGenerator:

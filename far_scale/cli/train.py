@@ -1,0 +1,155 @@
+"""`far-scale check-config`, `train`, `export` and `launch ...`: their parsers beside their handlers."""
+
+from __future__ import annotations
+
+import argparse
+
+from far_scale.cli.common import at_least
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from far_scale.config.loader import load_config
+    from far_scale.planning.plan import resolve_data
+    from far_scale.planning.report import render_report
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(render_report(cfg, args.world_size, resolve_data(cfg), precision=args.precision))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from far_scale.train.run import run_training
+
+    return run_training(args.recipe, args.overrides)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from far_scale.train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, include_raw=not args.ema_only)
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    from far_scale.launch.local import launch_local
+
+    return launch_local(args.recipe, args.overrides, args.nproc)
+
+
+def _launch_local_sample(args: argparse.Namespace) -> int:
+    from far_scale.launch.local import launch_local_sample
+
+    return launch_local_sample(args.sample_args, args.nproc)
+
+
+def _resources(args: argparse.Namespace):
+    from far_scale.launch.slurm import SlurmResources
+
+    return SlurmResources(nodes=getattr(args, "nodes", 1), gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                          time=args.time, partition=args.partition, account=args.account, qos=args.qos,
+                          constraint=args.constraint)
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from far_scale.launch.slurm import launch_train
+
+    launch_train(args.recipe, args.overrides, _resources(args), grace_s=args.grace_s,
+                 max_restarts=args.max_restarts, dry_run=args.dry_run, rdzv_port=args.rdzv_port)
+    return 0
+
+
+def _launch_slurm_encode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from far_scale.launch.slurm import launch_encode
+
+    launch_encode(args.src, args.dst, args.encode_args, args.array_size, _resources(args), Path(args.log_dir),
+                  args.dry_run)
+    return 0
+
+
+def _add_slurm_resources(parser: argparse.ArgumentParser, nodes: bool) -> None:
+    if nodes:
+        parser.add_argument("--nodes", type=at_least(1), default=1)
+    parser.add_argument("--gpus-per-node", type=at_least(0), default=0, help="0 = CPU (one process per node)")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--time", default="24:00:00", help="SLURM time limit")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
+
+
+def add_launch_commands(commands) -> None:
+    launch = commands.add_parser("launch", help="run training (or sampling) on this machine (torchrun) or a SLURM cluster")
+    sub = launch.add_subparsers(dest="launch_command", required=True, metavar="TARGET")
+
+    local = sub.add_parser("local", help="torchrun with N processes on this machine")
+    local.add_argument("recipe")
+    local.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    local.add_argument("--nproc", type=at_least(1), default=1)
+    local.set_defaults(handler=_launch_local)
+
+    local_sample = sub.add_parser(
+        "local-sample", help="far-scale sample with its batches split over N local processes (torchrun)",
+        description="Everything else is passed to `far-scale sample` (e.g. RUN_DIR --out DIR --num-images N).")
+    local_sample.add_argument("--nproc", type=at_least(1), default=1)
+    local_sample.set_defaults(handler=_launch_local_sample, passthrough="sample_args")
+
+    slurm = sub.add_parser(
+        "slurm", help="render and submit a multi-node training job",
+        description="One srun task per node starts torchrun (c10d rendezvous on the first node). The job asks "
+        "for USR1 --grace-s seconds before its limit, checkpoints on it and requeues itself (at most "
+        "--max-restarts times); the requeued job resumes into the same MLflow run.")
+    slurm.add_argument("recipe")
+    slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_slurm_resources(slurm, nodes=True)
+    slurm.add_argument("--grace-s", type=int, default=300, help="seconds between the warning signal and the limit")
+    slurm.add_argument("--max-restarts", type=int, default=10, help="requeue at most this many times")
+    slurm.add_argument("--rdzv-port", type=int, default=29500)
+    slurm.set_defaults(handler=_launch_slurm)
+
+    encode = sub.add_parser("slurm-encode", help="encoding as a SLURM job array + a dependent manifest/verify job",
+                            description="Everything after DST is passed to `far-scale data encode` (e.g. --codec "
+                            "pca --codec-weights W --image-size 64).")
+    encode.add_argument("src")
+    encode.add_argument("dst")
+    encode.add_argument("--array-size", type=int, required=True, help="number of encode workers (array tasks)")
+    encode.add_argument("--log-dir", default="runs/slurm-encode")
+    _add_slurm_resources(encode, nodes=False)
+    # Every other argument (e.g. --codec pca --codec-weights W) is passed on to `far-scale data encode`.
+    encode.set_defaults(handler=_launch_slurm_encode, passthrough="encode_args")
+
+
+def add_check_config(commands) -> None:
+    check = commands.add_parser(
+        "check-config",
+        help="validate a recipe without a GPU and print every derived value",
+        description="Validate RECIPE (+ overrides) for a world size and print the resolved YAML, derived "
+        "values, parameter counts, model-state memory per GPU, the memory of building the model (whole, or "
+        "partitioned under ZeRO-3) and the generated DeepSpeed config.",
+    )
+    check.add_argument("recipe", help="recipe YAML (see recipes/)")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
+    check.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs) in the run")
+    check.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                       help="override parallel.precision for the memory estimate and DeepSpeed config")
+    check.set_defaults(handler=_check_config)
+
+
+def add_train_and_export(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train a recipe (run under torchrun / far-scale launch for several ranks)",
+        description="Stream latent shards into DeepSpeed ZeRO training; resumes from the latest checkpoint in "
+        "the run directory; logs to MLflow. SIGUSR1/SIGTERM: checkpoint after the current step, exit 75.")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="write EMA (and raw) weights as safetensors + config")
+    export.add_argument("checkpoint", help="run directory, checkpoints directory or step_* directory")
+    export.add_argument("out")
+    export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
+    export.set_defaults(handler=_export)

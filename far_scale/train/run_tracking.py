@@ -1,0 +1,74 @@
+"""What a training run tells MLflow, behind one small interface: rank 0's run, every node's system metrics.
+
+Every rank holds a ``RunTracking``; only rank 0's has an MLflow run (``Tracker``), so the trainer calls it
+unconditionally and the other ranks' calls do nothing. System metrics come from each node's local rank 0
+into rank 0's run, restarted after a tracking-server outage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from far_scale.config.schema import Config
+from far_scale.distributed.runtime import DistEnv, all_gather_objects
+from far_scale.tracking.mlflow_tracker import Tracker, default_tracking_uri
+from far_scale.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
+
+UNSENT_METRICS_FILE = "mlflow_unsent.jsonl"  # metrics an unreachable tracking server never received
+
+
+class RunTracking:
+    def __init__(self, cfg: Config, run_dir: Path, env: DistEnv):
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.uri = cfg.tracking.uri or default_tracking_uri(run_dir)
+        self.tracker: Optional[Tracker] = None
+        self.node_metrics: Optional[NodeSystemMetrics] = None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.tracker.run_id if self.tracker is not None else None
+
+    def start(self, run_id: Optional[str], params: dict[str, Any], config_file: Path) -> None:
+        """Collective: rank 0 opens (or, with ``run_id``, continues) the run; nodes start their system metrics."""
+        tracking = self.cfg.tracking
+        if self.env.is_main:
+            self.tracker = Tracker(self.uri, tracking.experiment, tracking.run_name or self.cfg.run.name,
+                                   self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled,
+                                   final_flush_timeout_s=tracking.final_flush_timeout_s,
+                                   unsent_path=self.run_dir / UNSENT_METRICS_FILE)
+            if run_id is None:
+                self.tracker.log_params(params)
+                self.tracker.log_artifact(config_file)
+            self.tracker.set_tags({"run_dir": str(self.run_dir.resolve()), "world_size": self.env.world_size})
+        shared_id = all_gather_objects(self.run_id)[0]
+        if self.env.local_rank == 0 and tracking.enabled and tracking.system_metrics:
+            self.node_metrics = start_node_metrics(self.uri, shared_id, tracking.system_metrics_interval_s)
+
+    def keep_alive(self) -> None:
+        """Restart this node's monitor after a server outage; on rank 0 start it once the run exists."""
+        if self.node_metrics is not None:
+            self.node_metrics.ensure_running()
+        elif self.env.is_main and self.tracker.run_id and self.cfg.tracking.system_metrics:
+            self.node_metrics = start_node_metrics(self.uri, self.tracker.run_id,
+                                                   self.cfg.tracking.system_metrics_interval_s)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+            if flush:
+                self.tracker.flush()
+
+    def log_image(self, image, key: str, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_image(image, key, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)
+
+    def close(self, status: str, wait: bool = True) -> None:
+        if self.node_metrics is not None:
+            self.node_metrics.finish()
+        if self.tracker is not None:
+            self.tracker.close(status, wait=wait)
