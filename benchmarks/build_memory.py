@@ -59,12 +59,17 @@ def _model_config(spec: str) -> ModelConfig:
 
 def _worker(rank: int, world_size: int, port: int, models: list[str], out_dir: str) -> None:
     set_mmap_threshold(MMAP_THRESHOLD_BYTES)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     env = init_distributed("auto")
     precision = "bf16" if env.device.type == "cuda" else "fp32"
-    par = ParallelConfig(zero_stage=3, precision=precision, global_batch_size=MICRO_BATCH * world_size,
-                         micro_batch_size_per_gpu=MICRO_BATCH)
+    par = ParallelConfig(
+        zero_stage=3,
+        precision=precision,
+        global_batch_size=MICRO_BATCH * world_size,
+        micro_batch_size_per_gpu=MICRO_BATCH,
+    )
     ds_config = build_deepspeed_config(par, grad_clip=1.0, grad_accum_steps=1, precision=precision)
     ds.configure_deepspeed(env.device)
     try:
@@ -76,8 +81,9 @@ def _worker(rank: int, world_size: int, port: int, models: list[str], out_dir: s
             torch.manual_seed(0)
             whole = _measure(lambda: build_model(cfg, DATA), env.device)
             torch.manual_seed(0)
-            partitioned = _measure(lambda: ds.build_partitioned(lambda: build_model(cfg, DATA), ds_config,
-                                                                env.device), env.device)
+            partitioned = _measure(
+                lambda: ds.build_partitioned(lambda: build_model(cfg, DATA), ds_config, env.device), env.device
+            )
             rows.append({"model": spec, "whole": whole, "partitioned": partitioned})
             dist.barrier()
         torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -88,17 +94,26 @@ def _worker(rank: int, world_size: int, port: int, models: list[str], out_dir: s
 def _estimates(spec: str, world_size: int) -> dict:
     meta = build_meta_model(_model_config(spec), DATA)
     total, layer = sum(p.numel() for p in meta.parameters()), largest_layer_parameters(meta)
-    return {"parameters": total,
-            "whole_estimate_gib": estimate_construction_memory(total, layer, 0, world_size) / GIB,
-            "partitioned_estimate_gib": estimate_construction_memory(total, layer, 3, world_size) / GIB}
+    return {
+        "parameters": total,
+        "whole_estimate_gib": estimate_construction_memory(total, layer, 0, world_size) / GIB,
+        "partitioned_estimate_gib": estimate_construction_memory(total, layer, 3, world_size) / GIB,
+    }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="far:base,mar:base,far:large,mar:large",
-                        help="arch:size, comma-separated (FAR beside MAR: same backbone, another head)")
-    parser.add_argument("--ranks", type=int, default=torch.cuda.device_count() or 2,
-                        help="ranks to partition over (default: one per GPU, else 2 CPU ranks)")
+    parser.add_argument(
+        "--models",
+        default="far:base,mar:base,far:large,mar:large",
+        help="arch:size, comma-separated (FAR beside MAR: same backbone, another head)",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=torch.cuda.device_count() or 2,
+        help="ranks to partition over (default: one per GPU, else 2 CPU ranks)",
+    )
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     models = args.models.split(",")
@@ -109,30 +124,62 @@ def main(argv=None) -> None:
     for index, spec in enumerate(models):
         ranks = [ranked[index] for ranked in per_rank]
         device_gib = [r["partitioned"]["device_gib"] for r in ranks]
-        rows.append({"model": spec, **_estimates(spec, args.ranks),
-                     "whole_host_gib": max(r["whole"]["host_gib"] for r in ranks),
-                     "partitioned_host_gib": max(r["partitioned"]["host_gib"] for r in ranks),
-                     "partitioned_device_gib": None if None in device_gib else max(device_gib)})
+        rows.append(
+            {
+                "model": spec,
+                **_estimates(spec, args.ranks),
+                "whole_host_gib": max(r["whole"]["host_gib"] for r in ranks),
+                "partitioned_host_gib": max(r["partitioned"]["host_gib"] for r in ranks),
+                "partitioned_device_gib": None if None in device_gib else max(device_gib),
+            }
+        )
         print(rows[-1], flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.no_docs:
         return
-    save_result(BENCHMARK, device.type, {"machine": describe_machine(device), "rows": rows, "ranks": args.ranks,
-                                         "command": command_line("build_memory.py", argv)})
+    save_result(
+        BENCHMARK,
+        device.type,
+        {
+            "machine": describe_machine(device),
+            "rows": rows,
+            "ranks": args.ranks,
+            "command": command_line("build_memory.py", argv),
+        },
+    )
     parts = ["## Memory of building the model (`benchmarks/build_memory.py`)", ""]
     for res in load_results(BENCHMARK):
         parts += result_heading(f"{res['ranks']} ranks", res, "ImageNet-256 shapes, fp32 weights while building")
-        parts += [markdown_table(
-            ["model", "parameters", "whole: host (GiB)", "estimate", "partitioned: host (GiB)",
-             "partitioned: GPU (GiB)", "estimate"],
-            [[r["model"], f"{r['parameters'] / 1e6:.0f}M", f"{r['whole_host_gib']:.2f}",
-              f"{r['whole_estimate_gib']:.2f}", f"{r['partitioned_host_gib']:.2f}",
-              "-" if r["partitioned_device_gib"] is None else f"{r['partitioned_device_gib']:.2f}",
-              f"{r['partitioned_estimate_gib']:.2f}"] for r in res["rows"]]),
+        parts += [
+            markdown_table(
+                [
+                    "model",
+                    "parameters",
+                    "whole: host (GiB)",
+                    "estimate",
+                    "partitioned: host (GiB)",
+                    "partitioned: GPU (GiB)",
+                    "estimate",
+                ],
+                [
+                    [
+                        r["model"],
+                        f"{r['parameters'] / 1e6:.0f}M",
+                        f"{r['whole_host_gib']:.2f}",
+                        f"{r['whole_estimate_gib']:.2f}",
+                        f"{r['partitioned_host_gib']:.2f}",
+                        "-" if r["partitioned_device_gib"] is None else f"{r['partitioned_device_gib']:.2f}",
+                        f"{r['partitioned_estimate_gib']:.2f}",
+                    ]
+                    for r in res["rows"]
+                ],
+            ),
             "",
             "The largest over the ranks of how far one build raised a rank's memory. Whole: every rank builds the "
             "fp32 model (ZeRO-0/1/2). Partitioned: ZeRO-3's zero.Init; the estimate is the rank's share plus the "
-            "largest layer; gathering and initialising that layer briefly takes about two more copies of it.", ""]
+            "largest layer; gathering and initialising that layer briefly takes about two more copies of it.",
+            "",
+        ]
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 

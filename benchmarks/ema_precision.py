@@ -44,27 +44,55 @@ def simulate(lr: float, decay: float, steps: int, num_params: int, correlation_s
     mix = 1.0 / correlation_steps
     weight = 1.0 - decay
     for _ in range(steps):
-        direction = (1 - mix) * direction + mix ** 0.5 * torch.randn(num_params, generator=gen)
+        direction = (1 - mix) * direction + mix**0.5 * torch.randn(num_params, generator=gen)
         master -= lr * direction
         ema_master.lerp_(master, weight)
         ema_bf16.lerp_(master.bfloat16().float(), weight)
-    return {"lr": lr, "decay": decay, "steps": steps,
-            "ema_of_bf16_vs_ema_of_fp32": relative(ema_bf16, ema_master),
-            "bf16_cast_of_ema": relative(ema_master.bfloat16().float(), ema_master),
-            "quantum_over_step": float(ema_master.abs().mean() * 2 ** -8 / lr)}
+    return {
+        "lr": lr,
+        "decay": decay,
+        "steps": steps,
+        "ema_of_bf16_vs_ema_of_fp32": relative(ema_bf16, ema_master),
+        "bf16_cast_of_ema": relative(ema_master.bfloat16().float(), ema_master),
+        "quantum_over_step": float(ema_master.abs().mean() * 2**-8 / lr),
+    }
 
 
 def render_docs() -> None:
-    parts = ["## EMA of bf16 module weights vs of the fp32 master (`benchmarks/ema_precision.py`)", "",
-             "Simulated trajectories (see the script's docstring); relative L2 errors of the EMA after the given "
-             "steps. `bf16 quantum / step` > 1 means a weight moves by less than one bf16 step per update.", ""]
+    parts = [
+        "## EMA of bf16 module weights vs of the fp32 master (`benchmarks/ema_precision.py`)",
+        "",
+        "Simulated trajectories (see the script's docstring); relative L2 errors of the EMA after the given "
+        "steps. `bf16 quantum / step` > 1 means a weight moves by less than one bf16 step per update.",
+        "",
+    ]
     for result in load_results(BENCHMARK):
-        parts += [f"Date: {result['date']}. Machine: {result['machine']['name']}. Command: `{result['command']}`", "",
-                  markdown_table(["lr (per-step move)", "EMA decay", "steps", "bf16 quantum / step",
-                                  "EMA(bf16 copy) vs EMA(fp32)", "bf16 cast of EMA(fp32)"],
-                                 [[r["lr"], r["decay"], r["steps"], f"{r['quantum_over_step']:.2f}",
-                                   f"{r['ema_of_bf16_vs_ema_of_fp32']:.2e}", f"{r['bf16_cast_of_ema']:.2e}"]
-                                  for r in result["rows"]]), ""]
+        parts += [
+            f"Date: {result['date']}. Machine: {result['machine']['name']}. Command: `{result['command']}`",
+            "",
+            markdown_table(
+                [
+                    "lr (per-step move)",
+                    "EMA decay",
+                    "steps",
+                    "bf16 quantum / step",
+                    "EMA(bf16 copy) vs EMA(fp32)",
+                    "bf16 cast of EMA(fp32)",
+                ],
+                [
+                    [
+                        r["lr"],
+                        r["decay"],
+                        r["steps"],
+                        f"{r['quantum_over_step']:.2f}",
+                        f"{r['ema_of_bf16_vs_ema_of_fp32']:.2e}",
+                        f"{r['bf16_cast_of_ema']:.2e}",
+                    ]
+                    for r in result["rows"]
+                ],
+            ),
+            "",
+        ]
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 
@@ -72,8 +100,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lrs", default="1e-4,1e-5,1e-6", help="per-step moves (Adam's step ~ lr)")
     parser.add_argument("--decays", default="0.999,0.9999")
-    parser.add_argument("--time-constants", type=float, default=5.0,
-                        help="steps = this x 1 / (1 - decay): the initial weights' share is e^-this")
+    parser.add_argument(
+        "--time-constants",
+        type=float,
+        default=5.0,
+        help="steps = this x 1 / (1 - decay): the initial weights' share is e^-this",
+    )
     parser.add_argument("--num-params", type=int, default=100_000)
     parser.add_argument("--correlation-steps", type=int, default=100)
     parser.add_argument("--no-docs", action="store_true")
@@ -86,8 +118,15 @@ def main(argv=None) -> None:
             rows.append(row)
             print(row, flush=True)
     if not args.no_docs:
-        save_result(BENCHMARK, "sim", {"rows": rows, "machine": describe_machine(torch.device("cpu")),
-                                       "command": command_line("ema_precision.py", argv)})
+        save_result(
+            BENCHMARK,
+            "sim",
+            {
+                "rows": rows,
+                "machine": describe_machine(torch.device("cpu")),
+                "command": command_line("ema_precision.py", argv),
+            },
+        )
         render_docs()
 
 

@@ -35,8 +35,11 @@ BENCHMARK = "encode_throughput"
 
 def decode_only(job: EncodeJob) -> float:
     images = job_images(job)
-    loader = DataLoader(_ImageDataset(images, list(range(len(images))), job.image_size), batch_size=job.batch_size,
-                        num_workers=job.loader_workers)
+    loader = DataLoader(
+        _ImageDataset(images, list(range(len(images))), job.image_size),
+        batch_size=job.batch_size,
+        num_workers=job.loader_workers,
+    )
     start = time.perf_counter()
     count = sum(batch[0].shape[0] for batch in loader)
     return count / (time.perf_counter() - start)
@@ -61,7 +64,9 @@ def main(argv=None) -> None:
     rows = []
     moto = None
     try:
-        images = write_dataset(tmp / "images", SynthSpec(classes, args.images // classes, args.resolution), progress=False)
+        images = write_dataset(
+            tmp / "images", SynthSpec(classes, args.images // classes, args.resolution), progress=False
+        )
         weights = tmp / "pca.safetensors"
         fit_pca_codec(str(images), str(weights), args.image_size, 8, 16, 256, 100_000, 0)
         targets = [("local", str(tmp / "out"))]
@@ -73,8 +78,16 @@ def main(argv=None) -> None:
             fsspec.filesystem("s3").mkdir("bench")
             targets.append(("s3 (moto)", "s3://bench/out"))
         for workers in (int(w) for w in args.workers.split(",")):
-            base = dict(src=str(images), codec="pca", codec_weights=str(weights), image_size=args.image_size,
-                        images_per_shard=250, batch_size=64, loader_workers=workers, progress=False)
+            base = dict(
+                src=str(images),
+                codec="pca",
+                codec_weights=str(weights),
+                image_size=args.image_size,
+                images_per_shard=250,
+                batch_size=64,
+                loader_workers=workers,
+                progress=False,
+            )
             rate = decode_only(EncodeJob(dst=str(tmp / "unused"), **base))
             rows.append(["decode only", "-", workers, f"{rate:.0f}"])
             print(rows[-1], flush=True)
@@ -87,18 +100,28 @@ def main(argv=None) -> None:
             moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     machine = describe_machine(torch.device("cpu"))
-    result = {"machine": machine, "rows": rows, "images": args.images, "resolution": args.resolution,
-              "image_size": args.image_size, "command": command_line("encode_throughput.py", argv)}
+    result = {
+        "machine": machine,
+        "rows": rows,
+        "images": args.images,
+        "resolution": args.resolution,
+        "image_size": args.image_size,
+        "command": command_line("encode_throughput.py", argv),
+    }
     if args.no_docs:
         return
     save_result(BENCHMARK, "cpu", result)
     parts = ["## Encoding throughput (`benchmarks/encode_throughput.py`)", ""]
     for res in load_results(BENCHMARK):
         m = res["machine"]
-        parts += [f"### {m['name']} ({m['cpu_count']} cores), {res['images']} synthetic {res['resolution']} px JPEGs "
-                  f"-> {res['image_size']} px, PCA codec",
-                  f"Date: {res['date']}. Command: `{res['command']}`", "",
-                  markdown_table(["pass", "output", "loader workers", "images/s"], res["rows"]), ""]
+        parts += [
+            f"### {m['name']} ({m['cpu_count']} cores), {res['images']} synthetic {res['resolution']} px JPEGs "
+            f"-> {res['image_size']} px, PCA codec",
+            f"Date: {res['date']}. Command: `{res['command']}`",
+            "",
+            markdown_table(["pass", "output", "loader workers", "images/s"], res["rows"]),
+            "",
+        ]
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 

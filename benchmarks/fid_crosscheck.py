@@ -46,10 +46,20 @@ def torch_fidelity_metrics(samples: np.ndarray, reference: np.ndarray, weights: 
     import torch_fidelity
 
     out = torch_fidelity.calculate_metrics(
-        input1=_Images(samples), input2=_Images(reference), fid=True, isc=True, cuda=device.startswith("cuda"),
-        batch_size=batch, feature_extractor_weights_path=weights, verbose=False)
-    return {"fid": out["frechet_inception_distance"], "is": out["inception_score_mean"],
-            "is_std": out["inception_score_std"]}
+        input1=_Images(samples),
+        input2=_Images(reference),
+        fid=True,
+        isc=True,
+        cuda=device.startswith("cuda"),
+        batch_size=batch,
+        feature_extractor_weights_path=weights,
+        verbose=False,
+    )
+    return {
+        "fid": out["frechet_inception_distance"],
+        "is": out["inception_score_mean"],
+        "is_std": out["inception_score_std"],
+    }
 
 
 def main(argv=None) -> None:
@@ -67,10 +77,19 @@ def main(argv=None) -> None:
     for key in theirs:
         print(f"{key}: far-scale {ours[key]:.4f}  torch-fidelity {theirs[key]:.4f}  difference {diff[key]:+.4f}")
     device = torch.device(args.device)
-    save_result("fid_crosscheck", device.type, {
-        "machine": describe_machine(device), "num_samples": len(samples), "num_reference": len(reference),
-        "far_scale": ours, "torch_fidelity": theirs, "difference": diff,
-        "command": command_line("fid_crosscheck.py", argv)})
+    save_result(
+        "fid_crosscheck",
+        device.type,
+        {
+            "machine": describe_machine(device),
+            "num_samples": len(samples),
+            "num_reference": len(reference),
+            "far_scale": ours,
+            "torch_fidelity": theirs,
+            "difference": diff,
+            "command": command_line("fid_crosscheck.py", argv),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ IMG_DIR = REPO_ROOT / "docs" / "img"
 PAPER_SPEEDUP = 2.3  # FAR paper: up to 2.3x faster than MAR at competitive quality
 ACCURACY_TOLERANCE = 0.02  # "the same quality": accuracy within this and Fréchet distance no worse
 # data -> (recipe data tag, image size, token size in px, images per shard)
-DATASETS = {"digits": ("digits32", 32, 8, 250), "synth": ("synth64", 64, 8, 100), "synth-shape": ("synth64", 64, 8, 100)}
+DATASETS = {
+    "digits": ("digits32", 32, 8, 250),
+    "synth": ("synth64", 64, 8, 100),
+    "synth-shape": ("synth64", 64, 8, 100),
+}
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # Student t quantiles for a 95% interval over n seeds
 
 
@@ -68,8 +72,9 @@ def prepare_data(work: Path, images_per_class: int, data: str = "synth") -> tupl
         else:
             colors = "random" if data == "synth-shape" else "class"
             write_dataset(images, SynthSpec(10, images_per_class, size, seed=0, colors=colors), progress=False)
-        encode_with_pca(images, work, size, token_px, 16, images_per_shard=per_shard, max_images=512,
-                        max_patches=200_000)
+        encode_with_pca(
+            images, work, size, token_px, 16, images_per_shard=per_shard, max_images=512, max_patches=200_000
+        )
     return images, shards
 
 
@@ -79,7 +84,9 @@ def prepare_work(work: Path, images_per_class: int, data: str = "synth"):
     from far_scale.eval.offline import BenchmarkSettings, build_benchmark
 
     images, shards = prepare_data(work, images_per_class, data)
-    bench_path, bench, _ = build_benchmark(str(images), work / "cache", str(shards), BenchmarkSettings.for_folder(images))
+    bench_path, bench, _ = build_benchmark(
+        str(images), work / "cache", str(shards), BenchmarkSettings.for_folder(images)
+    )
     print(bench.verdict.line(), flush=True)
     return images, shards, bench_path, bench
 
@@ -101,19 +108,30 @@ def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path
     return train_recipe(recipes_for(args.data)[label], label.lower(), work, shards, bench, args)
 
 
-def train_recipe(recipe: str, name: str, work: Path, shards: Path, bench: Path, args,
-                 extra: tuple[str, ...] = ()) -> tuple[Path, float]:
+def train_recipe(
+    recipe: str, name: str, work: Path, shards: Path, bench: Path, args, extra: tuple[str, ...] = ()
+) -> tuple[Path, float]:
     """``far-scale train recipe`` as run ``name`` under ``work/runs`` with the benchmark's settings and ``extra``
     overrides (unless a finished run is there); returns (run directory, seconds in training steps)."""
     run_dir = work / "runs" / name
-    overrides = [f"data.url={shards}", f"run.output_dir={work / 'runs'}", f"run.name={name}",
-                 f"run.max_steps={args.steps}", f"eval.interval_steps={args.eval_interval}",
-                 f"eval.num_images={args.num_images}", "eval.batch_size=50", f"eval.benchmark={bench}",
-                 f"checkpoint.interval_steps={args.steps}", "run.log_interval=50", *extra]
+    overrides = [
+        f"data.url={shards}",
+        f"run.output_dir={work / 'runs'}",
+        f"run.name={name}",
+        f"run.max_steps={args.steps}",
+        f"eval.interval_steps={args.eval_interval}",
+        f"eval.num_images={args.num_images}",
+        "eval.batch_size=50",
+        f"eval.benchmark={bench}",
+        f"checkpoint.interval_steps={args.steps}",
+        "run.log_interval=50",
+        *extra,
+    ]
     if not (run_dir / "checkpoints" / "latest.json").is_file() or args.retrain:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        subprocess.run([sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides], check=True,
-                       cwd=REPO_ROOT, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides], check=True, cwd=REPO_ROOT, env=env
+        )
     # The trainer's per-step record: step time without start-up and evaluation.
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return run_dir, sum(json.loads(line)["step_time_s"] for line in lines)
@@ -142,15 +160,25 @@ def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[
     points = [SweepPoint(k, o, w) for k in args.num_iter for o in steps for w in args.cfg]
     rows = []
     for point in points:
-        per_seed = [evaluate_point(loaded, point, bench, args.num_images, args.batch, seed, device)
-                    for seed in range(args.seeds)]
-        row = {"model": label, "K": point.num_iter, "head_steps": point.head_steps, "cfg": point.cfg_scale,
-               "seeds": args.seeds}
+        per_seed = [
+            evaluate_point(loaded, point, bench, args.num_images, args.batch, seed, device)
+            for seed in range(args.seeds)
+        ]
+        row = {
+            "model": label,
+            "K": point.num_iter,
+            "head_steps": point.head_steps,
+            "cfg": point.cfg_scale,
+            "seeds": args.seeds,
+        }
         for name in ("images_per_s", "accuracy", "fd", "class_fd", "precision", "recall"):
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed])
         rows.append(row)
-        print(f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {_ci(row, 'accuracy', 3)}, "
-              f"FD {_ci(row, 'fd', 2)}", flush=True)
+        print(
+            f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {_ci(row, 'accuracy', 3)}, "
+            f"FD {_ci(row, 'fd', 2)}",
+            flush=True,
+        )
     return rows
 
 
@@ -187,17 +215,21 @@ def answer(rows: list[dict]) -> str:
     lines = []
     for mar in [r for r in rows if r["model"] == "MAR" and r["head_steps"] == mar_steps]:
         matching = [r for r in rows if r["model"] == "FAR" and _at_least_as_good(r, mar)]
-        what = f"MAR K={mar['K']} {mar_steps} steps CFG {mar['cfg']} (accuracy {mar['accuracy']:.3f}, FD {mar['fd']:.2f}, " \
-               f"{mar['images_per_s']:.2f} img/s)"
+        what = (
+            f"MAR K={mar['K']} {mar_steps} steps CFG {mar['cfg']} (accuracy {mar['accuracy']:.3f}, FD {mar['fd']:.2f}, "
+            f"{mar['images_per_s']:.2f} img/s)"
+        )
         if not matching:
             lines.append(f"- {what}: no FAR point reaches it.")
             continue
         best = max(matching, key=lambda r: r["images_per_s"])
         ratio = best["images_per_s"] / mar["images_per_s"]
         verdict = "yes" if ratio >= PAPER_SPEEDUP else "no"
-        lines.append(f"- {what}: fastest FAR at that quality is K={best['K']} O={best['head_steps']} CFG {best['cfg']} "
-                     f"(accuracy {best['accuracy']:.3f}, FD {best['fd']:.2f}) at {best['images_per_s']:.2f} img/s = "
-                     f"**{ratio:.1f}x** ({verdict} for >= {PAPER_SPEEDUP}x)")
+        lines.append(
+            f"- {what}: fastest FAR at that quality is K={best['K']} O={best['head_steps']} CFG {best['cfg']} "
+            f"(accuracy {best['accuracy']:.3f}, FD {best['fd']:.2f}) at {best['images_per_s']:.2f} img/s = "
+            f"**{ratio:.1f}x** ({verdict} for >= {PAPER_SPEEDUP}x)"
+        )
     return "\n".join(lines)
 
 
@@ -209,17 +241,28 @@ def plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     calibration = {r["name"]: r for r in result["calibration"]}
-    for ax, metric, label in ((axes[0], "accuracy", "class accuracy (higher is better)"),
-                              (axes[1], "fd", "Fréchet distance, classifier features (lower is better)")):
+    for ax, metric, label in (
+        (axes[0], "accuracy", "class accuracy (higher is better)"),
+        (axes[1], "fd", "Fréchet distance, classifier features (lower is better)"),
+    ):
         for model, marker in (("FAR", "o"), ("MAR", "s")):
             rows = [r for r in result["rows"] if r["model"] == model]
             for cfg in sorted({r["cfg"] for r in rows}):
                 sub = [r for r in rows if r["cfg"] == cfg]
-                ax.scatter([r["images_per_s"] for r in sub], [r[metric] for r in sub], marker=marker,
-                           label=f"{model} CFG {cfg:g}")
+                ax.scatter(
+                    [r["images_per_s"] for r in sub],
+                    [r[metric] for r in sub],
+                    marker=marker,
+                    label=f"{model} CFG {cfg:g}",
+                )
                 for r in sub:
-                    ax.annotate(f"K{r['K']}/{r['head_steps']}", (r["images_per_s"], r[metric]), fontsize=6,
-                                xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(
+                        f"K{r['K']}/{r['head_steps']}",
+                        (r["images_per_s"], r[metric]),
+                        fontsize=6,
+                        xytext=(2, 2),
+                        textcoords="offset points",
+                    )
         for name, style in ((CALIBRATION_REAL, "g--"), (CALIBRATION_RECON, "b:"), (CALIBRATION_RANDOM, "r-.")):
             if name in calibration:
                 ax.axhline(calibration[name][metric], color=style[0], linestyle=style[1:], linewidth=1, label=name)
@@ -230,9 +273,12 @@ def plot(result: dict, path: Path) -> None:
             ax.set_yscale("log")
     axes[0].legend(fontsize=7, loc="lower left")
     machine = result["machine"]
-    fig.suptitle(f"tiny FAR vs MAR after {result['steps']} steps on {result.get('data', 'synth')} data: "
-                 f"{machine['name']}, "
-                 f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)", fontsize=9)
+    fig.suptitle(
+        f"tiny FAR vs MAR after {result['steps']} steps on {result.get('data', 'synth')} data: "
+        f"{machine['name']}, "
+        f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -243,33 +289,77 @@ def render_docs() -> None:
     parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
     for result in load_results(BENCHMARK):
         data = result.get("data", "synth")
-        label = {"digits": "real digits (32 px)", "synth": "synthetic shapes, class colours (benchmark INVALID by "
-                 "its verdict)", "synth-shape": "synthetic shapes, random colours"}[data]
-        parts += result_heading(f"tiny on {label}, {result['steps']} training steps each,", result,
-                                f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds")
+        label = {
+            "digits": "real digits (32 px)",
+            "synth": "synthetic shapes, class colours (benchmark INVALID by its verdict)",
+            "synth-shape": "synthetic shapes, random colours",
+        }[data]
+        parts += result_heading(
+            f"tiny on {label}, {result['steps']} training steps each,",
+            result,
+            f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds",
+        )
         if "verdict" in result:
             parts += [f"Benchmark verdict: {result['verdict']}", ""]
         parts += [
-            "Training (same budget, 1 rank, batch 64; time in training steps): " + "; ".join(
-                f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
+            "Training (same budget, 1 rank, batch 64; time in training steps): "
+            + "; ".join(f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
             "",
             "Quality during training (EMA weights, recipe's sampling settings):",
             "",
-            markdown_table(["model", "step", "class accuracy", "Fréchet distance"],
-                           [[label, p["step"], f"{p.get('accuracy', float('nan')):.3f}", f"{p.get('fd', float('nan')):.2f}"]
-                            for label, t in result["training"].items() for p in t["curve"]]),
+            markdown_table(
+                ["model", "step", "class accuracy", "Fréchet distance"],
+                [
+                    [label, p["step"], f"{p.get('accuracy', float('nan')):.3f}", f"{p.get('fd', float('nan')):.2f}"]
+                    for label, t in result["training"].items()
+                    for p in t["curve"]
+                ],
+            ),
             "",
             "Calibration:",
             "",
-            markdown_table(["images", "n", "class accuracy", "Fréchet distance", "precision", "recall"],
-                           [[r["name"], r["num_images"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}",
-                             f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in result["calibration"]]),
+            markdown_table(
+                ["images", "n", "class accuracy", "Fréchet distance", "precision", "recall"],
+                [
+                    [
+                        r["name"],
+                        r["num_images"],
+                        f"{r['accuracy']:.3f}",
+                        f"{r['fd']:.2f}",
+                        f"{r['precision']:.3f}",
+                        f"{r['recall']:.3f}",
+                    ]
+                    for r in result["calibration"]
+                ],
+            ),
             "",
-            markdown_table(["model", "K", "head steps", "CFG", "images/s", "class accuracy [95% CI]",
-                            "Fréchet distance [95% CI]", "precision", "recall"],
-                           [[r["model"], r["K"], r["head_steps"], r["cfg"], f"{r['images_per_s']:.2f}",
-                             _ci(r, "accuracy", 3), _ci(r, "fd", 2), f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
-                            for r in result["rows"]]),
+            markdown_table(
+                [
+                    "model",
+                    "K",
+                    "head steps",
+                    "CFG",
+                    "images/s",
+                    "class accuracy [95% CI]",
+                    "Fréchet distance [95% CI]",
+                    "precision",
+                    "recall",
+                ],
+                [
+                    [
+                        r["model"],
+                        r["K"],
+                        r["head_steps"],
+                        r["cfg"],
+                        f"{r['images_per_s']:.2f}",
+                        _ci(r, "accuracy", 3),
+                        _ci(r, "fd", 2),
+                        f"{r['precision']:.3f}",
+                        f"{r['recall']:.3f}",
+                    ]
+                    for r in result["rows"]
+                ],
+            ),
             "",
             "Does FAR reach MAR's quality at >= 2.3x its speed here? (each setting at its best CFG; quality within "
             "MAR's 95% interval)",
@@ -301,8 +391,12 @@ def parse_args(argv=None):
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     add_training_arguments(parser, eval_interval=200, num_images=200)
-    parser.add_argument("--num-iter", type=ints, default=None,
-                        help="K values (default: 4,8,16 on the digits' 16 tokens, 16,32,64 on synthetic data)")
+    parser.add_argument(
+        "--num-iter",
+        type=ints,
+        default=None,
+        help="K values (default: 4,8,16 on the digits' 16 tokens, 16,32,64 on synthetic data)",
+    )
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
     parser.add_argument("--cfg", type=floats, default=[2.0, 4.0], help="CFG scales (every setting at each)")
@@ -320,10 +414,18 @@ def main(argv=None) -> None:
     work = Path(args.work).resolve()
     _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
     device = torch.device("cpu")
-    result = {"machine": describe_machine(device), "steps": args.steps, "num_images": args.num_images,
-              "data": args.data, "seeds": args.seeds, "verdict": bench.verdict.line(),
-              "command": command_line("quality_speed.py", argv),
-              "calibration": [r.as_dict() for r in bench.calibration], "training": {}, "rows": []}
+    result = {
+        "machine": describe_machine(device),
+        "steps": args.steps,
+        "num_images": args.num_images,
+        "data": args.data,
+        "seeds": args.seeds,
+        "verdict": bench.verdict.line(),
+        "command": command_line("quality_speed.py", argv),
+        "calibration": [r.as_dict() for r in bench.calibration],
+        "training": {},
+        "rows": [],
+    }
     for label in ("FAR", "MAR"):
         run_dir, seconds = train(label, work, shards, bench_path, args)
         result["training"][label] = {"seconds": seconds, "curve": learning_curve(run_dir)}

@@ -110,6 +110,9 @@ def command_line(script: str, argv) -> str:
 def result_heading(what: str, result: dict, details: str = "") -> list[str]:
     """A result's heading lines in docs/benchmarks.md: what, machine, details; date and command."""
     machine = result["machine"]
-    return [f"### {what} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads)"
-            + (f", {details}" if details else ""),
-            f"Date: {result['date']}. Command: `{result['command']}`", ""]
+    return [
+        f"### {what} on {machine['name']} ({machine['device']}, {machine['torch_threads']} threads)"
+        + (f", {details}" if details else ""),
+        f"Date: {result['date']}. Command: `{result['command']}`",
+        "",
+    ]

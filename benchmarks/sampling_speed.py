@@ -62,8 +62,15 @@ class HeadTimer:
         model.head.sample = timed  # type: ignore[method-assign]
 
 
-def measure(model: ARModel, timer: HeadTimer, labels: torch.Tensor, options: SamplingOptions,
-            device: torch.device, repeats: int, autocast) -> dict:
+def measure(
+    model: ARModel,
+    timer: HeadTimer,
+    labels: torch.Tensor,
+    options: SamplingOptions,
+    device: torch.device,
+    repeats: int,
+    autocast,
+) -> dict:
     def run():
         with autocast():
             generate(model, labels, options, torch.Generator(device=device).manual_seed(0))
@@ -72,7 +79,11 @@ def measure(model: ARModel, timer: HeadTimer, labels: torch.Tensor, options: Sam
     timer.seconds = 0.0
     seconds = median_seconds(run, device, repeats, warmup=0)
     head_seconds = timer.seconds / repeats
-    return {"seconds": seconds, "images_per_s": labels.shape[0] / seconds, "head_share": min(1.0, head_seconds / seconds)}
+    return {
+        "seconds": seconds,
+        "images_per_s": labels.shape[0] / seconds,
+        "head_share": min(1.0, head_seconds / seconds),
+    }
 
 
 def run_size(args, size: str, batch: int, device: torch.device) -> dict:
@@ -84,21 +95,39 @@ def run_size(args, size: str, batch: int, device: torch.device) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
     rows = []
     for k in args.num_iter:
-        for label, model, steps in [*[("FAR", far, o) for o in args.far_steps], *[("MAR", mar, s) for s in args.mar_steps]]:
+        for label, model, steps in [
+            *[("FAR", far, o) for o in args.far_steps],
+            *[("MAR", mar, s) for s in args.mar_steps],
+        ]:
             options = SamplingOptions(num_iter=k, head_steps=steps, cfg_scale=args.cfg)
             result = measure(model, timers[id(model)], labels, options, device, args.repeats, autocast)
             rows.append({"model": label, "K": k, "head_steps": steps, **result})
-            print(f"[{size}] {label} K={k} steps={steps}: {result['images_per_s']:.3f} img/s, "
-                  f"head {100 * result['head_share']:.0f}%", flush=True)
-    for use_cache in ([True, False] if args.causal_no_cache else [True]):
+            print(
+                f"[{size}] {label} K={k} steps={steps}: {result['images_per_s']:.3f} img/s, "
+                f"head {100 * result['head_share']:.0f}%",
+                flush=True,
+            )
+    for use_cache in [True, False] if args.causal_no_cache else [True]:
         for o in args.causal_steps:
             options = SamplingOptions(head_steps=o, cfg_scale=args.cfg, use_kv_cache=use_cache)
             result = measure(causal, timers[id(causal)], labels, options, device, args.repeats, autocast)
-            rows.append({"model": f"FAR-Causal ({'KV cache' if use_cache else 'no cache'})", "K": data.seq_len,
-                         "head_steps": o, **result})
+            rows.append(
+                {
+                    "model": f"FAR-Causal ({'KV cache' if use_cache else 'no cache'})",
+                    "K": data.seq_len,
+                    "head_steps": o,
+                    **result,
+                }
+            )
             print(f"[{size}] FAR-Causal cache={use_cache} O={o}: {result['images_per_s']:.3f} img/s", flush=True)
-    return {"size": size, "batch": batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32",
-            "cfg": args.cfg, "rows": rows}
+    return {
+        "size": size,
+        "batch": batch,
+        "seq_len": data.seq_len,
+        "dtype": "bf16" if bf16 else "fp32",
+        "cfg": args.cfg,
+        "rows": rows,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -114,8 +143,9 @@ def plot(result: dict, path: Path) -> None:
         share_ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"K={k}")
         for model in ("FAR", "MAR"):
             sub = sorted((r["head_steps"], r["images_per_s"]) for r in masked if r["K"] == k and r["model"] == model)
-            speed_ax.plot([s[0] for s in sub], [s[1] for s in sub], marker="o" if model == "FAR" else "s",
-                          label=f"{model} K={k}")
+            speed_ax.plot(
+                [s[0] for s in sub], [s[1] for s in sub], marker="o" if model == "FAR" else "s", label=f"{model} K={k}"
+            )
     share_ax.set_xscale("log", base=2)
     share_ax.set_xlabel("head steps (FAR: O <= 8, MAR: DDPM steps >= 25)")
     share_ax.set_ylabel("head share of inference time (%)")
@@ -128,7 +158,9 @@ def plot(result: dict, path: Path) -> None:
     speed_ax.legend(fontsize=7)
     speed_ax.set_title("Throughput, same backbone weights")
     machine = result["machine"]
-    fig.suptitle(f"{result['size']} on {machine['name']} ({result['dtype']}, batch {result['batch']}, {result['date']})")
+    fig.suptitle(
+        f"{result['size']} on {machine['name']} ({result['dtype']}, batch {result['batch']}, {result['date']})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -138,13 +170,25 @@ def plot(result: dict, path: Path) -> None:
 def render_docs() -> None:
     parts = ["## Sampling speed: FAR vs MAR (`benchmarks/sampling_speed.py`)", ""]
     for result in load_results(BENCHMARK):
-        parts += result_heading(result["size"], result, f"{result['dtype']}, batch {result['batch']}, "
-                                f"{result['seq_len']} tokens, cfg {result['cfg']}")
+        parts += result_heading(
+            result["size"],
+            result,
+            f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, cfg {result['cfg']}",
+        )
         parts += [
             markdown_table(
                 ["model", "K", "head steps", "s / batch", "images/s", "head share"],
-                [[r["model"], r["K"], r["head_steps"], f"{r['seconds']:.3f}", f"{r['images_per_s']:.3f}",
-                  f"{100 * r['head_share']:.0f}%"] for r in result["rows"]],
+                [
+                    [
+                        r["model"],
+                        r["K"],
+                        r["head_steps"],
+                        f"{r['seconds']:.3f}",
+                        f"{r['images_per_s']:.3f}",
+                        f"{100 * r['head_share']:.0f}%",
+                    ]
+                    for r in result["rows"]
+                ],
             ),
             "",
         ]
@@ -164,8 +208,10 @@ def _speedups(result: dict) -> str:
         if far and mar:
             f = max(far, key=lambda r: r["head_steps"])
             m = max(mar, key=lambda r: r["head_steps"])
-            lines.append(f"K={k}: FAR O={f['head_steps']} is {f['images_per_s'] / m['images_per_s']:.2f}x "
-                         f"MAR {m['head_steps']} steps")
+            lines.append(
+                f"K={k}: FAR O={f['head_steps']} is {f['images_per_s'] / m['images_per_s']:.2f}x "
+                f"MAR {m['head_steps']} steps"
+            )
     return "Speed-up: " + "; ".join(lines) if lines else ""
 
 
@@ -178,27 +224,44 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=ints, default=[16], help="batch sizes, e.g. 64,256")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--token-dim", type=int, default=16)
-    parser.add_argument("--num-iter", type=ints, default=None,
-                        help="K values (default 32,64,256; with --techniques 64)")
+    parser.add_argument(
+        "--num-iter", type=ints, default=None, help="K values (default 32,64,256; with --techniques 64)"
+    )
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--mar-steps", type=ints, default=[25, 50, 100])
     parser.add_argument("--causal-steps", type=ints, default=[8])
-    parser.add_argument("--no-causal-no-cache", dest="causal_no_cache", action="store_false",
-                        help="skip FAR-Causal without KV cache (O(L^2) backbone work)")
+    parser.add_argument(
+        "--no-causal-no-cache",
+        dest="causal_no_cache",
+        action="store_false",
+        help="skip FAR-Causal without KV cache (O(L^2) backbone work)",
+    )
     parser.add_argument("--cfg", type=float, default=2.9, help="CFG scale (batch doubling, as in evaluation)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="K=32 and O/steps 8/25 only (the demo's smoke run)")
     parser.add_argument("--out", default=None, help="also write the plot here (the demo); results still go to docs")
     parser.add_argument("--no-docs", action="store_true", help="do not write results into docs/")
     parser.add_argument("--tag", default="", help="suffix of the result key, to keep several runs of one size")
-    parser.add_argument("--techniques", action="store_true",
-                        help="speed of every sampling acceleration against MAR 100 steps (faithful, tuned)")
-    parser.add_argument("--train-step", action="store_true",
-                        help="forward+backward time of FAR vs MAR training steps (same backbone weights)")
-    parser.add_argument("--pareto", action="store_true",
-                        help="quality and speed of every acceleration on the trained tiny models in --runs")
-    parser.add_argument("--runs", default="runs/bench-quality",
-                        help="--pareto: quality_speed.py's work directory (data, offline benchmark, trained runs)")
+    parser.add_argument(
+        "--techniques",
+        action="store_true",
+        help="speed of every sampling acceleration against MAR 100 steps (faithful, tuned)",
+    )
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="forward+backward time of FAR vs MAR training steps (same backbone weights)",
+    )
+    parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="quality and speed of every acceleration on the trained tiny models in --runs",
+    )
+    parser.add_argument(
+        "--runs",
+        default="runs/bench-quality",
+        help="--pareto: quality_speed.py's work directory (data, offline benchmark, trained runs)",
+    )
     parser.add_argument("--pareto-far-k", type=ints, default=[4, 8, 16], help="--pareto: K values of FAR")
     parser.add_argument("--pareto-mar-k", type=ints, default=[16], help="--pareto: K values of MAR")
     parser.add_argument("--pareto-cfg", type=float, default=2.0, help="--pareto: CFG scale")
@@ -228,10 +291,18 @@ def main(argv=None) -> None:
         return
     # Modes measured per size and batch: (selected, run, save, result key).
     grid_modes = [
-        (args.train_step, sampling_study.run_train_step, sampling_study.save_train_step,
-         lambda r: f"{r['size']}_b{r['batch']}"),
-        (args.techniques, sampling_study.run_speed, sampling_study.save_speed,
-         lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}"),
+        (
+            args.train_step,
+            sampling_study.run_train_step,
+            sampling_study.save_train_step,
+            lambda r: f"{r['size']}_b{r['batch']}",
+        ),
+        (
+            args.techniques,
+            sampling_study.run_speed,
+            sampling_study.save_speed,
+            lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}",
+        ),
     ]
     for selected, run, save, key in grid_modes:
         if not selected:

@@ -39,12 +39,20 @@ VARIANTS = {
     "live": ["model.head.consistency_target=live"],
     "ema 0.9": ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.9"],
     "ema 0.99": ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.99"],
-    "ema 0.99 + warm-up 100": ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.99",
-                              "model.head.target_ema_warmup_steps=100"],
-    "ema 0.999 + warm-up 300": ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.999",
-                               "model.head.target_ema_warmup_steps=300"],
-    f"live + guidance distilled w={DISTILLED_CFG:g}": ["model.head.consistency_target=live",
-                                                      f"model.head.guidance_distillation_scale={DISTILLED_CFG}"],
+    "ema 0.99 + warm-up 100": [
+        "model.head.consistency_target=ema",
+        "model.head.target_ema_decay=0.99",
+        "model.head.target_ema_warmup_steps=100",
+    ],
+    "ema 0.999 + warm-up 300": [
+        "model.head.consistency_target=ema",
+        "model.head.target_ema_decay=0.999",
+        "model.head.target_ema_warmup_steps=300",
+    ],
+    f"live + guidance distilled w={DISTILLED_CFG:g}": [
+        "model.head.consistency_target=live",
+        f"model.head.guidance_distillation_scale={DISTILLED_CFG}",
+    ],
 }
 
 
@@ -77,13 +85,27 @@ def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
 def render_docs() -> None:
     parts = ["## Self-consistency targets (`benchmarks/shortcut_targets.py`)", ""]
     for result in load_results(BENCHMARK):
-        parts += result_heading(f"tiny FAR, {result['steps']} steps each,", result,
-                                f"K={result['num_iter']}, {result['num_images']} images per point")
+        parts += result_heading(
+            f"tiny FAR, {result['steps']} steps each,",
+            result,
+            f"K={result['num_iter']}, {result['num_images']} images per point",
+        )
         parts += [
-            markdown_table(["targets", "EMA lag (steps, share of run)", "CFG at sampling", "O", "class accuracy",
-                            "Fréchet distance"],
-                           [[v["name"], v["lag"], r["cfg"], r["O"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
-                            for v in result["variants"] for r in v["rows"]]),
+            markdown_table(
+                [
+                    "targets",
+                    "EMA lag (steps, share of run)",
+                    "CFG at sampling",
+                    "O",
+                    "class accuracy",
+                    "Fréchet distance",
+                ],
+                [
+                    [v["name"], v["lag"], r["cfg"], r["O"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
+                    for v in result["variants"]
+                    for r in v["rows"]
+                ],
+            ),
             "",
         ]
     write_doc_section(BENCHMARK, "\n".join(parts))
@@ -96,8 +118,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-iter", type=int, default=16, help="K of every point")
     parser.add_argument("--head-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--cfg", type=float, default=2.0)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: "
-                        + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
+    )
     return parser.parse_args(argv)
 
 
@@ -106,20 +129,28 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()
     _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
-    result = {"machine": describe_machine(torch.device("cpu")), "steps": args.steps, "num_iter": args.num_iter,
-              "num_images": args.num_images, "variants": [],
-              "command": command_line("shortcut_targets.py", argv)}
+    result = {
+        "machine": describe_machine(torch.device("cpu")),
+        "steps": args.steps,
+        "num_iter": args.num_iter,
+        "num_images": args.num_images,
+        "variants": [],
+        "command": command_line("shortcut_targets.py", argv),
+    }
     args.eval_interval = max(args.eval_interval, args.steps)
     for name in args.variants.split(","):
         overrides = VARIANTS[name]
         slug = "targets-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
         print(f"{name}: training {slug}", flush=True)
-        run_dir, seconds = train_recipe(recipes_for(args.data)["FAR"], slug, work, shards, bench_path, args, tuple(overrides))
+        run_dir, seconds = train_recipe(
+            recipes_for(args.data)["FAR"], slug, work, shards, bench_path, args, tuple(overrides)
+        )
         decay = decay_of(overrides)
         lag = "0 (live)" if decay is None else f"{1 / (1 - decay):.0f}, {100 / (1 - decay) / args.steps:.0f}%"
         rows = evaluate(run_dir, bench, args, distilled="guidance_distillation_scale" in " ".join(overrides))
-        result["variants"].append({"name": name, "overrides": overrides, "lag": lag, "train_seconds": seconds,
-                                   "rows": rows})
+        result["variants"].append(
+            {"name": name, "overrides": overrides, "lag": lag, "train_seconds": seconds, "rows": rows}
+        )
     if not args.no_docs:
         save_result(BENCHMARK, f"cpu_tiny_{args.steps}steps", result)
         render_docs()

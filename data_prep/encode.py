@@ -147,8 +147,10 @@ class _HashingWriter:
 
 
 def shard_ranges(num_images: int, images_per_shard: int) -> list[range]:
-    return [range(s * images_per_shard, min((s + 1) * images_per_shard, num_images))
-            for s in range(math.ceil(num_images / images_per_shard))]
+    return [
+        range(s * images_per_shard, min((s + 1) * images_per_shard, num_images))
+        for s in range(math.ceil(num_images / images_per_shard))
+    ]
 
 
 def _encode_batch(codec: Codec, images: torch.Tensor, device: torch.device, autocast_dtype) -> np.ndarray:
@@ -162,21 +164,28 @@ def _encode_batch(codec: Codec, images: torch.Tensor, device: torch.device, auto
     return torch.stack([image, flip], dim=1).cpu().numpy().astype(LATENT_DTYPE)
 
 
-def _write_shard(fs, root: str, job: EncodeJob, shard: int, samples: list[tuple[int, int, np.ndarray]],
-                 token_dim: int) -> dict:
+def _write_shard(
+    fs, root: str, job: EncodeJob, shard: int, samples: list[tuple[int, int, np.ndarray]], token_dim: int
+) -> dict:
     stats = _ShardStats(token_dim)
     path = join(root, shard_name(shard, job.prefix))
     with atomic_writer(fs, path) as raw:
         hashed = _HashingWriter(raw)
-        with wds.TarWriter(hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME,
-                           encoder=False) as tar:
+        with wds.TarWriter(
+            hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False
+        ) as tar:
             for index, label, latents in samples:
                 tar.write(encode_sample(index, label, latents))
                 stats.add(label, latents)
     record = {
-        "name": shard_name(shard, job.prefix), "index": shard, "num_samples": len(samples),
-        "num_bytes": hashed.size, "sha256": hashed.digest.hexdigest(), "count": stats.count,
-        "sum": stats.sum.tolist(), "sumsq": stats.sumsq.tolist(),
+        "name": shard_name(shard, job.prefix),
+        "index": shard,
+        "num_samples": len(samples),
+        "num_bytes": hashed.size,
+        "sha256": hashed.digest.hexdigest(),
+        "count": stats.count,
+        "sum": stats.sum.tolist(),
+        "sumsq": stats.sumsq.tolist(),
         "labels": {str(k): v for k, v in sorted(stats.labels.items())},
     }
     write_bytes_atomic(fs, join(root, stats_name(shard, job.prefix)), json.dumps(record).encode())
@@ -191,19 +200,33 @@ def _load_stats(fs, root: str, shard: int, prefix: str) -> Optional[dict]:
 def build_manifest(job: EncodeJob, images: ImageList, codec: Codec, records: list[dict]) -> Manifest:
     info = codec.info
     stats = combine_stats(records, info.token_dim, info.latent_shape[0])
-    return Manifest.from_dict({
-        "format_version": FORMAT_VERSION,
-        "codec": {**info.as_dict(), "scale": stats["scale"], "dtype": "float16",
-                  "moments": 2 if info.posterior else 1},
-        "source": {"root": str(images.root), "num_images": len(images), "classes": images.classes,
-                   "image_size": job.image_size, "order_seed": job.order_seed,
-                   **({"dataset": card} if (card := read_dataset_card(job.src)) else {})},
-        "images_per_shard": job.images_per_shard,
-        "shards": [{k: r[k] for k in ("name", "num_samples", "num_bytes", "sha256")} for r in records],
-        "stats": stats,
-        "created": {"command": " ".join(redact_command(sys.argv)),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }, f"the manifest built for {job.dst}")
+    return Manifest.from_dict(
+        {
+            "format_version": FORMAT_VERSION,
+            "codec": {
+                **info.as_dict(),
+                "scale": stats["scale"],
+                "dtype": "float16",
+                "moments": 2 if info.posterior else 1,
+            },
+            "source": {
+                "root": str(images.root),
+                "num_images": len(images),
+                "classes": images.classes,
+                "image_size": job.image_size,
+                "order_seed": job.order_seed,
+                **({"dataset": card} if (card := read_dataset_card(job.src)) else {}),
+            },
+            "images_per_shard": job.images_per_shard,
+            "shards": [{k: r[k] for k in ("name", "num_samples", "num_bytes", "sha256")} for r in records],
+            "stats": stats,
+            "created": {
+                "command": " ".join(redact_command(sys.argv)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        },
+        f"the manifest built for {job.dst}",
+    )
 
 
 def job_images(job: EncodeJob) -> ImageList:
@@ -237,10 +260,12 @@ class EncodeSummary:
 
     def __str__(self) -> str:
         rate = self.images_encoded / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.shards_written} shards written, {self.shards_skipped} already complete "
-                f"({self.shards_mine} of {self.shards_total} are this worker's); {self.images_encoded} images in "
-                f"{self.seconds:.1f} s ({rate:.1f} images/s); manifest "
-                f"{'written' if self.manifest_written else 'not yet (other workers still running)'}")
+        return (
+            f"{self.shards_written} shards written, {self.shards_skipped} already complete "
+            f"({self.shards_mine} of {self.shards_total} are this worker's); {self.images_encoded} images in "
+            f"{self.seconds:.1f} s ({rate:.1f} images/s); manifest "
+            f"{'written' if self.manifest_written else 'not yet (other workers still running)'}"
+        )
 
 
 def run_encode(job: EncodeJob) -> EncodeSummary:
@@ -260,14 +285,27 @@ def run_encode(job: EncodeJob) -> EncodeSummary:
     # Batches never cross a shard boundary and start at the shard's first image, so every image
     # is encoded in the same batch whatever the number of workers: identical bytes either way.
     positions = {index: position for position, index in enumerate(indices)}
-    batches = [[positions[i] for i in ranges[s][b : b + job.batch_size]]
-               for s in todo for b in range(0, len(ranges[s]), job.batch_size)]
-    loader = DataLoader(_ImageDataset(images, indices, job.image_size), batch_sampler=batches,
-                        num_workers=job.loader_workers, pin_memory=device.type == "cuda")
+    batches = [
+        [positions[i] for i in ranges[s][b : b + job.batch_size]]
+        for s in todo
+        for b in range(0, len(ranges[s]), job.batch_size)
+    ]
+    loader = DataLoader(
+        _ImageDataset(images, indices, job.image_size),
+        batch_sampler=batches,
+        num_workers=job.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
     pending: dict[int, list] = {}
     written = 0
-    with tqdm(total=len(indices), unit="img", desc=f"encode w{job.slot.worker_id}", disable=not job.progress,
-              dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(
+        total=len(indices),
+        unit="img",
+        desc=f"encode w{job.slot.worker_id}",
+        disable=not job.progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as bar:
         for batch_indices, batch_labels, pixels in loader:
             moments = _encode_batch(codec, pixels, device, autocast_dtype)
             for index, label, latents in zip(batch_indices.tolist(), batch_labels.tolist(), moments):
@@ -278,5 +316,12 @@ def run_encode(job: EncodeJob) -> EncodeSummary:
                     written += 1
             bar.update(len(batch_indices))
     manifest = try_write_manifest(job, images, codec)
-    return EncodeSummary(len(ranges), len(mine), written, len(mine) - len(todo), len(indices),
-                         time.perf_counter() - start, manifest is not None)
+    return EncodeSummary(
+        len(ranges),
+        len(mine),
+        written,
+        len(mine) - len(todo),
+        len(indices),
+        time.perf_counter() - start,
+        manifest is not None,
+    )

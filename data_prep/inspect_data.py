@@ -36,12 +36,15 @@ def summarize(manifest: Manifest, labels: Counter) -> str:
     most = max(labels.values(), default=1)
     for label in sorted(labels):
         name = source["classes"][label]
-        lines.append(f"  {label:4d} {name[:24]:24s} {labels[label]:6d} " + "#" * max(1, labels[label] * HISTOGRAM_WIDTH // most))
+        lines.append(
+            f"  {label:4d} {name[:24]:24s} {labels[label]:6d} " + "#" * max(1, labels[label] * HISTOGRAM_WIDTH // most)
+        )
     return "\n".join(line for line in lines if line)
 
 
-def inspect_dataset(url: str, out_png: Optional[str], num_images: int = 16, max_shards: int = 8,
-                    codec_weights: Optional[str] = None) -> str:
+def inspect_dataset(
+    url: str, out_png: Optional[str], num_images: int = 16, max_shards: int = 8, codec_weights: Optional[str] = None
+) -> str:
     """Summary text; writes a grid (row pairs: decoded image, decoded flip) to ``out_png``."""
     manifest = read_manifest(url)
     fs, root = filesystem(url)

@@ -11,17 +11,45 @@ from data_prep.fit_codec import fit_pca_codec
 FIT_SEED = 0
 
 
-def encode_with_pca(images: str | Path, out: str | Path, image_size: int, patch_size: int, dim: int, *,
-                    images_per_shard: int, max_images: int, max_patches: int, batch_size: int = 64,
-                    loader_workers: int = 0) -> tuple[Path, Path]:
+def encode_with_pca(
+    images: str | Path,
+    out: str | Path,
+    image_size: int,
+    patch_size: int,
+    dim: int,
+    *,
+    images_per_shard: int,
+    max_images: int,
+    max_patches: int,
+    batch_size: int = 64,
+    loader_workers: int = 0,
+) -> tuple[Path, Path]:
     """Fit the codec on ``images`` into ``out/pca.safetensors`` and encode them into ``out/shards``; returns
     (codec weights, shards directory)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     codec, shards = out / "pca.safetensors", out / "shards"
-    fit_pca_codec(str(images), str(codec), image_size, patch_size, dim, max_images=max_images,
-                  max_patches=max_patches, seed=FIT_SEED)
-    run_encode(EncodeJob(src=str(images), dst=str(shards), codec="pca", codec_weights=str(codec),
-                         image_size=image_size, images_per_shard=images_per_shard, batch_size=batch_size,
-                         loader_workers=loader_workers, progress=False))
+    fit_pca_codec(
+        str(images),
+        str(codec),
+        image_size,
+        patch_size,
+        dim,
+        max_images=max_images,
+        max_patches=max_patches,
+        seed=FIT_SEED,
+    )
+    run_encode(
+        EncodeJob(
+            src=str(images),
+            dst=str(shards),
+            codec="pca",
+            codec_weights=str(codec),
+            image_size=image_size,
+            images_per_shard=images_per_shard,
+            batch_size=batch_size,
+            loader_workers=loader_workers,
+            progress=False,
+        )
+    )
     return codec, shards

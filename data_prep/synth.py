@@ -26,9 +26,16 @@ from far_scale.data.storage import local_atomic_writer
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hstripes", "vstripes", "checker", "dots")
 PALETTES = (
-    ("red", (220, 40, 40)), ("green", (40, 180, 60)), ("blue", (40, 80, 220)), ("yellow", (230, 200, 40)),
-    ("magenta", (200, 50, 200)), ("cyan", (40, 200, 210)), ("orange", (240, 130, 30)), ("white", (235, 235, 235)),
-    ("purple", (110, 40, 170)), ("brown", (130, 80, 40)),
+    ("red", (220, 40, 40)),
+    ("green", (40, 180, 60)),
+    ("blue", (40, 80, 220)),
+    ("yellow", (230, 200, 40)),
+    ("magenta", (200, 50, 200)),
+    ("cyan", (40, 200, 210)),
+    ("orange", (240, 130, 30)),
+    ("white", (235, 235, 235)),
+    ("purple", (110, 40, 170)),
+    ("brown", (130, 80, 40)),
 )
 MAX_CLASSES = len(SHAPES) * len(PALETTES)
 COLOR_MODES = ("class", "random")
@@ -73,15 +80,23 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     start, end = rng.integers(0, 90, 3), rng.integers(0, 90, 3)
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    t = (np.cos(angle) * xs + np.sin(angle) * ys)
+    t = np.cos(angle) * xs + np.sin(angle) * ys
     t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
     pixels = start[None, None] * (1 - t[..., None]) + end[None, None] * t[..., None]
     pixels += rng.normal(0, 6, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
-                color: tuple[int, ...], size: int) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    angle: float,
+    color: tuple[int, ...],
+    size: int,
+) -> None:
     def rotated(points):
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
@@ -142,8 +157,9 @@ def write_dataset(out: str | Path, spec: SynthSpec, progress: bool = True) -> Pa
     if spec.colors not in COLOR_MODES:
         raise ValueError(f"colors must be one of {', '.join(COLOR_MODES)}, got {spec.colors!r}")
     if not 1 <= spec.num_classes <= spec.max_classes():
-        raise ValueError(f"num_classes must be in [1, {spec.max_classes()}] with colors={spec.colors}, "
-                         f"got {spec.num_classes}")
+        raise ValueError(
+            f"num_classes must be in [1, {spec.max_classes()}] with colors={spec.colors}, got {spec.num_classes}"
+        )
     root = Path(out)
     total = spec.num_classes * spec.images_per_class
     with tqdm(total=total, unit="img", desc="synth", disable=not progress) as bar:
@@ -155,6 +171,7 @@ def write_dataset(out: str | Path, spec: SynthSpec, progress: bool = True) -> Pa
                 path = folder / f"{name}_{index:05d}.JPEG"
                 with local_atomic_writer(path) as handle:
                     draw_image(label, index, spec.resolution, spec.seed, spec.colors).save(
-                        handle, format="JPEG", quality=JPEG_QUALITY)
+                        handle, format="JPEG", quality=JPEG_QUALITY
+                    )
                 bar.update()
     return root

@@ -29,8 +29,10 @@ class VerifyReport:
         return not self.bad_shards
 
     def __str__(self) -> str:
-        lines = [f"{self.num_shards} shards, {self.num_samples} samples checked; "
-                 f"{self.decoded} samples decoded to images{self.decode_note}"]
+        lines = [
+            f"{self.num_shards} shards, {self.num_samples} samples checked; "
+            f"{self.decoded} samples decoded to images{self.decode_note}"
+        ]
         if self.ok:
             lines.append("OK: every shard matches the manifest")
         for name, problems in self.bad_shards.items():
@@ -38,8 +40,9 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _check_shard(data: bytes, entry: ShardEntry, manifest: Manifest,
-                 codec: Optional[Codec]) -> tuple[list[str], int, bool]:
+def _check_shard(
+    data: bytes, entry: ShardEntry, manifest: Manifest, codec: Optional[Codec]
+) -> tuple[list[str], int, bool]:
     problems: list[str] = []
     name = entry.name
     if len(data) != entry.num_bytes:

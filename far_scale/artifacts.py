@@ -83,15 +83,30 @@ class RunMeta:
             raise ArtifactError(f"{where}: expected a JSON object")
         problems = [f"{k}: expected {t.__name__}" for k, t in fields.items() if not isinstance(data.get(k), t)]
         if not problems:
-            problems = [f"data.{k}: expected a number" if k == "scale" else f"data.{k}: expected {t.__name__}"
-                        for k, t in data_fields.items() if not isinstance(data["data"].get(k), t)]
+            problems = [
+                f"data.{k}: expected a number" if k == "scale" else f"data.{k}: expected {t.__name__}"
+                for k, t in data_fields.items()
+                if not isinstance(data["data"].get(k), t)
+            ]
         if problems:
-            raise ArtifactError(f"{where} is malformed: {'; '.join(problems)} (rewrite it with `far-scale export`, "
-                                "or resume the run to write a new checkpoint)")
+            raise ArtifactError(
+                f"{where} is malformed: {'; '.join(problems)} (rewrite it with `far-scale export`, "
+                "or resume the run to write a new checkpoint)"
+            )
         info = data["data"]
-        return cls(data["step"], data["world_size"], data.get("mlflow_run_id"),
-                   DataInfo(str(info.get("url", "")), info["seq_len"], info["token_dim"], info["num_classes"],
-                            float(info["scale"]), dict(info["codec"])))
+        return cls(
+            data["step"],
+            data["world_size"],
+            data.get("mlflow_run_id"),
+            DataInfo(
+                str(info.get("url", "")),
+                info["seq_len"],
+                info["token_dim"],
+                info["num_classes"],
+                float(info["scale"]),
+                dict(info["codec"]),
+            ),
+        )
 
     @classmethod
     def read(cls, path: Path) -> "RunMeta":
@@ -115,8 +130,10 @@ def _restore_hint(directory: Path, bad_tag: Optional[str] = None) -> str:
         pointer["world_size"] = json.loads((newest / META_FILE).read_text())["world_size"]
     except (OSError, ValueError, KeyError):
         pass  # the user fills in the world size that wrote it
-    return (f"checkpoints here: {', '.join(tags)}; to resume from the newest of them, write {directory / LATEST} "
-            f"as {json.dumps(pointer)} (make sure that checkpoint is complete: `far-scale train` checks its files)")
+    return (
+        f"checkpoints here: {', '.join(tags)}; to resume from the newest of them, write {directory / LATEST} "
+        f"as {json.dumps(pointer)} (make sure that checkpoint is complete: `far-scale train` checks its files)"
+    )
 
 
 def checkpoint_tags(names) -> list[str]:
@@ -136,8 +153,10 @@ def parse_latest(text: str, where: str, directory: Path) -> tuple[str, int, int]
         if not TAG_PATTERN.fullmatch(tag):
             raise ValueError(f"tag {tag!r} is not a checkpoint tag")
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{where} is damaged ({type(exc).__name__}: {exc}); "
-                              f"{_restore_hint(directory) if directory.is_dir() else ''}") from None
+        raise CheckpointError(
+            f"{where} is damaged ({type(exc).__name__}: {exc}); "
+            f"{_restore_hint(directory) if directory.is_dir() else ''}"
+        ) from None
     return tag, step, world_size
 
 
@@ -159,8 +178,10 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     if (path / META_FILE).is_file():
         meta = RunMeta.read(path / META_FILE)
         return CheckpointRef(path.parent, path.name, meta.step, meta.world_size)
-    raise FileNotFoundError(f"no checkpoint at {path}: expected a run directory, a checkpoints directory with "
-                            f"{LATEST}, or a step_* directory")
+    raise FileNotFoundError(
+        f"no checkpoint at {path}: expected a run directory, a checkpoints directory with "
+        f"{LATEST}, or a step_* directory"
+    )
 
 
 @dataclass(frozen=True)

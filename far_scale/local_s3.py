@@ -28,16 +28,23 @@ class LocalS3:
     """``with LocalS3(credentials) as s3: ...``: a moto server on a free port; ``s3.env`` holds the endpoint and
     credentials for ``fsspec``/``s3fs`` and subprocesses. Its process group is stopped on exit."""
 
-    def __init__(self, access_key: str, secret_key: str, log: Optional[IO] = None,
-                 timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, access_key: str, secret_key: str, log: Optional[IO] = None, timeout_s: float = START_TIMEOUT_S):
         self.port = free_port()
         self.endpoint = f"http://{LOOPBACK}:{self.port}"
-        self.env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+        self.env = {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
         executable = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
         output = log if log is not None else subprocess.DEVNULL
-        self.process = subprocess.Popen([executable, "-H", LOOPBACK, "-p", str(self.port)], stdout=output,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [executable, "-H", LOOPBACK, "-p", str(self.port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             self._wait(timeout_s)
         except BaseException:

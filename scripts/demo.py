@@ -76,8 +76,14 @@ class Demo:
         with open(log, "a") as handle:
             handle.write(f"$ {' '.join(map(str, args))}\n")
             handle.flush()
-            process = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, env=self.env, cwd=REPO_ROOT)
+            process = subprocess.Popen(
+                list(map(str, args)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env,
+                cwd=REPO_ROOT,
+            )
             lines = []
             for line in process.stdout:
                 handle.write(line)
@@ -111,8 +117,12 @@ def prepare_images(demo: Demo) -> tuple[Path, Path]:
         return images, codec
     shutil.rmtree(images, ignore_errors=True)
     demo.run(demo.cli("data", "digits", images, "--quiet"), log)
-    demo.run(demo.cli("data", "fit-codec", images, codec, "--image-size", IMAGE_SIZE, "--patch-size", TOKEN_PX,
-                      "--dim", TOKEN_DIM), log)
+    demo.run(
+        demo.cli(
+            "data", "fit-codec", images, codec, "--image-size", IMAGE_SIZE, "--patch-size", TOKEN_PX, "--dim", TOKEN_DIM
+        ),
+        log,
+    )
     write_atomic(marker, json.dumps(wanted))  # written last: its presence means images and codec are complete
     return images, codec
 
@@ -123,10 +133,36 @@ def encode_to_s3(demo: Demo, images: Path, codec: Path) -> str:
     import fsspec
 
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
-    base = demo.cli("data", "encode", images, url, "--codec", "pca", "--codec-weights", codec, "--image-size",
-                    IMAGE_SIZE, "--images-per-shard", 250, "--loader-workers", 0, "--num-workers", 2, "--quiet")
-    workers = [subprocess.Popen(list(map(str, [*base, "--worker-id", worker])), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=demo.env, cwd=REPO_ROOT) for worker in (0, 1)]
+    base = demo.cli(
+        "data",
+        "encode",
+        images,
+        url,
+        "--codec",
+        "pca",
+        "--codec-weights",
+        codec,
+        "--image-size",
+        IMAGE_SIZE,
+        "--images-per-shard",
+        250,
+        "--loader-workers",
+        0,
+        "--num-workers",
+        2,
+        "--quiet",
+    )
+    workers = [
+        subprocess.Popen(
+            list(map(str, [*base, "--worker-id", worker])),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=demo.env,
+            cwd=REPO_ROOT,
+        )
+        for worker in (0, 1)
+    ]
     with open(log, "a") as handle:
         for worker, process in enumerate(workers):
             output, _ = process.communicate()
@@ -137,15 +173,15 @@ def encode_to_s3(demo: Demo, images: Path, codec: Path) -> str:
                 raise StageFailed(f"encode worker {worker} exited with {process.returncode}")
     demo.run(demo.cli("data", "verify", url), log)
     # What the codec makes of real images: the ceiling for the models' samples.
-    demo.run(demo.cli("data", "inspect", url, "--out", demo.out / "data_grid.png", "--num-images", 20), log,
-             show=False)
+    demo.run(demo.cli("data", "inspect", url, "--out", demo.out / "data_grid.png", "--num-images", 20), log, show=False)
     return url
 
 
 def offline_benchmark(demo: Demo, images: Path, url: str) -> str:
     log = demo.stage("digit benchmark: a classifier of the real digits, negative controls, verdict (cached)")
-    result = demo.run(demo.cli("eval", "offline-setup", images, "--data", url, "--cache-dir", demo.out / "eval-cache"),
-                      log)
+    result = demo.run(
+        demo.cli("eval", "offline-setup", images, "--data", url, "--cache-dir", demo.out / "eval-cache"), log
+    )
     if "offline benchmark VALID" not in result.stdout:
         raise StageFailed("the offline benchmark's verdict is not VALID: it could not rank the models")
     for line in result.stdout.splitlines():
@@ -166,12 +202,20 @@ class TrainedRun:
 
 def _train_command(demo: Demo, arch: str, data_url: str, bench: str, tracking_uri: str) -> list:
     recipe = REPO_ROOT / "recipes" / f"{arch}_tiny_{DATA}.yaml"
-    overrides = [f"data.url={data_url}", f"run.output_dir={demo.out / 'runs'}", f"run.max_steps={demo.steps}",
-                 f"checkpoint.url=s3://{BUCKET}/checkpoints/{arch}", f"tracking.uri={tracking_uri}",
-                 f"eval.benchmark={bench}", f"eval.interval_steps={max(demo.steps // 2, 1)}",
-                 f"eval.num_images={min(demo.eval_images, TRAINING_EVAL_IMAGES)}", "checkpoint.interval_steps=100",
-                 "tracking.system_metrics=false",
-                 "data.num_workers=1", "parallel.zero_stage=2"]
+    overrides = [
+        f"data.url={data_url}",
+        f"run.output_dir={demo.out / 'runs'}",
+        f"run.max_steps={demo.steps}",
+        f"checkpoint.url=s3://{BUCKET}/checkpoints/{arch}",
+        f"tracking.uri={tracking_uri}",
+        f"eval.benchmark={bench}",
+        f"eval.interval_steps={max(demo.steps // 2, 1)}",
+        f"eval.num_images={min(demo.eval_images, TRAINING_EVAL_IMAGES)}",
+        "checkpoint.interval_steps=100",
+        "tracking.system_metrics=false",
+        "data.num_workers=1",
+        "parallel.zero_stage=2",
+    ]
     return demo.cli("launch", "local", recipe, "--nproc", RANKS, *overrides)
 
 
@@ -183,8 +227,12 @@ def _trainer_processes(launcher: subprocess.Popen) -> list:
     except psutil.NoSuchProcess:
         return []
     # The ranks are torchrun's own children (their DataLoader workers are the ranks' children).
-    return [p for p in children if "torch.distributed.run" in " ".join(p.parent().cmdline())
-            and "torch.distributed.run" not in " ".join(p.cmdline())]
+    return [
+        p
+        for p in children
+        if "torch.distributed.run" in " ".join(p.parent().cmdline())
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+    ]
 
 
 def _metrics_steps(run_dir: Path) -> int:
@@ -199,8 +247,9 @@ def train_far_with_interruption(demo: Demo, data_url: str, bench: str, tracking_
     stop_at = max(demo.steps // 2, 1)
     start = time.monotonic()
     with open(log, "a") as handle:
-        launcher = subprocess.Popen(list(map(str, command)), stdout=handle, stderr=subprocess.STDOUT, env=demo.env,
-                                    cwd=REPO_ROOT)
+        launcher = subprocess.Popen(
+            list(map(str, command)), stdout=handle, stderr=subprocess.STDOUT, env=demo.env, cwd=REPO_ROOT
+        )
         shown = 0
         while launcher.poll() is None and _metrics_steps(run_dir) < stop_at:
             shown = _show_progress(run_dir, shown, demo.steps)
@@ -213,8 +262,10 @@ def train_far_with_interruption(demo: Demo, data_url: str, bench: str, tracking_
     if not marker.is_file():
         raise StageFailed("FAR was not stopped by SIGUSR1 (no preempted.json)")
     stopped = json.loads(marker.read_text())["step"]
-    print(f"   SIGUSR1 to {len(ranks)} ranks at step {_metrics_steps(run_dir)}: checkpoint at step {stopped}, exit "
-          f"(the SLURM launcher would requeue here); resuming")
+    print(
+        f"   SIGUSR1 to {len(ranks)} ranks at step {_metrics_steps(run_dir)}: checkpoint at step {stopped}, exit "
+        f"(the SLURM launcher would requeue here); resuming"
+    )
     meta = json.loads((run_dir / "checkpoints" / f"step_{stopped:08d}" / "meta.json").read_text())
     result = demo.run(command, log)
     train_s = time.monotonic() - start
@@ -223,8 +274,10 @@ def train_far_with_interruption(demo: Demo, data_url: str, bench: str, tracking_
         raise StageFailed(f"the second FAR run did not resume at step {stopped}")
     run_ids = _mlflow_run_ids(tracking_uri, f"far_tiny_{DATA}")
     same = run_ids == [meta["mlflow_run_id"]]
-    print(f"   resumed at step {stopped} from the checkpoint on S3, in MLflow run {meta['mlflow_run_id']} "
-          f"({'the same run: one run, its metrics continue' if same else 'NOT the same run: ' + str(run_ids)})")
+    print(
+        f"   resumed at step {stopped} from the checkpoint on S3, in MLflow run {meta['mlflow_run_id']} "
+        f"({'the same run: one run, its metrics continue' if same else 'NOT the same run: ' + str(run_ids)})"
+    )
     if not same:
         raise StageFailed("the resumed FAR run logged into another MLflow run")
     return TrainedRun("FAR", run_dir, train_s, demo.steps, stopped, same)
@@ -277,9 +330,11 @@ class Scores:
 # section sets the rest (K, CFG and temperature are the same for FAR and MAR). "FAR fast" is the same FAR
 # weights with half the iterations and a quarter of the shortcut steps, and no cache: the guidance and token
 # caches of docs/sampling.md are left out until they are measured at matched guidance.
-SAMPLINGS = [("FAR", "FAR", []),
-             ("FAR fast", "FAR", ["--num-iter", FAST_NUM_ITER, "--head-steps", FAST_HEAD_STEPS]),
-             ("MAR", "MAR", [])]
+SAMPLINGS = [
+    ("FAR", "FAR", []),
+    ("FAR fast", "FAR", ["--num-iter", FAST_NUM_ITER, "--head-steps", FAST_HEAD_STEPS]),
+    ("MAR", "MAR", []),
+]
 
 
 def sample_and_score(demo: Demo, runs: list[TrainedRun], bench: str) -> dict[str, Scores]:
@@ -290,21 +345,44 @@ def sample_and_score(demo: Demo, runs: list[TrainedRun], bench: str) -> dict[str
         run = by_name[model]
         out = demo.out / "samples" / label.lower().replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
-        demo.run(demo.cli("sample", run.run_dir, "--out", out, "--num-images", demo.eval_images, "--batch-size", 50,
-                          "--no-latency", *extra), log)
+        demo.run(
+            demo.cli(
+                "sample",
+                run.run_dir,
+                "--out",
+                out,
+                "--num-images",
+                demo.eval_images,
+                "--batch-size",
+                50,
+                "--no-latency",
+                *extra,
+            ),
+            log,
+        )
         report = json.loads((out / "report.json").read_text())
-        demo.run(demo.cli("eval", "offline", out / "samples.npz", "--bench", bench, "--json", out / "scores.json"), log,
-                 show=False)
+        demo.run(
+            demo.cli("eval", "offline", out / "samples.npz", "--bench", bench, "--json", out / "scores.json"),
+            log,
+            show=False,
+        )
         row = json.loads((out / "scores.json").read_text())["samples"]
         options = report["settings"]["options"]
         head = f"O={options['head_steps']}" if model != "MAR" else f"{options['head_steps']} DDPM steps"
-        scores[label] = Scores(row["accuracy"], row["fd"], report["images_per_s"], out / "grid.png",
-                               f"K={options['num_iter']}, {head}, CFG {options['cfg_scale']:g}, "
-                               f"temperature {options['temperature']:g}", tuple(row["accuracy_ci"]),
-                               tuple(row["fd_ci"]))
-        print(f"   {label}: class accuracy {_ci(row['accuracy'], row['accuracy_ci'], 3)}, Fréchet distance "
-              f"{_ci(row['fd'], row['fd_ci'], 1)}, "
-              f"{report['images_per_s']:.1f} images/s ({scores[label].sampling})")
+        scores[label] = Scores(
+            row["accuracy"],
+            row["fd"],
+            report["images_per_s"],
+            out / "grid.png",
+            f"K={options['num_iter']}, {head}, CFG {options['cfg_scale']:g}, temperature {options['temperature']:g}",
+            tuple(row["accuracy_ci"]),
+            tuple(row["fd_ci"]),
+        )
+        print(
+            f"   {label}: class accuracy {_ci(row['accuracy'], row['accuracy_ci'], 3)}, Fréchet distance "
+            f"{_ci(row['fd'], row['fd_ci'], 1)}, "
+            f"{report['images_per_s']:.1f} images/s ({scores[label].sampling})"
+        )
     return scores
 
 
@@ -315,8 +393,9 @@ def _ci(value: float, interval, digits: int) -> str:
 def compare_runs(demo: Demo, tracking_uri: str) -> list[str]:
     log = demo.stage("compare the two runs in MLflow (far-scale compare)")
     out = demo.out / "compare"
-    result = demo.run(demo.cli("compare", f"far_tiny_{DATA}", f"mar_tiny_{DATA}", "--tracking-uri", tracking_uri,
-                               "--out", out), log)
+    result = demo.run(
+        demo.cli("compare", f"far_tiny_{DATA}", f"mar_tiny_{DATA}", "--tracking-uri", tracking_uri, "--out", out), log
+    )
     return sorted(str(p) for p in out.glob("*.png")) or [line for line in result.stdout.splitlines() if "wrote" in line]
 
 
@@ -338,28 +417,39 @@ def side_by_side(grids: dict[str, Path], target: Path) -> Path:
     return save_image_atomic(canvas, target)
 
 
-def summary(demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str],
-            tracking_uri: str) -> str:
+def summary(
+    demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str], tracking_uri: str
+) -> str:
     mar_speed = scores["MAR"].images_per_s
-    lines = ["| model | steps | train time | sampling | class accuracy [95% CI] | Fréchet distance [95% CI] | images/s "
-             "| speed vs MAR |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | steps | train time | sampling | class accuracy [95% CI] | Fréchet distance [95% CI] | images/s "
+        "| speed vs MAR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by_name = {run.name: run for run in runs}
     for label, model, _ in SAMPLINGS:
         run, s = by_name[model], scores[label]
-        lines.append(f"| {label} | {run.steps}{f' (resumed at {run.resumed_at})' if run.resumed_at else ''} | "
-                     f"{run.train_s / 60:.1f} min | {s.sampling} | {_ci(s.accuracy, s.accuracy_ci, 3)} | "
-                     f"{_ci(s.fd, s.fd_ci, 1)} | "
-                     f"{s.images_per_s:.1f} | "
-                     f"{s.images_per_s / mar_speed:.2f}x |")
+        lines.append(
+            f"| {label} | {run.steps}{f' (resumed at {run.resumed_at})' if run.resumed_at else ''} | "
+            f"{run.train_s / 60:.1f} min | {s.sampling} | {_ci(s.accuracy, s.accuracy_ci, 3)} | "
+            f"{_ci(s.fd, s.fd_ci, 1)} | "
+            f"{s.images_per_s:.1f} | "
+            f"{s.images_per_s / mar_speed:.2f}x |"
+        )
     goal = scores["FAR"].accuracy >= ACCURACY_GOAL
-    lines += ["", f"FAR's digits {'reach' if goal else 'do not reach'} class accuracy {ACCURACY_GOAL} on the digit "
-              "benchmark" + ("" if goal else f" in {demo.steps} steps (the full demo trains {DEFAULT_STEPS})"),
-              "", "pictures:", *(f"  {p}" for p in pictures),
-              "", "open the MLflow UI on the demo's store (both runs, their metrics and sample images):",
-              f"  {Path(PYTHON).with_name('mlflow')} ui --backend-store-uri {tracking_uri} --port {UI_PORT}",
-              f"  then http://127.0.0.1:{UI_PORT}/#/experiments/{_experiment_id(tracking_uri)}/runs (the runs table; "
-              "the bare address opens MLflow's GenAI overview)"]
+    lines += [
+        "",
+        f"FAR's digits {'reach' if goal else 'do not reach'} class accuracy {ACCURACY_GOAL} on the digit "
+        "benchmark" + ("" if goal else f" in {demo.steps} steps (the full demo trains {DEFAULT_STEPS})"),
+        "",
+        "pictures:",
+        *(f"  {p}" for p in pictures),
+        "",
+        "open the MLflow UI on the demo's store (both runs, their metrics and sample images):",
+        f"  {Path(PYTHON).with_name('mlflow')} ui --backend-store-uri {tracking_uri} --port {UI_PORT}",
+        f"  then http://127.0.0.1:{UI_PORT}/#/experiments/{_experiment_id(tracking_uri)}/runs (the runs table; "
+        "the bare address opens MLflow's GenAI overview)",
+    ]
     return "\n".join(lines)
 
 
@@ -371,15 +461,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     # What a previous demo left besides the reusable images, codec and benchmark cache.
-    stale = [out / name for name in ("runs", "mlflow.db", "samples", "compare", "logs", "summary.md",
-                                     "far_vs_mar_samples.png", "data_grid.png") if (out / name).exists()]
+    stale = [
+        out / name
+        for name in (
+            "runs",
+            "mlflow.db",
+            "samples",
+            "compare",
+            "logs",
+            "summary.md",
+            "far_vs_mar_samples.png",
+            "data_grid.png",
+        )
+        if (out / name).exists()
+    ]
     previous = bool(stale)
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     demo = Demo(out, args.steps, args.eval_images)
-    print(f"far-scale demo in {out}: "
-          + ("a previous demo is here: reusing its images, codec and benchmark; S3, training and MLflow start clean"
-             if previous else "starting clean"))
+    print(
+        f"far-scale demo in {out}: "
+        + (
+            "a previous demo is here: reusing its images, codec and benchmark; S3, training and MLflow start clean"
+            if previous
+            else "starting clean"
+        )
+    )
     started = time.monotonic()
     moto: Optional[LocalS3] = None
     moto_log = None
@@ -400,8 +507,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         far = train_far_with_interruption(demo, url, bench, tracking_uri)
         mar = train_mar(demo, url, bench, tracking_uri)
         scores = sample_and_score(demo, [far, mar], bench)
-        pictures = [str(side_by_side({n: s.grid for n, s in scores.items()}, out / "far_vs_mar_samples.png")),
-                    f"{out / 'data_grid.png'} (real images through the codec, for comparison)"]
+        pictures = [
+            str(side_by_side({n: s.grid for n, s in scores.items()}, out / "far_vs_mar_samples.png")),
+            f"{out / 'data_grid.png'} (real images through the codec, for comparison)",
+        ]
         pictures += compare_runs(demo, tracking_uri)
     except StageFailed as exc:
         print(f"\ndemo FAILED at stage {demo.stage_no} ({exc}); log: {demo.current_log}", file=sys.stderr)

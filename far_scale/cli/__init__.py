@@ -58,4 +58,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ActionableError, CodecError, ManifestError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-

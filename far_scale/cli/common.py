@@ -10,6 +10,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:

@@ -28,10 +28,12 @@ def _first_store(runs) -> str:
 
 def add_commands(commands) -> None:
     cmp = commands.add_parser(
-        "compare", help="compare MLflow runs: differing params, last/best metrics, overlay plots",
+        "compare",
+        help="compare MLflow runs: differing params, last/best metrics, overlay plots",
         description="Runs are run directories (their embedded mlflow.db), or run ids / names at --tracking-uri; "
         "without any, every run of --experiment matching --filter. Writes comparison.md/.csv and PNG plots to "
-        "--out and logs them as a run of the experiment far-scale-compare.")
+        "--out and logs them as a run of the experiment far-scale-compare.",
+    )
     cmp.add_argument("runs", nargs="*", metavar="RUN", help="run directory, run id or run name")
     cmp.add_argument("--tracking-uri", default=None, help="MLflow server or store (http://..., sqlite:///...)")
     cmp.add_argument("--experiment", default="far-scale")

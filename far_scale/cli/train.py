@@ -46,16 +46,30 @@ def _launch_local_sample(args: argparse.Namespace) -> int:
 def _resources(args: argparse.Namespace):
     from far_scale.launch.slurm import SlurmResources
 
-    return SlurmResources(nodes=getattr(args, "nodes", 1), gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                          time=args.time, partition=args.partition, account=args.account, qos=args.qos,
-                          constraint=args.constraint)
+    return SlurmResources(
+        nodes=getattr(args, "nodes", 1),
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+    )
 
 
 def _launch_slurm(args: argparse.Namespace) -> int:
     from far_scale.launch.slurm import launch_train
 
-    launch_train(args.recipe, args.overrides, _resources(args), grace_s=args.grace_s,
-                 max_restarts=args.max_restarts, dry_run=args.dry_run, rdzv_port=args.rdzv_port)
+    launch_train(
+        args.recipe,
+        args.overrides,
+        _resources(args),
+        grace_s=args.grace_s,
+        max_restarts=args.max_restarts,
+        dry_run=args.dry_run,
+        rdzv_port=args.rdzv_port,
+    )
     return 0
 
 
@@ -64,8 +78,9 @@ def _launch_slurm_encode(args: argparse.Namespace) -> int:
 
     from far_scale.launch.slurm import launch_encode
 
-    launch_encode(args.src, args.dst, args.encode_args, args.array_size, _resources(args), Path(args.log_dir),
-                  args.dry_run)
+    launch_encode(
+        args.src, args.dst, args.encode_args, args.array_size, _resources(args), Path(args.log_dir), args.dry_run
+    )
     return 0
 
 
@@ -83,7 +98,9 @@ def _add_slurm_resources(parser: argparse.ArgumentParser, nodes: bool) -> None:
 
 
 def add_launch_commands(commands) -> None:
-    launch = commands.add_parser("launch", help="run training (or sampling) on this machine (torchrun) or a SLURM cluster")
+    launch = commands.add_parser(
+        "launch", help="run training (or sampling) on this machine (torchrun) or a SLURM cluster"
+    )
     sub = launch.add_subparsers(dest="launch_command", required=True, metavar="TARGET")
 
     local = sub.add_parser("local", help="torchrun with N processes on this machine")
@@ -93,16 +110,20 @@ def add_launch_commands(commands) -> None:
     local.set_defaults(handler=_launch_local)
 
     local_sample = sub.add_parser(
-        "local-sample", help="far-scale sample with its batches split over N local processes (torchrun)",
-        description="Everything else is passed to `far-scale sample` (e.g. RUN_DIR --out DIR --num-images N).")
+        "local-sample",
+        help="far-scale sample with its batches split over N local processes (torchrun)",
+        description="Everything else is passed to `far-scale sample` (e.g. RUN_DIR --out DIR --num-images N).",
+    )
     local_sample.add_argument("--nproc", type=at_least(1), default=1)
     local_sample.set_defaults(handler=_launch_local_sample, passthrough="sample_args")
 
     slurm = sub.add_parser(
-        "slurm", help="render and submit a multi-node training job",
+        "slurm",
+        help="render and submit a multi-node training job",
         description="One srun task per node starts torchrun (c10d rendezvous on the first node). The job asks "
         "for USR1 --grace-s seconds before its limit, checkpoints on it and requeues itself (at most "
-        "--max-restarts times); the requeued job resumes into the same MLflow run.")
+        "--max-restarts times); the requeued job resumes into the same MLflow run.",
+    )
     slurm.add_argument("recipe")
     slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _add_slurm_resources(slurm, nodes=True)
@@ -111,9 +132,12 @@ def add_launch_commands(commands) -> None:
     slurm.add_argument("--rdzv-port", type=int, default=29500)
     slurm.set_defaults(handler=_launch_slurm)
 
-    encode = sub.add_parser("slurm-encode", help="encoding as a SLURM job array + a dependent manifest/verify job",
-                            description="Everything after DST is passed to `far-scale data encode` (e.g. --codec "
-                            "pca --codec-weights W --image-size 64).")
+    encode = sub.add_parser(
+        "slurm-encode",
+        help="encoding as a SLURM job array + a dependent manifest/verify job",
+        description="Everything after DST is passed to `far-scale data encode` (e.g. --codec "
+        "pca --codec-weights W --image-size 64).",
+    )
     encode.add_argument("src")
     encode.add_argument("dst")
     encode.add_argument("--array-size", type=int, required=True, help="number of encode workers (array tasks)")
@@ -134,16 +158,22 @@ def add_check_config(commands) -> None:
     check.add_argument("recipe", help="recipe YAML (see recipes/)")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
     check.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs) in the run")
-    check.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                       help="override parallel.precision for the memory estimate and DeepSpeed config")
+    check.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="override parallel.precision for the memory estimate and DeepSpeed config",
+    )
     check.set_defaults(handler=_check_config)
 
 
 def add_train_and_export(commands) -> None:
     train = commands.add_parser(
-        "train", help="train a recipe (run under torchrun / far-scale launch for several ranks)",
+        "train",
+        help="train a recipe (run under torchrun / far-scale launch for several ranks)",
         description="Stream latent shards into DeepSpeed ZeRO training; resumes from the latest checkpoint in "
-        "the run directory; logs to MLflow. SIGUSR1/SIGTERM: checkpoint after the current step, exit 75.")
+        "the run directory; logs to MLflow. SIGUSR1/SIGTERM: checkpoint after the current step, exit 75.",
+    )
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.set_defaults(handler=_train)

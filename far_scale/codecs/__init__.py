@@ -9,8 +9,13 @@ from far_scale.codecs.base import Codec, CodecError, CodecInfo
 CODEC_NAMES = ("pca", "kl16", "sd-vae")
 
 
-def load_codec(name: str, weights: Optional[str], image_size: int, patch_size: Optional[int] = None,
-               expected_sha256: Optional[str] = None) -> Codec:
+def load_codec(
+    name: str,
+    weights: Optional[str],
+    image_size: int,
+    patch_size: Optional[int] = None,
+    expected_sha256: Optional[str] = None,
+) -> Codec:
     """Load codec ``name`` from local ``weights`` (a file, or a directory for sd-vae)."""
     if name not in CODEC_NAMES:
         raise CodecError(f"unknown codec {name!r}; expected one of {', '.join(CODEC_NAMES)}")
@@ -35,8 +40,13 @@ def load_codec(name: str, weights: Optional[str], image_size: int, patch_size: O
 def load_manifest_codec(info: Mapping[str, Any], weights: Optional[str] = None) -> Codec:
     """The codec a dataset was encoded with (checksum-checked), from its manifest's ``codec`` record;
     ``weights`` overrides the path."""
-    return load_codec(info["name"], weights or info["weights_path"], info["image_size"], info["patch_size"],
-                      expected_sha256=info["weights_sha256"])
+    return load_codec(
+        info["name"],
+        weights or info["weights_path"],
+        info["image_size"],
+        info["patch_size"],
+        expected_sha256=info["weights_sha256"],
+    )
 
 
 __all__ = ["Codec", "CodecError", "CodecInfo", "CODEC_NAMES", "load_codec", "load_manifest_codec"]

@@ -43,8 +43,12 @@ class CodecInfo:
         return self.latent_shape[0] * self.patch_size**2
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "latent_shape": list(self.latent_shape), "seq_len": self.seq_len,
-                "token_dim": self.token_dim}
+        return {
+            **asdict(self),
+            "latent_shape": list(self.latent_shape),
+            "seq_len": self.seq_len,
+            "token_dim": self.token_dim,
+        }
 
 
 def sha256_file(path: str | Path) -> str:
@@ -62,8 +66,10 @@ def check_weights_file(path: str | Path, expected_sha256: str | None, how_to_get
         raise CodecError(f"codec weights not found: {path}. {how_to_get} Nothing is downloaded at run time.")
     actual = sha256_file(path)
     if expected_sha256 and actual != expected_sha256:
-        raise CodecError(f"codec weights {path} have sha256 {actual}, expected {expected_sha256}. "
-                         f"The file is corrupt or a different checkpoint. {how_to_get}")
+        raise CodecError(
+            f"codec weights {path} have sha256 {actual}, expected {expected_sha256}. "
+            f"The file is corrupt or a different checkpoint. {how_to_get}"
+        )
     return actual
 
 

@@ -16,8 +16,10 @@ from far_scale.codecs.base import Codec, CodecError, CodecInfo, check_weights_fi
 NAME = "sd-vae"
 DEFAULT_PATCH_SIZE = 2
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-HOW_TO_GET = ("Save an AutoencoderKL with `save_pretrained(DIR)` (e.g. stabilityai/sd-vae-ft-ema) on a machine "
-              "with internet access and pass DIR with --codec-weights.")
+HOW_TO_GET = (
+    "Save an AutoencoderKL with `save_pretrained(DIR)` (e.g. stabilityai/sd-vae-ft-ema) on a machine "
+    "with internet access and pass DIR with --codec-weights."
+)
 
 
 class DiffusersVAECodec(Codec):
@@ -26,20 +28,29 @@ class DiffusersVAECodec(Codec):
         config = model.config
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         if image_size % (self.downsample * patch_size):
-            raise CodecError(f"image size {image_size} is not divisible by downsampling {self.downsample} "
-                             f"x patch size {patch_size}")
+            raise CodecError(
+                f"image size {image_size} is not divisible by downsampling {self.downsample} x patch size {patch_size}"
+            )
         grid = image_size // self.downsample
-        self.info = CodecInfo(NAME, image_size, (config.latent_channels, grid, grid), patch_size, True,
-                              weights_sha256, weights_path)
+        self.info = CodecInfo(
+            NAME, image_size, (config.latent_channels, grid, grid), patch_size, True, weights_sha256, weights_path
+        )
 
     @classmethod
-    def load(cls, directory: str | Path, image_size: int = 256, patch_size: int = DEFAULT_PATCH_SIZE,
-             expected_sha256: str | None = None) -> "DiffusersVAECodec":
+    def load(
+        cls,
+        directory: str | Path,
+        image_size: int = 256,
+        patch_size: int = DEFAULT_PATCH_SIZE,
+        expected_sha256: str | None = None,
+    ) -> "DiffusersVAECodec":
         directory = Path(directory)
         weights = next((directory / name for name in WEIGHT_FILES if (directory / name).is_file()), None)
         if not (directory / "config.json").is_file() or weights is None:
-            raise CodecError(f"no AutoencoderKL at {directory}: expected config.json and one of "
-                             f"{', '.join(WEIGHT_FILES)}. {HOW_TO_GET}")
+            raise CodecError(
+                f"no AutoencoderKL at {directory}: expected config.json and one of "
+                f"{', '.join(WEIGHT_FILES)}. {HOW_TO_GET}"
+            )
         digest = check_weights_file(weights, expected_sha256, HOW_TO_GET)
         try:
             from diffusers import AutoencoderKL

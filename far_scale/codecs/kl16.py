@@ -19,8 +19,10 @@ NAME = "kl16"
 GROUPS = 32
 NORM_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)  # as LDM's DiagonalGaussianDistribution
-HOW_TO_GET = ("Download MAR's KL-16 VAE (kl16.ckpt, from the MAR repository's release) on a machine with "
-              "internet access and pass its local path with --codec-weights.")
+HOW_TO_GET = (
+    "Download MAR's KL-16 VAE (kl16.ckpt, from the MAR repository's release) on a machine with "
+    "internet access and pass its local path with --codec-weights."
+)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -86,7 +88,11 @@ def _level(blocks: Sequence[nn.Module], attns: Sequence[nn.Module], resample: Op
 
 def _middle(channels: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    mid.block_1, mid.attn_1, mid.block_2 = (
+        ResnetBlock(channels, channels),
+        AttnBlock(channels),
+        ResnetBlock(channels, channels),
+    )
     return mid
 
 
@@ -95,8 +101,15 @@ def _run_middle(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
-                 resolution: int, attn_resolutions: Sequence[int]):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        resolution: int,
+        attn_resolutions: Sequence[int],
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -157,8 +170,15 @@ class Decoder(nn.Module):
 class KLAutoencoder(nn.Module):
     """LDM's AutoencoderKL as MAR configures it (ch 128, ch_mult 1,1,2,2,4; encoder attention at 16 px)."""
 
-    def __init__(self, embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, resolution: int = 256, attn_resolutions: Sequence[int] = (16,)):
+    def __init__(
+        self,
+        embed_dim: int = 16,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        resolution: int = 256,
+        attn_resolutions: Sequence[int] = (16,),
+    ):
         super().__init__()
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, embed_dim, resolution, attn_resolutions)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, embed_dim)
@@ -178,16 +198,20 @@ class KLAutoencoder(nn.Module):
 class KL16Codec(Codec):
     def __init__(self, model: KLAutoencoder, image_size: int, patch_size: int, weights_path: str, weights_sha256: str):
         if image_size % model.downsample or (image_size // model.downsample) % patch_size:
-            raise CodecError(f"image size {image_size} is not divisible by the VAE's downsampling "
-                             f"{model.downsample} x token patch size {patch_size}")
+            raise CodecError(
+                f"image size {image_size} is not divisible by the VAE's downsampling "
+                f"{model.downsample} x token patch size {patch_size}"
+            )
         self.model = model.eval().requires_grad_(False)
         grid = image_size // model.downsample
-        self.info = CodecInfo(NAME, image_size, (model.embed_dim, grid, grid), patch_size, True,
-                              weights_sha256, weights_path)
+        self.info = CodecInfo(
+            NAME, image_size, (model.embed_dim, grid, grid), patch_size, True, weights_sha256, weights_path
+        )
 
     @classmethod
-    def load(cls, path: str | Path, image_size: int = 256, patch_size: int = 1,
-             expected_sha256: Optional[str] = None, **arch) -> "KL16Codec":
+    def load(
+        cls, path: str | Path, image_size: int = 256, patch_size: int = 1, expected_sha256: Optional[str] = None, **arch
+    ) -> "KL16Codec":
         digest = check_weights_file(path, expected_sha256, HOW_TO_GET)
         try:
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)

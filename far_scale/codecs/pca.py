@@ -13,19 +13,28 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save
 
-from far_scale.data.storage import write_atomic
 from far_scale.codecs.base import Codec, CodecError, CodecInfo, check_weights_file, patchify, unpatchify
+from far_scale.data.storage import write_atomic
 
 NAME = "pca"
 HOW_TO_GET = "Create it with `far-scale data fit-codec SRC OUT --codec pca`."
 
 
 class PCACodec(Codec):
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, patch_size: int, image_size: int,
-                 weights_path: str = "", weights_sha256: str = ""):
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        patch_size: int,
+        image_size: int,
+        weights_path: str = "",
+        weights_sha256: str = "",
+    ):
         if basis.shape[0] != 3 * patch_size**2 or mean.shape != (basis.shape[0],):
-            raise CodecError(f"PCA weights have basis {tuple(basis.shape)} and mean {tuple(mean.shape)}; "
-                             f"expected ({3 * patch_size**2}, dim) and ({3 * patch_size**2},)")
+            raise CodecError(
+                f"PCA weights have basis {tuple(basis.shape)} and mean {tuple(mean.shape)}; "
+                f"expected ({3 * patch_size**2}, dim) and ({3 * patch_size**2},)"
+            )
         self.mean, self.basis = mean.float(), basis.float()
         grid = image_size // patch_size
         dim = basis.shape[1]
@@ -34,8 +43,9 @@ class PCACodec(Codec):
         self.patch_size = patch_size
 
     @classmethod
-    def fit(cls, images: Iterable[torch.Tensor], patch_size: int, dim: int, image_size: int,
-            max_patches: int, seed: int) -> "PCACodec":
+    def fit(
+        cls, images: Iterable[torch.Tensor], patch_size: int, dim: int, image_size: int, max_patches: int, seed: int
+    ) -> "PCACodec":
         """Fit on image batches ``[B, 3, S, S]`` in [-1, 1], using at most ``max_patches`` seeded patches."""
         patches = torch.cat([patchify(batch.double(), patch_size).reshape(-1, 3 * patch_size**2) for batch in images])
         if patches.shape[0] < dim:
@@ -53,8 +63,13 @@ class PCACodec(Codec):
     def save(self, path: str | Path) -> str:
         """Write weights (safetensors, atomically) and return their sha256."""
         path = Path(path)
-        write_atomic(path, save({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()},
-                                metadata={"patch_size": str(self.patch_size), "image_size": str(self.info.image_size)}))
+        write_atomic(
+            path,
+            save(
+                {"mean": self.mean.contiguous(), "basis": self.basis.contiguous()},
+                metadata={"patch_size": str(self.patch_size), "image_size": str(self.info.image_size)},
+            ),
+        )
         return check_weights_file(path, None, HOW_TO_GET)
 
     @classmethod
@@ -66,8 +81,9 @@ class PCACodec(Codec):
             meta = handle.metadata() or {}
         tensors = load_file(str(path))
         try:
-            return cls(tensors["mean"], tensors["basis"], int(meta["patch_size"]), int(meta["image_size"]),
-                       str(path), digest)
+            return cls(
+                tensors["mean"], tensors["basis"], int(meta["patch_size"]), int(meta["image_size"]), str(path), digest
+            )
         except KeyError as exc:
             raise CodecError(f"{path} is not a PCA codec file (missing {exc}). {HOW_TO_GET}") from None
 

@@ -67,8 +67,15 @@ def _section(model: type[BaseModel], prefix: str) -> list[str]:
     lines = []
     if rows:
         doc = " ".join((model.__doc__ or "").split()) if model.__doc__ and "BaseModel" not in model.__doc__ else ""
-        lines += [f"## `{prefix.rstrip('.')}`", "", *([doc, ""] if doc else []),
-                  "| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+        lines += [
+            f"## `{prefix.rstrip('.')}`",
+            "",
+            *([doc, ""] if doc else []),
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
     for name, sub in nested:
         lines += _section(sub, f"{name}.")
     return lines

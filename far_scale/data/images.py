@@ -45,7 +45,11 @@ def list_images(root: str | Path, class_map: Optional[str | Path] = None) -> Ima
     found = sorted(p.name for p in base.iterdir() if p.is_dir())
     if class_map:
         text = Path(class_map).read_text()
-        classes = json.loads(text) if text.lstrip().startswith("[") else [line.strip() for line in text.splitlines() if line.strip()]
+        classes = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [line.strip() for line in text.splitlines() if line.strip()]
+        )
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(f"class folders not in {class_map}: {', '.join(unknown[:5])}")
@@ -75,8 +79,10 @@ def read_dataset_card(root: str | Path) -> Optional[dict]:
     try:
         card = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable dataset card ({exc}): rewrite the folder with the far-scale "
-                         "data command that made it") from None
+        raise ValueError(
+            f"{path} is not a readable dataset card ({exc}): rewrite the folder with the far-scale "
+            "data command that made it"
+        ) from None
     if not isinstance(card, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return card
@@ -112,8 +118,7 @@ def shuffled(images: ImageList, seed: int) -> ImageList:
     would put one class per shard, which a streaming shuffle buffer cannot undo).
     """
     order = np.random.default_rng(seed).permutation(len(images))
-    return ImageList(images.root, images.classes, [images.paths[i] for i in order],
-                     [images.labels[i] for i in order])
+    return ImageList(images.root, images.classes, [images.paths[i] for i in order], [images.labels[i] for i in order])
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -75,8 +75,9 @@ class LoaderPosition:
         return cls(int(data["epoch"]), [int(c) for c in data["consumed"]], int(data.get("global_micro_batches", 0)))
 
 
-def split_shards(num_shards: int, seed: int, epoch: int, rank: int, world_size: int, worker: int,
-                 num_workers: int) -> list[int]:
+def split_shards(
+    num_shards: int, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[int]:
     """Shard indices read by (rank, worker) in this epoch, in reading order."""
     order = np.random.default_rng([seed, epoch]).permutation(num_shards)
     return [int(s) for s in order[rank::world_size][worker::num_workers]]
@@ -91,22 +92,33 @@ def check_enough_shards(num_shards: int, world_size: int, num_workers: int, url:
         )
 
 
-def steps_per_epoch(shard_sizes: list[int], seed: int, epoch: int, world_size: int, num_workers: int,
-                    batch_size: int) -> int:
+def steps_per_epoch(
+    shard_sizes: list[int], seed: int, epoch: int, world_size: int, num_workers: int, batch_size: int
+) -> int:
     """Micro-batches every rank yields this epoch (the minimum over ranks)."""
     workers = max(num_workers, 1)
     per_rank = []
     for rank in range(world_size):
-        per_rank.append(sum(
-            sum(shard_sizes[s] for s in split_shards(len(shard_sizes), seed, epoch, rank, world_size, w, workers))
-            // batch_size
-            for w in range(workers)
-        ))
+        per_rank.append(
+            sum(
+                sum(shard_sizes[s] for s in split_shards(len(shard_sizes), seed, epoch, rank, world_size, w, workers))
+                // batch_size
+                for w in range(workers)
+            )
+        )
     return min(per_rank)
 
 
-def micro_batches_per_epoch(shard_sizes: list[int], split: str, seed: int, epoch: int, world_size: int,
-                            num_workers: int, batch_size: int, grad_accum: int) -> int:
+def micro_batches_per_epoch(
+    shard_sizes: list[int],
+    split: str,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    grad_accum: int,
+) -> int:
     """Micro-batches each rank consumes in ``epoch``: the loader's count, and the plan's (one formula)."""
     if split == "samples":
         global_batch = batch_size * world_size * grad_accum
@@ -128,10 +140,24 @@ def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float, h
 class LatentShardDataset(IterableDataset):
     """Yields ``LatentBatch``es of one rank; see the module docstring for the order."""
 
-    def __init__(self, url: str, manifest: Manifest, *, rank: int, world_size: int, num_workers: int,
-                 batch_size: int, seed: int, position: LoaderPosition, shuffle: bool = True,
-                 worker_offset: int = 0, split: str = "shards", grad_accum: int = 1,
-                 read_retry_s: float = 0.0, hflip: bool = True):
+    def __init__(
+        self,
+        url: str,
+        manifest: Manifest,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+        seed: int,
+        position: LoaderPosition,
+        shuffle: bool = True,
+        worker_offset: int = 0,
+        split: str = "shards",
+        grad_accum: int = 1,
+        read_retry_s: float = 0.0,
+        hflip: bool = True,
+    ):
         self.url = url
         self.read_retry_s, self.hflip = read_retry_s, hflip
         self.shards = manifest.shards
@@ -163,16 +189,20 @@ class LatentShardDataset(IterableDataset):
                 if not _is_transient(exc):
                     raise
                 if time.monotonic() + wait_s > deadline:
-                    raise ShardError(f"could not read {url} for {self.read_retry_s:.0f} s (data.read_retry_s): "
-                                     f"{type(exc).__name__}: {exc}. Check that the store is reachable, then restart: "
-                                     "the run resumes from its last checkpoint") from None
+                    raise ShardError(
+                        f"could not read {url} for {self.read_retry_s:.0f} s (data.read_retry_s): "
+                        f"{type(exc).__name__}: {exc}. Check that the store is reachable, then restart: "
+                        "the run resumes from its last checkpoint"
+                    ) from None
                 log.warning("reading %s failed (%s: %s); retrying in %.0f s", url, type(exc).__name__, exc, wait_s)
                 time.sleep(wait_s)
                 wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
 
     def _repair_hint(self) -> str:
-        return (f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its .stats.json "
-                "sidecar and re-run the same `far-scale data encode` command (only missing shards are redone)")
+        return (
+            f"run `far-scale data verify {self.url}` to list the bad shards, delete each with its .stats.json "
+            "sidecar and re-run the same `far-scale data encode` command (only missing shards are redone)"
+        )
 
     def _read_shard(self, shard: int) -> list:
         fs, root = filesystem(self.url)
@@ -189,12 +219,15 @@ class LatentShardDataset(IterableDataset):
             except Exception as exc:
                 if stream.error is not None:  # the store, not the shard: tarfile wrapped a read error
                     raise stream.error
-                raise ShardError(f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; "
-                                 f"{how_to_fix}") from None
+                raise ShardError(
+                    f"corrupt shard {self.url}/{name}: {type(exc).__name__}: {exc}; {how_to_fix}"
+                ) from None
         if stream.num_bytes != entry.num_bytes or stream.hexdigest() != entry.sha256:
-            raise ShardError(f"shard {self.url}/{name} does not match the manifest ({stream.num_bytes} bytes, sha256 "
-                             f"{stream.hexdigest()[:12]}...; the manifest says {entry.num_bytes} bytes, "
-                             f"{entry.sha256[:12]}...): it changed after encoding; {how_to_fix}")
+            raise ShardError(
+                f"shard {self.url}/{name} does not match the manifest ({stream.num_bytes} bytes, sha256 "
+                f"{stream.hexdigest()[:12]}...; the manifest says {entry.num_bytes} bytes, "
+                f"{entry.sha256[:12]}...): it changed after encoding; {how_to_fix}"
+            )
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.position.epoch, shard]).permutation(len(samples))
             samples = [samples[i] for i in order]
@@ -259,10 +292,17 @@ class LatentShardDataset(IterableDataset):
                     yield self._collate(batches.pop(k), epoch, worker, k)
 
     def _collate(self, samples: list, epoch: int, worker: int, index: int) -> LatentBatch:
-        latents = [sample_latent(s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.scale,
-                                 self.hflip) for s in samples]
-        return LatentBatch(torch.from_numpy(np.stack(latents)), torch.tensor([s.label for s in samples]),
-                           [s.key for s in samples], worker, index)
+        latents = [
+            sample_latent(s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.scale, self.hflip)
+            for s in samples
+        ]
+        return LatentBatch(
+            torch.from_numpy(np.stack(latents)),
+            torch.tensor([s.label for s in samples]),
+            [s.key for s in samples],
+            worker,
+            index,
+        )
 
 
 class ShardError(ActionableError, ValueError):
@@ -315,10 +355,23 @@ def _identity(batch):
 class LatentLoader:
     """Epoch iteration over one rank's micro-batches with an exact, resumable position."""
 
-    def __init__(self, url: str, *, rank: int, world_size: int, num_workers: int, batch_size: int, seed: int,
-                 shuffle: bool = True, position: Optional[LoaderPosition] = None, split: str = "shards",
-                 grad_accum: int = 1, manifest: Optional[Manifest] = None,
-                 read_retry_s: float = 0.0, hflip: bool = True):
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        position: Optional[LoaderPosition] = None,
+        split: str = "shards",
+        grad_accum: int = 1,
+        manifest: Optional[Manifest] = None,
+        read_retry_s: float = 0.0,
+        hflip: bool = True,
+    ):
         self.url = url
         self.read_retry_s, self.hflip = read_retry_s, hflip
         self.manifest = manifest or read_manifest(url)
@@ -353,20 +406,35 @@ class LatentLoader:
             self.position = LoaderPosition(saved.epoch, [0] * workers, saved.global_micro_batches)
             return None
         self.position = LoaderPosition(saved.epoch + 1, [0] * workers)
-        return (f"world size changed with data.split=shards: the interrupted epoch's remaining samples cannot be "
-                f"located exactly; continuing at the start of epoch {saved.epoch + 1}")
+        return (
+            f"world size changed with data.split=shards: the interrupted epoch's remaining samples cannot be "
+            f"located exactly; continuing at the start of epoch {saved.epoch + 1}"
+        )
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Micro-batches this rank yields in ``epoch`` (the same on every rank)."""
-        return micro_batches_per_epoch(self.shard_sizes, self.split, self.seed, epoch, self.world_size,
-                                       self.num_workers, self.batch_size, self.grad_accum)
+        return micro_batches_per_epoch(
+            self.shard_sizes,
+            self.split,
+            self.seed,
+            epoch,
+            self.world_size,
+            self.num_workers,
+            self.batch_size,
+            self.grad_accum,
+        )
 
     def worker_batches(self, epoch: int) -> list[int]:
         """Full batches each of this rank's loader workers can produce in ``epoch``."""
         workers = max(self.num_workers, 1)
-        return [sum(self.shard_sizes[s] for s in split_shards(len(self.shard_sizes), self.seed, epoch, self.rank,
-                                                                 self.world_size, w, workers)) // self.batch_size
-                for w in range(workers)]
+        return [
+            sum(
+                self.shard_sizes[s]
+                for s in split_shards(len(self.shard_sizes), self.seed, epoch, self.rank, self.world_size, w, workers)
+            )
+            // self.batch_size
+            for w in range(workers)
+        ]
 
     def next_worker(self) -> int:
         """The worker whose batch comes next in DataLoader's round robin (skipping exhausted workers)."""
@@ -388,13 +456,30 @@ class LatentLoader:
         epoch = self.position.epoch
         remaining = self.steps_in_epoch(epoch) - self._consumed_micro()
         start = LoaderPosition(epoch, list(self.position.consumed), self.position.global_micro_batches)
-        dataset = LatentShardDataset(self.url, self.manifest, rank=self.rank, world_size=self.world_size,
-                                     num_workers=self.num_workers, batch_size=self.batch_size, seed=self.seed,
-                                     position=start, shuffle=self.shuffle, worker_offset=self.next_worker(),
-                                     split=self.split, grad_accum=self.grad_accum, read_retry_s=self.read_retry_s,
-                                     hflip=self.hflip)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+        dataset = LatentShardDataset(
+            self.url,
+            self.manifest,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            position=start,
+            shuffle=self.shuffle,
+            worker_offset=self.next_worker(),
+            split=self.split,
+            grad_accum=self.grad_accum,
+            read_retry_s=self.read_retry_s,
+            hflip=self.hflip,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
+        )
         produced = 0
         for batch in loader:
             if produced >= remaining:

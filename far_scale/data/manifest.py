@@ -11,8 +11,16 @@ from far_scale.data.contract import FORMAT_VERSION, MANIFEST_NAME
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join, write_bytes_atomic
 
-CODEC_KEYS = {"name": str, "seq_len": int, "token_dim": int, "scale": float, "image_size": int,
-              "weights_sha256": str, "weights_path": str, "moments": int}
+CODEC_KEYS = {
+    "name": str,
+    "seq_len": int,
+    "token_dim": int,
+    "scale": float,
+    "image_size": int,
+    "weights_sha256": str,
+    "weights_path": str,
+    "moments": int,
+}
 SOURCE_KEYS = {"num_images": int, "classes": list}
 SHARD_KEYS = {"name": str, "num_samples": int, "num_bytes": int, "sha256": str}
 
@@ -68,22 +76,31 @@ class Manifest:
     def spec(self) -> DataSpec:
         """The data shape a model and the plan need."""
         card = self.source.get("dataset") or {}
-        return DataSpec(seq_len=int(self.codec["seq_len"]), token_dim=int(self.codec["token_dim"]),
-                        num_classes=len(self.classes), num_images=self.num_images,
-                        hflip_invariant=bool(card.get("hflip_invariant", True)))
+        return DataSpec(
+            seq_len=int(self.codec["seq_len"]),
+            token_dim=int(self.codec["token_dim"]),
+            num_classes=len(self.classes),
+            num_images=self.num_images,
+            hflip_invariant=bool(card.get("hflip_invariant", True)),
+        )
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Manifest":
         """Validate a parsed manifest; ``ManifestError`` names ``where`` and every bad field."""
         if not isinstance(data, dict):
             raise ManifestError(f"{where} is not a JSON object")
-        problems = [f"lacks {key}" for key in ("format_version", "codec", "source", "shards", "stats",
-                                               "images_per_shard") if key not in data]
+        problems = [
+            f"lacks {key}"
+            for key in ("format_version", "codec", "source", "shards", "stats", "images_per_shard")
+            if key not in data
+        ]
         if problems:
             raise ManifestError(f"{where} {', '.join(problems)}")
         if data["format_version"] != FORMAT_VERSION:
-            raise ManifestError(f"{where} has format_version {data['format_version']}; this far-scale reads "
-                                f"{FORMAT_VERSION}: re-encode the dataset with this version")
+            raise ManifestError(
+                f"{where} has format_version {data['format_version']}; this far-scale reads "
+                f"{FORMAT_VERSION}: re-encode the dataset with this version"
+            )
         problems += _typed_problems(data["codec"], CODEC_KEYS, "codec")
         problems += _typed_problems(data["source"], SOURCE_KEYS, "source")
         if not isinstance(data["shards"], list) or not data["shards"]:
@@ -95,16 +112,30 @@ class Manifest:
             raise ManifestError(f"{where} is invalid: {'; '.join(problems)}")
         shards = tuple(ShardEntry(**{key: entry[key] for key in SHARD_KEYS}) for entry in data["shards"])
         if sum(entry.num_samples for entry in shards) != data["source"]["num_images"]:
-            raise ManifestError(f"{where}: the shards hold {sum(e.num_samples for e in shards)} samples but "
-                                f"source.num_images is {data['source']['num_images']}")
-        return cls(codec=data["codec"], source=data["source"], shards=shards, stats=data["stats"],
-                   images_per_shard=int(data["images_per_shard"]), created=data.get("created", {}),
-                   format_version=data["format_version"])
+            raise ManifestError(
+                f"{where}: the shards hold {sum(e.num_samples for e in shards)} samples but "
+                f"source.num_images is {data['source']['num_images']}"
+            )
+        return cls(
+            codec=data["codec"],
+            source=data["source"],
+            shards=shards,
+            stats=data["stats"],
+            images_per_shard=int(data["images_per_shard"]),
+            created=data.get("created", {}),
+            format_version=data["format_version"],
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format_version": self.format_version, "codec": dict(self.codec), "source": dict(self.source),
-                "images_per_shard": self.images_per_shard, "shards": [asdict(entry) for entry in self.shards],
-                "stats": dict(self.stats), "created": dict(self.created)}
+        return {
+            "format_version": self.format_version,
+            "codec": dict(self.codec),
+            "source": dict(self.source),
+            "images_per_shard": self.images_per_shard,
+            "shards": [asdict(entry) for entry in self.shards],
+            "stats": dict(self.stats),
+            "created": dict(self.created),
+        }
 
 
 def _typed_problems(section: Any, keys: Mapping[str, type], name: str) -> list[str]:
@@ -126,13 +157,17 @@ def read_manifest(data_url: str) -> Manifest:
     path = join(root, MANIFEST_NAME)
     where = f"{data_url}/{MANIFEST_NAME}"
     if not fs.exists(path):
-        raise ManifestError(f"no {MANIFEST_NAME} at {data_url}: run `far-scale data encode` (or "
-                            "`far-scale data manifest`) for this URL first")
+        raise ManifestError(
+            f"no {MANIFEST_NAME} at {data_url}: run `far-scale data encode` (or "
+            "`far-scale data manifest`) for this URL first"
+        )
     try:
         data = json.loads(fs.cat_file(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{where} is not valid JSON ({exc}): re-run `far-scale data manifest` for this URL "
-                            "to rewrite it from the shards' sidecars") from None
+        raise ManifestError(
+            f"{where} is not valid JSON ({exc}): re-run `far-scale data manifest` for this URL "
+            "to rewrite it from the shards' sidecars"
+        ) from None
     return Manifest.from_dict(data, where)
 
 
@@ -158,8 +193,14 @@ def combine_stats(per_shard: list[dict], token_dim: int, channels: int) -> dict[
     n_all = count * token_dim
     mean_all = sum(sums) / n_all
     std_all = math.sqrt(max(sum(sumsqs) / n_all - mean_all**2, 0.0))
-    return {"num_values_per_dim": count, "channel_mean": channel_mean, "channel_std": channel_std,
-            "mean": mean_all, "std": std_all, "scale": 1.0 / std_all if std_all > 0 else 1.0}
+    return {
+        "num_values_per_dim": count,
+        "channel_mean": channel_mean,
+        "channel_std": channel_std,
+        "mean": mean_all,
+        "std": std_all,
+        "scale": 1.0 / std_all if std_all > 0 else 1.0,
+    }
 
 
 def find_manifest(data_url: str) -> Optional[Manifest]:

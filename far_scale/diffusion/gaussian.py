@@ -23,12 +23,15 @@ DECODER_EDGE = 0.999  # beyond this the first/last bin extends to infinity
 
 def make_betas(kind: str, num_timesteps: int) -> np.ndarray:
     if kind == "cosine":
+
         def alpha_bar(frac: float) -> float:
             return math.cos((frac + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
 
         return np.array(
-            [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), MAX_BETA)
-             for i in range(num_timesteps)],
+            [
+                min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), MAX_BETA)
+                for i in range(num_timesteps)
+            ],
             dtype=np.float64,
         )
     if kind == "linear":
@@ -64,9 +67,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -DECODER_EDGE, log_cdf_plus, torch.where(x > DECODER_EDGE, log_one_minus_cdf_min, log_delta)
-    )
+    return torch.where(x < -DECODER_EDGE, log_cdf_plus, torch.where(x > DECODER_EDGE, log_one_minus_cdf_min, log_delta))
 
 
 class GaussianDiffusion:
@@ -114,7 +115,10 @@ class GaussianDiffusion:
         return table[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._take(self.sqrt_alphas_cumprod, t, x0) * x0 + self._take(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            self._take(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._take(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         mean = self._take(self.posterior_mean_coef1, t, xt) * x0 + self._take(self.posterior_mean_coef2, t, xt) * xt
@@ -126,7 +130,10 @@ class GaussianDiffusion:
         max_log = self._take(self.log_betas, t, xt)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
-        x0 = self._take(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._take(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        x0 = (
+            self._take(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+            - self._take(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        )
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, log_variance
 
@@ -152,15 +159,18 @@ class GaussianDiffusion:
         mean = float(self.posterior_mean_coef1[index]) * x0 + float(self.posterior_mean_coef2[index]) * xt
         return mean, log_variance
 
-    def sample(self, model: Callable, noise: torch.Tensor, temperature: float,
-               step_noise: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    def sample(
+        self, model: Callable, noise: torch.Tensor, temperature: float, step_noise: torch.Tensor, fast: bool = False
+    ) -> torch.Tensor:
         """Ancestral sampling over this chain from ``noise`` [N, D]; ``model(x, t_original)`` returns eps and
         variance values. ``step_noise`` [N, num_timesteps - 1, D] holds the standard-normal draw of each step
         but the last (which returns the mean), in sampling order. ``fast`` uses ``p_mean_variance_at``
         (no per-step host-to-device schedule copies or gathers)."""
         if step_noise.shape[1] != self.num_timesteps - 1:
-            raise ValueError(f"step_noise has {step_noise.shape[1]} draws per row; this {self.num_timesteps}-step "
-                             f"chain needs {self.num_timesteps - 1}")
+            raise ValueError(
+                f"step_noise has {step_noise.shape[1]} draws per row; this {self.num_timesteps}-step "
+                f"chain needs {self.num_timesteps - 1}"
+            )
         x = noise
         for draw, index in enumerate(reversed(range(self.num_timesteps))):
             original_t = torch.full((x.shape[0],), self.timestep_map[index], device=x.device, dtype=torch.long)

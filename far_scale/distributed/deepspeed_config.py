@@ -21,8 +21,9 @@ FP32_BYTES = 4
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
 
-def build_deepspeed_config(par: ParallelConfig, grad_clip: float, grad_accum_steps: int,
-                           precision: str) -> dict[str, Any]:
+def build_deepspeed_config(
+    par: ParallelConfig, grad_clip: float, grad_accum_steps: int, precision: str
+) -> dict[str, Any]:
     """DeepSpeed config for a validated ``parallel`` section; the plan supplies the accumulation and the
     precision it runs in (fp32 on CPU)."""
     zero: dict[str, Any] = {"stage": par.zero_stage}
@@ -73,8 +74,9 @@ class ModelStateMemory:
         return self.params + self.grads + self.optimizer + self.ema
 
 
-def estimate_model_state_memory(num_params: int, zero_stage: int, world_size: int, precision: str,
-                                whole_ema_params: int = 0) -> ModelStateMemory:
+def estimate_model_state_memory(
+    num_params: int, zero_stage: int, world_size: int, precision: str, whole_ema_params: int = 0
+) -> ModelStateMemory:
     """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and the fp32 EMAs.
 
     Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The evaluation
@@ -99,8 +101,7 @@ def builds_partitioned(zero_stage: int) -> bool:
     return zero_stage == 3
 
 
-def estimate_construction_memory(num_params: int, largest_layer_params: int, zero_stage: int,
-                                 world_size: int) -> float:
+def estimate_construction_memory(num_params: int, largest_layer_params: int, zero_stage: int, world_size: int) -> float:
     """The most fp32 weight bytes one rank holds while the model is built: its share plus the layer being
     built when built partitioned (communication and initialisation buffers of that layer come on top),
     else the whole model."""

@@ -44,19 +44,26 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(stacks)
 
 
-def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig, device: torch.device,
-                 param_groups: list[dict], lr: float, load_universal: bool = False):
+def build_engine(
+    model: nn.Module,
+    ds_config: dict,
+    optim: OptimConfig,
+    device: torch.device,
+    param_groups: list[dict],
+    lr: float,
+    load_universal: bool = False,
+):
     """A DeepSpeed engine over ``model`` with a client AdamW; ``ds_config`` is the plan's."""
     deepspeed = configure_deepspeed(device)
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda"
+    )
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may edit its config; the plan's stays as planned
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     if not any(is_partitioned(p) for p in model.parameters()):
         model = model.to(device)  # a model built partitioned is already where zero.Init put its shares
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
 
 
@@ -72,8 +79,9 @@ def build_partitioned(build: Callable[[], nn.Module], ds_config: dict, device: t
     """
     deepspeed = configure_deepspeed(device)
     # zero.Init reads the world size from DeepSpeed's communicator: attach it to the process group first.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
-                               dist_init_required=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, dist_init_required=False, verbose=False
+    )
     with deepspeed.zero.Init(config_dict_or_path=ds_config, tensor_overrides=[], mem_efficient_linear=False):
         model = build()
     if ds_config.get("bf16", {}).get("enabled"):
@@ -114,14 +122,19 @@ def gathered(params: Iterable[torch.Tensor]):
 
 def save_checkpoint(engine, directory: str, tag: str, client_state: dict[str, Any]) -> None:
     """Collective: every rank must call it."""
-    engine.save_checkpoint(directory, tag=tag, client_state={**client_state, "universal_checkpoint_info":
-                                                             UNIVERSAL_INFO}, save_latest=False)
+    engine.save_checkpoint(
+        directory,
+        tag=tag,
+        client_state={**client_state, "universal_checkpoint_info": UNIVERSAL_INFO},
+        save_latest=False,
+    )
 
 
 def load_checkpoint(engine, directory: str, tag: str) -> Optional[dict]:
     """Collective. Returns the client state, or None if DeepSpeed found nothing."""
-    path, client_state = engine.load_checkpoint(directory, tag=tag, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, client_state = engine.load_checkpoint(
+        directory, tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     return client_state if path is not None else None
 
 
@@ -130,8 +143,9 @@ def restore_group_settings(engine, settings: list[dict]) -> None:
     load: DeepSpeed's ZeRO-3 universal loader copies the first group's settings onto every group."""
     groups = engine.optimizer.param_groups
     if len(groups) != len(settings):
-        raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after loading, the model defines "
-                           f"{len(settings)}")
+        raise RuntimeError(
+            f"the optimizer has {len(groups)} parameter groups after loading, the model defines {len(settings)}"
+        )
     for group, own in zip(groups, settings):
         group.update(own)
 
@@ -139,12 +153,24 @@ def restore_group_settings(engine, settings: list[dict]) -> None:
 def convert_to_universal(directory: str, tag: str, output: str) -> None:
     """Run DeepSpeed's ``ds_to_universal`` (world-size independent checkpoint) on one rank."""
     out = Path(output)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(Path(directory) / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(Path(directory) / tag),
+        "--output_folder",
+        str(out / tag),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed on {directory}/{tag}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"ds_to_universal failed on {directory}/{tag}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
     (out / "latest_universal").write_text(tag)
 
 

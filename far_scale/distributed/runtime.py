@@ -56,17 +56,25 @@ def init_distributed(device: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_
         torch.cuda.set_device(torch_device)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if "MASTER_ADDR" not in os.environ and world_size > 1:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: launch with torchrun "
-                           "(far-scale launch local|slurm) so that ranks can find each other")
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: launch with torchrun "
+            "(far-scale launch local|slurm) so that ranks can find each other"
+        )
     # What torchrun exports for a launch; DeepSpeed reads these from the environment (LOCAL_RANK above
     # all), so a plain `far-scale train` on one process gets the same variables a 1-process torchrun would.
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank),
-                        ("MASTER_ADDR", LOOPBACK), ("MASTER_PORT", free_port() if world_size == 1 else None)):
+    for name, value in (
+        ("RANK", rank),
+        ("WORLD_SIZE", world_size),
+        ("LOCAL_RANK", local_rank),
+        ("MASTER_ADDR", LOOPBACK),
+        ("MASTER_PORT", free_port() if world_size == 1 else None),
+    ):
         if value is not None:
             os.environ.setdefault(name, str(value))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_min))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=timeout_min)
+        )
     return DistEnv(rank, world_size, local_rank, torch_device)
 
 

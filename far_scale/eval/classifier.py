@@ -44,8 +44,14 @@ class ConvClassifier(nn.Module):
         channels = [3, width, 2 * width, 4 * width, 4 * width]
         stages = []
         for cin, cout in zip(channels[:-1], channels[1:]):
-            stages += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                       nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            stages += [
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            ]
         self.stages = nn.Sequential(*stages)
         self.features = nn.Sequential(nn.Linear(channels[-1], feature_dim), nn.ReLU())
         self.logits = nn.Linear(feature_dim, num_classes)
@@ -73,12 +79,13 @@ def augment(x: torch.Tensor, settings: ClassifierSettings, generator: torch.Gene
         padded = F.pad(x, (shift,) * 4, value=-1.0)
         offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator).tolist()
         size = x.shape[-1]
-        x = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets)])
+        x = torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)])
     return x
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: ClassifierSettings,
-                     progress=None) -> ConvClassifier:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, settings: ClassifierSettings, progress=None
+) -> ConvClassifier:
     """Train on uint8 images with the settings' augmentation (flips, shifts); deterministic."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch_state = torch.random.get_rng_state()
@@ -89,7 +96,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
     targets = torch.from_numpy(labels).long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(inputs) // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch
+    )
     model.train()
     for epoch in range(settings.epochs):
         order = torch.randperm(len(inputs), generator=generator)

@@ -27,9 +27,15 @@ def _single_rank(value):
     return [value]
 
 
-def evaluate_on_ranks(generator: ImageGenerator, job: SamplingJob, scorer: Optional[Scorer], rank: int = 0,
-                      world_size: int = 1, gather: Callable = _single_rank,
-                      grid_images: int = 0) -> Optional[Evaluation]:
+def evaluate_on_ranks(
+    generator: ImageGenerator,
+    job: SamplingJob,
+    scorer: Optional[Scorer],
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable = _single_rank,
+    grid_images: int = 0,
+) -> Optional[Evaluation]:
     """Sample this rank's batches of ``job``; ``gather`` (an all-gather of Python objects across the ranks)
     brings every rank's features, labels and seconds to rank 0, which scores them. None on other ranks."""
     features, labels, grid, seconds = [], [], [], 0.0

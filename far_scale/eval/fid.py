@@ -26,8 +26,14 @@ class InceptionScorer:
 
     name = "fid"
 
-    def __init__(self, network: FIDInceptionV3, reference: FeatureStats, reference_features: Optional[np.ndarray],
-                 device: torch.device | str = "cpu", batch_size: int = DEFAULT_BATCH):
+    def __init__(
+        self,
+        network: FIDInceptionV3,
+        reference: FeatureStats,
+        reference_features: Optional[np.ndarray],
+        device: torch.device | str = "cpu",
+        batch_size: int = DEFAULT_BATCH,
+    ):
         self.network, self.reference, self.reference_features = network, reference, reference_features
         self.device, self.batch_size = torch.device(device), batch_size
 
@@ -53,13 +59,18 @@ def load_reference(path: str | Path) -> tuple[FeatureStats, Optional[np.ndarray]
     """``mu``/``sigma`` (and ``features`` if stored) of a reference statistics file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics not found: {path}. Use ADM's reference batch "
-                                "(VIRTUAL_imagenet256_labeled.npz, from openai/guided-diffusion's evaluations) or "
-                                "write your own with `far-scale eval ref-stats SOURCE --out STATS.npz`.")
+        raise FileNotFoundError(
+            f"reference statistics not found: {path}. Use ADM's reference batch "
+            "(VIRTUAL_imagenet256_labeled.npz, from openai/guided-diffusion's evaluations) or "
+            "write your own with `far-scale eval ref-stats SOURCE --out STATS.npz`."
+        )
     with np.load(path, allow_pickle=False) as data:
         if "mu" not in data.files or "sigma" not in data.files:
-            hint = (" It holds images: compute statistics with `far-scale eval ref-stats` first."
-                    if IMAGES_KEY in data.files else "")
+            hint = (
+                " It holds images: compute statistics with `far-scale eval ref-stats` first."
+                if IMAGES_KEY in data.files
+                else ""
+            )
             raise ValueError(f"{path} has no 'mu'/'sigma' arrays (found {', '.join(data.files)}).{hint}")
         count = int(data["count"]) if "count" in data.files else 0
         stats = FeatureStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), count)
@@ -67,23 +78,36 @@ def load_reference(path: str | Path) -> tuple[FeatureStats, Optional[np.ndarray]
     return stats, features
 
 
-def build_inception_scorer(weights: str, reference: str, device: torch.device | str = "cpu",
-                           batch_size: int = DEFAULT_BATCH,
-                           expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX) -> InceptionScorer:
+def build_inception_scorer(
+    weights: str,
+    reference: str,
+    device: torch.device | str = "cpu",
+    batch_size: int = DEFAULT_BATCH,
+    expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+) -> InceptionScorer:
     stats, features = load_reference(reference)
     return InceptionScorer(load_inception(weights, expected_sha256, device), stats, features, device, batch_size)
 
 
-def write_reference_stats(source: str, out: str | Path, weights: str, image_size: int = 256,
-                          max_images: Optional[int] = None, keep_features: bool = False,
-                          device: torch.device | str = "cpu", batch_size: int = DEFAULT_BATCH,
-                          expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
-                          codec_weights: Optional[str] = None) -> tuple[Path, int]:
+def write_reference_stats(
+    source: str,
+    out: str | Path,
+    weights: str,
+    image_size: int = 256,
+    max_images: Optional[int] = None,
+    keep_features: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int = DEFAULT_BATCH,
+    expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
+    codec_weights: Optional[str] = None,
+) -> tuple[Path, int]:
     """Pool-feature statistics of ``source`` (folder, ``.npz`` or latent dataset URL) -> ``out`` (.npz)."""
     network = load_inception(weights, expected_sha256, device)
     scorer = InceptionScorer(network, FeatureStats(np.zeros(1), np.eye(1), 0), None, device, batch_size)
-    pools = [scorer.features(batch.images)["pool"]
-             for batch in iter_source(source, image_size, batch_size, max_images, codec_weights)]
+    pools = [
+        scorer.features(batch.images)["pool"]
+        for batch in iter_source(source, image_size, batch_size, max_images, codec_weights)
+    ]
     if not pools:
         raise ValueError(f"no images in {source}")
     features = np.concatenate(pools)
@@ -94,6 +118,7 @@ def write_reference_stats(source: str, out: str | Path, weights: str, image_size
     return save_npz(out, arrays), stats.count
 
 
-def fid_of_source(source: str, scorer: InceptionScorer, batch_size: int = DEFAULT_BATCH,
-                  image_size: int = 256) -> tuple[dict[str, float], int]:
+def fid_of_source(
+    source: str, scorer: InceptionScorer, batch_size: int = DEFAULT_BATCH, image_size: int = 256
+) -> tuple[dict[str, float], int]:
     return score_batches(scorer, iter_source(source, image_size, batch_size))

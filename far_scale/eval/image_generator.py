@@ -9,22 +9,22 @@ go through ``ImageGenerator`` and ``SamplingJob``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from far_scale.codecs.base import Codec
-from far_scale.planning.plan import resolve_head_steps
 from far_scale.config.schema import EvalConfig
 from far_scale.data.images import to_uint8
 from far_scale.eval.image_sets import ImageBatch
-from far_scale.models.model import ARModel
 from far_scale.models.generation import SamplingNoise, SamplingOptions, generate
+from far_scale.models.model import ARModel
+from far_scale.planning.plan import resolve_head_steps
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def sampling_options(ev: EvalConfig, head_kind: str) -> SamplingOptions:
     """The ``eval`` settings as sampler options: every ``SamplingOptions`` field that ``EvalConfig`` has, taken
     by name (a new setting touches the schema and the sampler, nothing in between); ``head_steps`` None is
     the head's default. Command-line shorthands (``--num-iter``...) arrive as ``eval.*`` overrides."""
-    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(SamplingOptions) if f.name in type(ev).model_fields}
+    shared = {
+        f.name: getattr(ev, f.name) for f in dataclasses.fields(SamplingOptions) if f.name in type(ev).model_fields
+    }
     shared["head_steps"] = resolve_head_steps(ev.head_steps, head_kind)
     return SamplingOptions(**shared)
 
@@ -71,8 +73,15 @@ def sampling_options(ev: EvalConfig, head_kind: str) -> SamplingOptions:
 class ImageGenerator:
     """A model, the codec that decodes its tokens and the sampling settings: image indices -> uint8 images."""
 
-    def __init__(self, model: ARModel, codec: Codec, scale: float, options: SamplingOptions,
-                 device: torch.device, precision: str = "fp32"):
+    def __init__(
+        self,
+        model: ARModel,
+        codec: Codec,
+        scale: float,
+        options: SamplingOptions,
+        device: torch.device,
+        precision: str = "fp32",
+    ):
         self.model, self.codec, self.scale, self.options = model, codec, scale, options
         self.device, self.precision = device, precision
         codec.to(device)
@@ -98,8 +107,9 @@ class ImageGenerator:
         return batch, time.perf_counter() - start
 
 
-def iter_rank_batches(generator: ImageGenerator, job: SamplingJob, rank: int, world_size: int,
-                      skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, ImageBatch, float]]:
+def iter_rank_batches(
+    generator: ImageGenerator, job: SamplingJob, rank: int, world_size: int, skip: frozenset[int] = frozenset()
+) -> Iterator[tuple[int, ImageBatch, float]]:
     """(batch id, images, seconds) of this rank's batches that are not in ``skip``."""
     for batch_id in job.batches_of_rank(rank, world_size):
         if batch_id in skip:

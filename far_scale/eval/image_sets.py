@@ -50,8 +50,10 @@ def load_npz_images(path: str | Path) -> ImageBatch:
         raise FileNotFoundError(f"no sample file at {path}")
     with np.load(path, allow_pickle=False) as data:
         if IMAGES_KEY not in data.files:
-            raise ValueError(f"{path} has no {IMAGES_KEY!r} array (found {', '.join(data.files)}); expected "
-                             "uint8 [N, H, W, 3] images as `far-scale sample` and ADM write them")
+            raise ValueError(
+                f"{path} has no {IMAGES_KEY!r} array (found {', '.join(data.files)}); expected "
+                "uint8 [N, H, W, 3] images as `far-scale sample` and ADM write them"
+            )
         images = data[IMAGES_KEY]
         labels = data[LABELS_KEY] if LABELS_KEY in data.files else np.full(len(images), -1)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -59,8 +61,9 @@ def load_npz_images(path: str | Path) -> ImageBatch:
     return ImageBatch(images, labels.astype(np.int64))
 
 
-def iter_source(source: str, image_size: int, batch_size: int, max_images: Optional[int] = None,
-                codec_weights: Optional[str] = None) -> Iterator[ImageBatch]:
+def iter_source(
+    source: str, image_size: int, batch_size: int, max_images: Optional[int] = None, codec_weights: Optional[str] = None
+) -> Iterator[ImageBatch]:
     """Batches from an ``.npz`` file, an image folder (center-cropped to ``image_size``) or a latent dataset
     URL (a directory or ``s3://`` prefix with ``manifest.json``; the stored image latents are decoded)."""
     limit = max_images or None
@@ -84,8 +87,9 @@ def iter_source(source: str, image_size: int, batch_size: int, max_images: Optio
         yield ImageBatch(pixels.transpose(0, 2, 3, 1), np.asarray(images.labels[start:end], dtype=np.int64))
 
 
-def _iter_latent_dataset(url: str, batch_size: int, limit: Optional[int],
-                         codec_weights: Optional[str]) -> Iterator[ImageBatch]:
+def _iter_latent_dataset(
+    url: str, batch_size: int, limit: Optional[int], codec_weights: Optional[str]
+) -> Iterator[ImageBatch]:
     from far_scale.codecs import load_manifest_codec
     from far_scale.data.manifest import read_manifest
     from far_scale.data.shards import iter_tar_bytes

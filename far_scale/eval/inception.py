@@ -27,9 +27,11 @@ BN_EPS = 1e-3
 # torch.hub convention: the file name carries the first hex digits of the file's sha256.
 WEIGHTS_SHA256_PREFIX = "6726825d"
 WEIGHTS_FILE = f"weights-inception-2015-12-05-{WEIGHTS_SHA256_PREFIX}.pth"
-WEIGHTS_SOURCE = (f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE} (or pytorch-fid's "
-                  f"pt_inception-2015-12-05-{WEIGHTS_SHA256_PREFIX}.pth); download it on a machine with internet "
-                  "access and copy it here")
+WEIGHTS_SOURCE = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE} (or pytorch-fid's "
+    f"pt_inception-2015-12-05-{WEIGHTS_SHA256_PREFIX}.pth); download it on a machine with internet "
+    "access and copy it here"
+)
 
 
 class InceptionWeightsError(FileNotFoundError):
@@ -68,12 +70,15 @@ class _MixedA(nn.Module):  # 35 x 35 blocks (Mixed_5b/c/d)
         self.branch_pool = _conv(cin, pool, 1)
 
     def forward(self, x):
-        return torch.cat([
-            _run(self.branch1x1, x),
-            _chain([self.branch5x5_1, self.branch5x5_2], x),
-            _chain([self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3], x),
-            _run(self.branch_pool, _tf_avg_pool(x)),
-        ], 1)
+        return torch.cat(
+            [
+                _run(self.branch1x1, x),
+                _chain([self.branch5x5_1, self.branch5x5_2], x),
+                _chain([self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3], x),
+                _run(self.branch_pool, _tf_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class _ReduceB(nn.Module):  # 35 -> 17 (Mixed_6a)
@@ -84,11 +89,14 @@ class _ReduceB(nn.Module):  # 35 -> 17 (Mixed_6a)
         self.branch3x3dbl_2, self.branch3x3dbl_3 = _conv(64, 96, 3, padding=1), _conv(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            _run(self.branch3x3, x),
-            _chain([self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3], x),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                _run(self.branch3x3, x),
+                _chain([self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3], x),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class _MixedC(nn.Module):  # 17 x 17 blocks with factorised 7x7 (Mixed_6b..e)
@@ -96,20 +104,35 @@ class _MixedC(nn.Module):  # 17 x 17 blocks with factorised 7x7 (Mixed_6b..e)
         super().__init__()
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = _conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _conv(cin, c7, 1), _conv(c7, c7, **row), _conv(c7, 192, **col)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = (
+            _conv(cin, c7, 1),
+            _conv(c7, c7, **row),
+            _conv(c7, 192, **col),
+        )
         self.branch7x7dbl_1 = _conv(cin, c7, 1)
         self.branch7x7dbl_2, self.branch7x7dbl_3 = _conv(c7, c7, **col), _conv(c7, c7, **row)
         self.branch7x7dbl_4, self.branch7x7dbl_5 = _conv(c7, c7, **col), _conv(c7, 192, **row)
         self.branch_pool = _conv(cin, 192, 1)
 
     def forward(self, x):
-        return torch.cat([
-            _run(self.branch1x1, x),
-            _chain([self.branch7x7_1, self.branch7x7_2, self.branch7x7_3], x),
-            _chain([self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                    self.branch7x7dbl_5], x),
-            _run(self.branch_pool, _tf_avg_pool(x)),
-        ], 1)
+        return torch.cat(
+            [
+                _run(self.branch1x1, x),
+                _chain([self.branch7x7_1, self.branch7x7_2, self.branch7x7_3], x),
+                _chain(
+                    [
+                        self.branch7x7dbl_1,
+                        self.branch7x7dbl_2,
+                        self.branch7x7dbl_3,
+                        self.branch7x7dbl_4,
+                        self.branch7x7dbl_5,
+                    ],
+                    x,
+                ),
+                _run(self.branch_pool, _tf_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class _ReduceD(nn.Module):  # 17 -> 8 (Mixed_7a)
@@ -122,11 +145,14 @@ class _ReduceD(nn.Module):  # 17 -> 8 (Mixed_7a)
         self.branch7x7x3_4 = _conv(192, 192, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            _chain([self.branch3x3_1, self.branch3x3_2], x),
-            _chain([self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4], x),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                _chain([self.branch3x3_1, self.branch3x3_2], x),
+                _chain([self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4], x),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class _MixedE(nn.Module):  # 8 x 8 blocks (Mixed_7b: average pool; Mixed_7c: max pool, as in the TF graph)
@@ -145,12 +171,17 @@ class _MixedE(nn.Module):  # 8 x 8 blocks (Mixed_7b: average pool; Mixed_7c: max
         mid = _run(self.branch3x3_1, x)
         dbl = _chain([self.branch3x3dbl_1, self.branch3x3dbl_2], x)
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
-        return torch.cat([
-            _run(self.branch1x1, x),
-            _run(self.branch3x3_2a, mid), _run(self.branch3x3_2b, mid),
-            _run(self.branch3x3dbl_3a, dbl), _run(self.branch3x3dbl_3b, dbl),
-            _run(self.branch_pool, pooled),
-        ], 1)
+        return torch.cat(
+            [
+                _run(self.branch1x1, x),
+                _run(self.branch3x3_2a, mid),
+                _run(self.branch3x3_2b, mid),
+                _run(self.branch3x3dbl_3a, dbl),
+                _run(self.branch3x3dbl_3b, dbl),
+                _run(self.branch_pool, pooled),
+            ],
+            1,
+        )
 
 
 def resize_like_tf1(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -207,31 +238,49 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = _chain([self.Conv2d_3b_1x1, self.Conv2d_4a_3x3], x)
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         pool = x.mean(dim=(2, 3))
         return InceptionOutputs(pool, pool @ self.fc.weight.T)
 
 
-def load_inception(path: str | Path, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX,
-                   device: torch.device | str = "cpu") -> FIDInceptionV3:
+def load_inception(
+    path: str | Path, expected_sha256: Optional[str] = WEIGHTS_SHA256_PREFIX, device: torch.device | str = "cpu"
+) -> FIDInceptionV3:
     """The network with weights from the local file ``path``; its sha256 must start with ``expected_sha256``."""
     path = Path(path)
     if not path.is_file():
-        raise InceptionWeightsError(f"Inception weights not found: {path}. far-scale needs {WEIGHTS_FILE} "
-                                    f"(sha256 {WEIGHTS_SHA256_PREFIX}...) from {WEIGHTS_SOURCE}. Nothing is "
-                                    "downloaded at run time.")
+        raise InceptionWeightsError(
+            f"Inception weights not found: {path}. far-scale needs {WEIGHTS_FILE} "
+            f"(sha256 {WEIGHTS_SHA256_PREFIX}...) from {WEIGHTS_SOURCE}. Nothing is "
+            "downloaded at run time."
+        )
     digest = sha256_file(path)
     if expected_sha256 and not digest.startswith(expected_sha256):
-        raise InceptionWeightsError(f"Inception weights {path} have sha256 {digest}, expected {expected_sha256}...: "
-                                    f"the file is corrupt or another network. Get {WEIGHTS_FILE} from {WEIGHTS_SOURCE}.")
+        raise InceptionWeightsError(
+            f"Inception weights {path} have sha256 {digest}, expected {expected_sha256}...: "
+            f"the file is corrupt or another network. Get {WEIGHTS_FILE} from {WEIGHTS_SOURCE}."
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = FIDInceptionV3()
     result = model.load_state_dict(state, strict=False)
     # Converted TF weights may lack BatchNorm's step counter; every other tensor must match.
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise InceptionWeightsError(f"{path} is not the FID Inception-v3: missing {missing[:3]}, unexpected "
-                                    f"{result.unexpected_keys[:3]}. Get {WEIGHTS_FILE} from {WEIGHTS_SOURCE}.")
+        raise InceptionWeightsError(
+            f"{path} is not the FID Inception-v3: missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}. Get {WEIGHTS_FILE} from {WEIGHTS_SOURCE}."
+        )
     return model.to(device).eval().requires_grad_(False)

@@ -96,8 +96,12 @@ BOOTSTRAP_RESAMPLES = 200  # percentile intervals; more resamples move a 95% bou
 CONFIDENCE = 0.95
 
 
-def class_frechet_distance(features: np.ndarray, labels: np.ndarray, reference: FeatureStats | None,
-                           reference_by_class: dict[int, FeatureStats]) -> float:
+def class_frechet_distance(
+    features: np.ndarray,
+    labels: np.ndarray,
+    reference: FeatureStats | None,
+    reference_by_class: dict[int, FeatureStats],
+) -> float:
     """Mean over classes of the Fréchet distance between class c's images and class c's reference images.
 
     Unlike the pooled distance it sees a model that draws the right *mixture* of images but the wrong image
@@ -111,8 +115,9 @@ def class_frechet_distance(features: np.ndarray, labels: np.ndarray, reference: 
     return float(np.mean(distances)) if distances else float("nan")
 
 
-def bootstrap_interval(statistic, num_items: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
-                       confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bootstrap_interval(
+    statistic, num_items: int, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """95% bootstrap interval of ``statistic(indices)`` over ``num_items`` items resampled with replacement,
     placed around the point estimate ``statistic(all)``: [estimate - (median - q_low), estimate + (q_high -
     median)], clipped at 0 for non-negative statistics.

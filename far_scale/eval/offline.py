@@ -31,8 +31,13 @@ from far_scale.codecs.base import sha256_file
 from far_scale.data.images import ImageList, heldout_images, hflip_invariant, list_images, load_image, to_uint8
 from far_scale.data.storage import local_atomic_writer
 from far_scale.eval.classifier import ClassifierSettings, ConvClassifier, classify, train_classifier
-from far_scale.eval.metrics import (FeatureStats, bootstrap_interval, class_frechet_distance, frechet_distance,
-                                    precision_recall)
+from far_scale.eval.metrics import (
+    FeatureStats,
+    bootstrap_interval,
+    class_frechet_distance,
+    frechet_distance,
+    precision_recall,
+)
 
 log = logging.getLogger("far_scale.eval")
 
@@ -62,8 +67,11 @@ class BenchmarkSettings:
     split_seed: int = 0
 
     def as_dict(self) -> dict:
-        return {"classifier": self.classifier.as_dict(), "holdout_fraction": self.holdout_fraction,
-                "split_seed": self.split_seed}
+        return {
+            "classifier": self.classifier.as_dict(),
+            "holdout_fraction": self.holdout_fraction,
+            "split_seed": self.split_seed,
+        }
 
     @classmethod
     def for_folder(cls, images_root: str | Path, image_size: Optional[int] = None, **classifier) -> "BenchmarkSettings":
@@ -74,8 +82,11 @@ class BenchmarkSettings:
         card = read_dataset_card(images_root) or {}
         flips = hflip_invariant(images_root)
         size = image_size or card.get("resolution") or ClassifierSettings().image_size
-        return cls(ClassifierSettings(image_size=int(size), hflip=flips,
-                                      max_shift_px=0 if flips else CENTRED_DATA_SHIFT_PX, **classifier))
+        return cls(
+            ClassifierSettings(
+                image_size=int(size), hflip=flips, max_shift_px=0 if flips else CENTRED_DATA_SHIFT_PX, **classifier
+            )
+        )
 
 
 NAN_INTERVAL = (float("nan"), float("nan"))
@@ -119,12 +130,17 @@ def _with_interval(value: float, interval: tuple[float, float], digits: int) -> 
 
 
 def format_rows(rows: list[QualityRow]) -> str:
-    lines = ["| images | n | class accuracy [95% CI] | Fréchet distance [95% CI] | per-class FD [95% CI] | precision "
-             "| recall |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| images | n | class accuracy [95% CI] | Fréchet distance [95% CI] | per-class FD [95% CI] | precision "
+        "| recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row.name} | {row.num_images} | {_with_interval(row.accuracy, row.accuracy_ci, 3)} | "
-                     f"{_with_interval(row.fd, row.fd_ci, 2)} | {_with_interval(row.class_fd, row.class_fd_ci, 2)} | "
-                     f"{row.precision:.3f} | {row.recall:.3f} |")
+        lines.append(
+            f"| {row.name} | {row.num_images} | {_with_interval(row.accuracy, row.accuracy_ci, 3)} | "
+            f"{_with_interval(row.fd, row.fd_ci, 2)} | {_with_interval(row.class_fd, row.class_fd_ci, 2)} | "
+            f"{row.precision:.3f} | {row.recall:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -161,17 +177,24 @@ def judge(rows: list[QualityRow], num_classes: int) -> Verdict:
             control = by_name[name]
             allowed = chance + 0.5 * (good.accuracy - chance)
             if not control.worse_than(good):
-                problems.append(f"'{name}' is not clearly worse than '{good.name}' (accuracy {control.accuracy:.3f} "
-                                f"vs {good.accuracy:.3f}, FD {control.fd:.2f} vs {good.fd:.2f}, 95% intervals overlap)")
+                problems.append(
+                    f"'{name}' is not clearly worse than '{good.name}' (accuracy {control.accuracy:.3f} "
+                    f"vs {good.accuracy:.3f}, FD {control.fd:.2f} vs {good.fd:.2f}, 95% intervals overlap)"
+                )
             elif control.accuracy > allowed:
-                problems.append(f"'{name}' keeps accuracy {control.accuracy:.3f}, above {allowed:.3f} (chance plus "
-                                f"half the margin of '{good.name}'): the classes are told apart without shape")
+                problems.append(
+                    f"'{name}' keeps accuracy {control.accuracy:.3f}, above {allowed:.3f} (chance plus "
+                    f"half the margin of '{good.name}'): the classes are told apart without shape"
+                )
     if problems:
         return Verdict(False, problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     worst = max((by_name[name] for name in SHAPE_CONTROLS), key=lambda r: r.accuracy)
-    return Verdict(True, f"real images beat the shape-free and detail-free controls clearly (best control "
-                         f"'{worst.name}': accuracy {worst.accuracy:.3f}, FD {worst.fd:.2f} vs real "
-                         f"{by_name[CALIBRATION_REAL].accuracy:.3f}, {by_name[CALIBRATION_REAL].fd:.2f})")
+    return Verdict(
+        True,
+        f"real images beat the shape-free and detail-free controls clearly (best control "
+        f"'{worst.name}': accuracy {worst.accuracy:.3f}, FD {worst.fd:.2f} vs real "
+        f"{by_name[CALIBRATION_REAL].accuracy:.3f}, {by_name[CALIBRATION_REAL].fd:.2f})",
+    )
 
 
 class OfflineBenchmark:
@@ -182,8 +205,11 @@ class OfflineBenchmark:
     def __init__(self, model: ConvClassifier, reference: np.ndarray, reference_labels: np.ndarray, meta: dict):
         self.model, self.reference, self.reference_labels, self.meta = model, reference, reference_labels, meta
         self.reference_stats = FeatureStats.of(reference)
-        self.reference_by_class = {int(c): FeatureStats.of(reference[reference_labels == c])
-                                   for c in np.unique(reference_labels) if (reference_labels == c).sum() >= 2}
+        self.reference_by_class = {
+            int(c): FeatureStats.of(reference[reference_labels == c])
+            for c in np.unique(reference_labels)
+            if (reference_labels == c).sum() >= 2
+        }
 
     @property
     def image_size(self) -> int:
@@ -229,9 +255,16 @@ class OfflineBenchmark:
 
     def row(self, name: str, images: np.ndarray, labels: np.ndarray) -> QualityRow:
         scores = self.score(self.features(images), labels)
-        return QualityRow(name, len(images), scores["accuracy"], scores["fd"], scores["precision"], scores["recall"],
-                          scores["class_fd"], *((scores[f"{k}_lo"], scores[f"{k}_hi"])
-                                                for k in ("accuracy", "fd", "class_fd")))
+        return QualityRow(
+            name,
+            len(images),
+            scores["accuracy"],
+            scores["fd"],
+            scores["precision"],
+            scores["recall"],
+            scores["class_fd"],
+            *((scores[f"{k}_lo"], scores[f"{k}_hi"]) for k in ("accuracy", "fd", "class_fd")),
+        )
 
     # ---- storage ------------------------------------------------------------------------------
     def save(self, path: Path) -> Path:
@@ -246,8 +279,10 @@ class OfflineBenchmark:
     def load(cls, path: str | Path) -> "OfflineBenchmark":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"offline benchmark not found: {path}. Create it with `far-scale eval "
-                                    "offline-setup IMAGE_FOLDER --data SHARDS_URL` (it prints the path).")
+            raise FileNotFoundError(
+                f"offline benchmark not found: {path}. Create it with `far-scale eval "
+                "offline-setup IMAGE_FOLDER --data SHARDS_URL` (it prints the path)."
+            )
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as handle:
@@ -256,12 +291,14 @@ class OfflineBenchmark:
             raise ValueError(f"{path} is not an offline benchmark file (no far_scale_offline_benchmark metadata)")
         meta = json.loads(text)
         if meta.get("format") != BENCHMARK_FORMAT:
-            raise ValueError(f"{path} has benchmark format {meta.get('format')}; this far-scale reads "
-                             f"{BENCHMARK_FORMAT}: re-run `far-scale eval offline-setup`")
+            raise ValueError(
+                f"{path} has benchmark format {meta.get('format')}; this far-scale reads "
+                f"{BENCHMARK_FORMAT}: re-run `far-scale eval offline-setup`"
+            )
         tensors = load_file(str(path))
         settings = meta["settings"]["classifier"]
         model = ConvClassifier(meta["num_classes"], settings["width"], settings["feature_dim"])
-        model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)})
+        model.load_state_dict({k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)})
         return cls(model.eval(), tensors[REFERENCE_KEY].double().numpy(), tensors[REFERENCE_LABELS_KEY].numpy(), meta)
 
 
@@ -376,14 +413,21 @@ def _splits(images_root: str, settings: BenchmarkSettings) -> tuple[ImageList, l
 
 
 def benchmark_key(fingerprint: str, settings: BenchmarkSettings, codec_sha256: Optional[str]) -> str:
-    text = json.dumps({"format": BENCHMARK_FORMAT, "data": fingerprint, "settings": settings.as_dict(),
-                       "codec": codec_sha256}, sort_keys=True)
+    text = json.dumps(
+        {"format": BENCHMARK_FORMAT, "data": fingerprint, "settings": settings.as_dict(), "codec": codec_sha256},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_benchmark(images_root: str, cache_dir: str | Path, data_url: Optional[str] = None,
-                    settings: BenchmarkSettings = BenchmarkSettings(), codec_weights: Optional[str] = None,
-                    verbose: bool = True) -> tuple[Path, OfflineBenchmark, bool]:
+def build_benchmark(
+    images_root: str,
+    cache_dir: str | Path,
+    data_url: Optional[str] = None,
+    settings: BenchmarkSettings = BenchmarkSettings(),
+    codec_weights: Optional[str] = None,
+    verbose: bool = True,
+) -> tuple[Path, OfflineBenchmark, bool]:
     """(path, benchmark, reused): build it, or reuse the cached file for the same data, codec and settings."""
     manifest = codec = None
     if data_url:
@@ -401,8 +445,10 @@ def build_benchmark(images_root: str, cache_dir: str | Path, data_url: Optional[
     say = print if verbose else log.info
     images, train, reference, calibration = _splits(images_root, settings)
     load_size = codec.info.image_size if codec else settings.classifier.image_size
-    say(f"offline benchmark: loading {len(images)} images of {len(images.classes)} classes at {load_size} px "
-        f"({len(train)} train the classifier, {len(reference)} reference, {len(calibration)} calibrate)")
+    say(
+        f"offline benchmark: loading {len(images)} images of {len(images.classes)} classes at {load_size} px "
+        f"({len(train)} train the classifier, {len(reference)} reference, {len(calibration)} calibrate)"
+    )
     pixels = np.stack([load_image(images.root / p, load_size) for p in images.paths]).transpose(0, 2, 3, 1)
     labels = np.asarray(images.labels, dtype=np.int64)
 
@@ -411,10 +457,19 @@ def build_benchmark(images_root: str, cache_dir: str | Path, data_url: Optional[
 
     model = train_classifier(pixels[train], labels[train], len(images.classes), settings.classifier, report)
     reference_features, _ = classify(model, pixels[reference], settings.classifier.image_size)
-    meta = {"format": BENCHMARK_FORMAT, "key": key, "data_fingerprint": fingerprint, "images_root": str(images_root),
-            "classes": images.classes, "num_classes": len(images.classes), "settings": settings.as_dict(),
-            "num_train": len(train), "num_reference": len(reference), "codec": codec.info.as_dict() if codec else None,
-            "calibration": []}
+    meta = {
+        "format": BENCHMARK_FORMAT,
+        "key": key,
+        "data_fingerprint": fingerprint,
+        "images_root": str(images_root),
+        "classes": images.classes,
+        "num_classes": len(images.classes),
+        "settings": settings.as_dict(),
+        "num_train": len(train),
+        "num_reference": len(reference),
+        "codec": codec.info.as_dict() if codec else None,
+        "calibration": [],
+    }
     bench = OfflineBenchmark(model, reference_features, labels[reference], meta)
     _, train_predicted = classify(model, pixels[train], settings.classifier.image_size)
     meta["train_accuracy"] = float((train_predicted == labels[train]).mean())
@@ -423,13 +478,18 @@ def build_benchmark(images_root: str, cache_dir: str | Path, data_url: Optional[
         rows.append(bench.row(CALIBRATION_RECON, _reconstructions(codec, pixels[calibration]), labels[calibration]))
         count = len(calibration)
         random_labels = np.arange(count, dtype=np.int64) % len(images.classes)
-        rows.append(bench.row(CALIBRATION_RANDOM, _random_latent_images(manifest, codec, count, settings.split_seed),
-                              random_labels))
+        rows.append(
+            bench.row(
+                CALIBRATION_RANDOM, _random_latent_images(manifest, codec, count, settings.split_seed), random_labels
+            )
+        )
     real, real_labels = pixels[calibration], labels[calibration]
     token_px = token_pixels(codec, load_size)
-    for name, corrupted in ((CONTROL_TOKENS_SHUFFLED, shuffle_tokens(real, token_px, settings.split_seed)),
-                            (CONTROL_TOKEN_MEANS, token_means(real, token_px)),
-                            (CONTROL_PIXELS_SHUFFLED, shuffle_pixels(real, settings.split_seed))):
+    for name, corrupted in (
+        (CONTROL_TOKENS_SHUFFLED, shuffle_tokens(real, token_px, settings.split_seed)),
+        (CONTROL_TOKEN_MEANS, token_means(real, token_px)),
+        (CONTROL_PIXELS_SHUFFLED, shuffle_pixels(real, settings.split_seed)),
+    ):
         rows.append(bench.row(name, corrupted, real_labels))
     meta["calibration"] = [row.as_dict() for row in rows]
     meta["control_token_px"] = token_px

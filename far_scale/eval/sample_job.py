@@ -22,15 +22,15 @@ from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
 from far_scale.config.schema import EvalConfig
-from far_scale.planning.checks import check_config
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import write_atomic
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
 from far_scale.eval.grid import save_grid
-from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
 from far_scale.eval.image_generator import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
+from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
 from far_scale.models.model import ARModel
 from far_scale.planning.builder import build_model, resolve_dims
+from far_scale.planning.checks import check_config
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -66,16 +66,18 @@ class LoadedModel:
     weights: Path
 
 
-def load_sampling_model(source: str | Path, raw_weights: bool = False,
-                        device: torch.device | str = "cpu", overrides: tuple[str, ...] = ()) -> LoadedModel:
+def load_sampling_model(
+    source: str | Path, raw_weights: bool = False, device: torch.device | str = "cpu", overrides: tuple[str, ...] = ()
+) -> LoadedModel:
     """EMA (or raw) weights, config and data info of an export directory or of a run's latest checkpoint.
 
     ``overrides`` (dotted, ``eval.*`` only: the weights fix everything else) change how it samples.
     """
     foreign = [o for o in overrides if not o.startswith(EVAL_PREFIX)]
     if foreign:
-        raise ValueError(f"sampling overrides must set eval.* fields (the model is fixed by its weights); got "
-                         f"{', '.join(foreign)}")
+        raise ValueError(
+            f"sampling overrides must set eval.* fields (the model is fixed by its weights); got {', '.join(foreign)}"
+        )
     found = open_weights(source, raw_weights)
     cfg = config_from_yaml(found.config_path.read_text(), str(found.config_path), overrides)
     data = found.meta.data
@@ -89,8 +91,9 @@ def load_sampling_model(source: str | Path, raw_weights: bool = False,
     return LoadedModel(model.to(device).eval(), meta, cfg, weights)
 
 
-def build_generator(loaded: LoadedModel, device: torch.device, precision: str = "fp32",
-                    ev: Optional[EvalConfig] = None) -> ImageGenerator:
+def build_generator(
+    loaded: LoadedModel, device: torch.device, precision: str = "fp32", ev: Optional[EvalConfig] = None
+) -> ImageGenerator:
     """The loaded model sampling with ``ev`` (default: its recipe's eval settings, overrides applied)."""
     options = sampling_options(ev or loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind)
     data = loaded.meta.data
@@ -113,8 +116,9 @@ class SampleStore:
             changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             if changed:
                 details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-                raise ValueError(f"{self.out} holds samples made with other settings ({details}); choose another "
-                                 "--out or delete it")
+                raise ValueError(
+                    f"{self.out} holds samples made with other settings ({details}); choose another --out or delete it"
+                )
             return
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))
@@ -150,15 +154,21 @@ def run_sampling(request: SampleRequest) -> dict:
     """Sample (this rank's share of) the request; rank 0 assembles and returns the report."""
     env = _env()
     if request.device == "auto":
-        device = env.device if env.device.type == "cuda" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            env.device if env.device.type == "cuda" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     else:
         device = torch.device(request.device)
     loaded = load_sampling_model(request.source, request.raw_weights, device, request.overrides)
     generator = build_generator(loaded, device, request.precision)
     job = SamplingJob(request.num_images, loaded.meta.data.num_classes, request.batch_size, request.seed)
     store = SampleStore(request.out)
-    settings = {"weights_sha256": sha256_file(loaded.weights), "job": asdict(job), "options": asdict(generator.options),
-                "precision": generator.precision}
+    settings = {
+        "weights_sha256": sha256_file(loaded.weights),
+        "job": asdict(job),
+        "options": asdict(generator.options),
+        "precision": generator.precision,
+    }
     if env.is_main:
         store.claim(settings)
     barrier()
@@ -169,8 +179,10 @@ def run_sampling(request: SampleRequest) -> dict:
         store.write_part(batch_id, batch.images, batch.labels)
         sampled += len(batch.images)
         seconds += spent
-        print(f"[rank {env.rank}] batch {batch_id + 1}/{job.num_batches}: {len(batch.images)} images in "
-              f"{spent:.1f} s", flush=True)
+        print(
+            f"[rank {env.rank}] batch {batch_id + 1}/{job.num_batches}: {len(batch.images)} images in {spent:.1f} s",
+            flush=True,
+        )
     totals = all_gather_objects((sampled, seconds)) if env.world_size > 1 else [(sampled, seconds)]
     barrier()
     if not env.is_main:
@@ -180,10 +192,17 @@ def run_sampling(request: SampleRequest) -> dict:
     grid = save_grid(images[:count], store.out / GRID_FILE, min(count, job.num_classes)) if count else None
     new_images = sum(n for n, _ in totals)
     wall = max(s for _, s in totals)
-    report = {"samples": str(path), "grid": str(grid) if grid else None, "num_images": len(images),
-              "sampled_now": new_images, "reused_batches": len(done), "world_size": env.world_size,
-              "device": str(device), "images_per_s": new_images / wall if wall > 0 else None,
-              "settings": settings}
+    report = {
+        "samples": str(path),
+        "grid": str(grid) if grid else None,
+        "num_images": len(images),
+        "sampled_now": new_images,
+        "reused_batches": len(done),
+        "world_size": env.world_size,
+        "device": str(device),
+        "images_per_s": new_images / wall if wall > 0 else None,
+        "settings": settings,
+    }
     if request.latency:
         _, spent = generator.timed_images(SamplingJob(1, job.num_classes, 1, job.seed), np.zeros(1, dtype=np.int64))
         report["seconds_per_image_batch1"] = spent

@@ -41,18 +41,28 @@ def sweep_points(num_iter: Sequence[int], head_steps: Sequence[int], cfg_scale: 
     return [SweepPoint(k, o, w) for k, o, w in itertools.product(num_iter, head_steps, cfg_scale)]
 
 
-def evaluate_point(loaded, point: SweepPoint, scorer: Scorer, num_images: int, batch_size: int, seed: int,
-                   device: torch.device, precision: str = "fp32") -> dict[str, float]:
+def evaluate_point(
+    loaded,
+    point: SweepPoint,
+    scorer: Scorer,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
     """Sample ``num_images`` class-balanced images at ``point``; their scores and images/s (sampling + decoding)."""
     from far_scale.eval.sample_job import build_generator
 
-    ev = loaded.cfg.eval.model_copy(update={"num_iter": point.num_iter, "head_steps": point.head_steps,
-                                            "cfg_scale": point.cfg_scale})
+    ev = loaded.cfg.eval.model_copy(
+        update={"num_iter": point.num_iter, "head_steps": point.head_steps, "cfg_scale": point.cfg_scale}
+    )
     return score_generator(build_generator(loaded, device, precision, ev), scorer, num_images, batch_size, seed)
 
 
-def score_generator(generator: ImageGenerator, scorer: Scorer, num_images: int, batch_size: int,
-                    seed: int) -> dict[str, float]:
+def score_generator(
+    generator: ImageGenerator, scorer: Scorer, num_images: int, batch_size: int, seed: int
+) -> dict[str, float]:
     """Scores of ``num_images`` class-balanced images from ``generator`` and their images/s (one rank)."""
     job = SamplingJob(num_images, generator.model.num_classes, batch_size, seed)
     generator.images(job, job.indices(0)[:1])  # warm-up (allocator, kernels), not timed
@@ -64,9 +74,13 @@ def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
     sign = 1 if higher_is_better(metric) else -1
     front = []
     for row in rows:
-        dominated = any(other is not row and sign * other[metric] >= sign * row[metric] and other[SPEED] >= row[SPEED]
-                        and (sign * other[metric] > sign * row[metric] or other[SPEED] > row[SPEED])
-                        for other in rows)
+        dominated = any(
+            other is not row
+            and sign * other[metric] >= sign * row[metric]
+            and other[SPEED] >= row[SPEED]
+            and (sign * other[metric] > sign * row[metric] or other[SPEED] > row[SPEED])
+            for other in rows
+        )
         if not dominated:
             front.append(row)
     return sorted(front, key=lambda r: r[SPEED])
@@ -79,17 +93,30 @@ def plot_sweep(rows: Sequence[dict], metric: str, out: Path, title: str) -> list
     for k, o in sorted({(r["num_iter"], r["head_steps"]) for r in rows}):
         line = sorted((r["cfg_scale"], r[metric]) for r in rows if (r["num_iter"], r["head_steps"]) == (k, o))
         ax.plot([c for c, _ in line], [v for _, v in line], marker="o", label=f"K={k}, steps={o}")
-    cfg_path = save_axes(fig, ax, out / f"sweep_{metric}_vs_cfg.png", f"{title}: {metric} vs CFG (cf. FAR Fig. 5)",
-                         "CFG scale", ylabel)
+    cfg_path = save_axes(
+        fig, ax, out / f"sweep_{metric}_vs_cfg.png", f"{title}: {metric} vs CFG (cf. FAR Fig. 5)", "CFG scale", ylabel
+    )
     fig, ax = new_axes()
     ax.scatter([r[SPEED] for r in rows], [r[metric] for r in rows], color="tab:blue", label="sweep points")
     for r in rows:
-        ax.annotate(f"K{r['num_iter']}/{r['head_steps']}/w{r['cfg_scale']:g}", (r[SPEED], r[metric]), fontsize=6,
-                    xytext=(2, 2), textcoords="offset points")
+        ax.annotate(
+            f"K{r['num_iter']}/{r['head_steps']}/w{r['cfg_scale']:g}",
+            (r[SPEED], r[metric]),
+            fontsize=6,
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
     front = pareto_front(rows, metric)
     ax.plot([r[SPEED] for r in front], [r[metric] for r in front], color="tab:red", marker="o", label="Pareto front")
-    speed_path = save_axes(fig, ax, out / f"sweep_{metric}_vs_speed.png", f"{title}: quality vs speed",
-                           "images / s (sampling + decoding, log scale)", ylabel, log_x=True)
+    speed_path = save_axes(
+        fig,
+        ax,
+        out / f"sweep_{metric}_vs_speed.png",
+        f"{title}: quality vs speed",
+        "images / s (sampling + decoding, log scale)",
+        ylabel,
+        log_x=True,
+    )
     return [cfg_path, speed_path]
 
 
@@ -101,9 +128,20 @@ class SweepResult:
     plots: list[Path]
 
 
-def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: str | Path, *, num_images: int,
-              batch_size: int, seed: int = 0, device: str = "cpu", precision: str = "fp32",
-              tracking_uri: Optional[str] = None, primary_metric: Optional[str] = None) -> SweepResult:
+def run_sweep(
+    source: str,
+    points: Sequence[SweepPoint],
+    scorer: Scorer,
+    out: str | Path,
+    *,
+    num_images: int,
+    batch_size: int,
+    seed: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    tracking_uri: Optional[str] = None,
+    primary_metric: Optional[str] = None,
+) -> SweepResult:
     """Evaluate every point not yet logged under the training run; log each as a child run; plot all."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
@@ -115,13 +153,17 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
     parent_id = loaded.meta.mlflow_run_id
     uri = tracking_uri or loaded.cfg.tracking.uri or _run_store(Path(source))
     if not parent_id or not uri:
-        raise ValueError(f"{source} names no MLflow run to attach the sweep to (meta.json has no mlflow_run_id, or "
-                         "its store is unknown): pass --tracking-uri")
+        raise ValueError(
+            f"{source} names no MLflow run to attach the sweep to (meta.json has no mlflow_run_id, or "
+            "its store is unknown): pass --tracking-uri"
+        )
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(parent_id)
-    existing = {run.data.tags[POINT_TAG]: run for run in client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
-        if POINT_TAG in run.data.tags}
+    existing = {
+        run.data.tags[POINT_TAG]: run
+        for run in client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        if POINT_TAG in run.data.tags
+    }
     rows, created = [], 0
     for point in points:
         if point.key in existing:
@@ -129,12 +171,22 @@ def run_sweep(source: str, points: Sequence[SweepPoint], scorer: Scorer, out: st
             print(f"{point.key}: already logged (run {existing[point.key].info.run_id[:8]}), skipped", flush=True)
         else:
             metrics = evaluate_point(loaded, point, scorer, num_images, batch_size, seed, torch_device, precision)
-            child = client.create_run(parent.info.experiment_id, run_name=point.key,
-                                      tags={PARENT_TAG: parent_id, POINT_TAG: point.key})
-            params = {**asdict(point), "num_images": num_images, "seed": seed, "precision": precision,
-                      "arch": loaded.cfg.model.arch, "weights_step": loaded.meta.step}
-            client.log_batch(child.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                             metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+            child = client.create_run(
+                parent.info.experiment_id, run_name=point.key, tags={PARENT_TAG: parent_id, POINT_TAG: point.key}
+            )
+            params = {
+                **asdict(point),
+                "num_images": num_images,
+                "seed": seed,
+                "precision": precision,
+                "arch": loaded.cfg.model.arch,
+                "weights_step": loaded.meta.step,
+            }
+            client.log_batch(
+                child.info.run_id,
+                params=[Param(k, str(v)) for k, v in params.items()],
+                metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+            )
             client.set_terminated(child.info.run_id)
             created += 1
             print(f"{point.key}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

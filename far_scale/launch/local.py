@@ -13,8 +13,17 @@ from far_scale.planning.checks import validate
 def torchrun_command(command: str, arguments: Sequence[str], nproc: int) -> list[str]:
     """``far-scale COMMAND ARGUMENTS`` on ``nproc`` local ranks."""
     # --standalone: a local c10d rendezvous on a free port, no MASTER_ADDR/PORT to pick.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "far_scale.cli", command, *arguments]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "far_scale.cli",
+        command,
+        *arguments,
+    ]
 
 
 def launch_local(recipe: str, overrides: Sequence[str], nproc: int) -> int:

@@ -26,10 +26,10 @@ class TrainingPass(NamedTuple):
     z_unconditional: Optional[torch.Tensor] = None
 
 
-
 def random_orders(batch: int, seq_len: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One random permutation of ``seq_len`` token positions per image (training masks and sampling)."""
     return torch.argsort(torch.rand(batch, seq_len, device=device, generator=generator), dim=1)
+
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for ``x`` [B, L, ...] and ``index`` [B, n]: a gather, so no sync and no
@@ -85,6 +85,7 @@ def expected_mask_ratio(minimum: float, mean: float, std: float) -> float:
 
     Plain floats (no tensors), so that it also holds for a model built on the meta device.
     """
+
     def density(x: float) -> float:
         return math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
@@ -131,8 +132,9 @@ class MaskedBackbone(TokenBackbone):
         mask_ratio_mean: float,
         mask_ratio_std: float,
     ):
-        super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width,
-                         class_dropout=class_dropout)
+        super().__init__(
+            seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width, class_dropout=class_dropout
+        )
         self.num_buffer_tokens = num_buffer_tokens
         self.mask_ratio = (mask_ratio_min, mask_ratio_mean, mask_ratio_std)
         self.expected_mask_ratio = expected_mask_ratio(*self.mask_ratio)
@@ -147,8 +149,15 @@ class MaskedBackbone(TokenBackbone):
         self.decoder = BlockStack(decoder_depth, width, num_heads, mlp_ratio, dropout)
         self.decoder_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.head_pos = _learned_positions(seq_len, width)
-        for module in (self.token_proj, self.token_proj_norm, self.encoder, self.encoder_norm,
-                       self.decoder_embed, self.decoder, self.decoder_norm):
+        for module in (
+            self.token_proj,
+            self.token_proj_norm,
+            self.encoder,
+            self.encoder_norm,
+            self.decoder_embed,
+            self.decoder,
+            self.decoder_norm,
+        ):
             module.apply(init_backbone_weights)
 
     def random_orders(self, batch: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -160,8 +169,9 @@ class MaskedBackbone(TokenBackbone):
         buffer = torch.arange(self.num_buffer_tokens, device=positions.device).expand(positions.shape[0], -1)
         return torch.cat([buffer, positions + self.num_buffer_tokens], dim=1)
 
-    def encode(self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor,
-               cache: Optional[TokenCache] = None) -> torch.Tensor:
+    def encode(
+        self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor, cache: Optional[TokenCache] = None
+    ) -> torch.Tensor:
         """Encoder over the buffer (all slots hold ``cond``) and the visible tokens.
 
         ``visible`` [B, n] holds the visible token positions in ascending order (the same count in every
@@ -188,8 +198,13 @@ class MaskedBackbone(TokenBackbone):
         x = self.decoder_norm(self.decoder(x + self.decoder_pos, cache=cache))
         return x[:, self.num_buffer_tokens :] + self.head_pos
 
-    def predict(self, tokens: torch.Tensor, visible: torch.Tensor, cond: torch.Tensor,
-                caches: Optional[tuple[TokenCache, TokenCache]] = None) -> torch.Tensor:
+    def predict(
+        self,
+        tokens: torch.Tensor,
+        visible: torch.Tensor,
+        cond: torch.Tensor,
+        caches: Optional[tuple[TokenCache, TokenCache]] = None,
+    ) -> torch.Tensor:
         """``z`` at every position; with ``caches`` (encoder, decoder) also records their keys and values."""
         encoder_cache, decoder_cache = caches if caches is not None else (None, None)
         return self.decode(self.encode(tokens, visible, cond, encoder_cache), visible, decoder_cache)
@@ -198,13 +213,26 @@ class MaskedBackbone(TokenBackbone):
         """Encoder and decoder ``TokenCache`` for lazy passes (``predict_lazy``)."""
         total = self.num_buffer_tokens + self.seq_len
         return tuple(
-            TokenCache(len(stack.blocks), batch, stack.blocks[0].attn.num_heads, total,
-                       self.width // stack.blocks[0].attn.num_heads, device=device, dtype=dtype)
+            TokenCache(
+                len(stack.blocks),
+                batch,
+                stack.blocks[0].attn.num_heads,
+                total,
+                self.width // stack.blocks[0].attn.num_heads,
+                device=device,
+                dtype=dtype,
+            )
             for stack in (self.encoder, self.decoder)
         )
 
-    def predict_lazy(self, tokens: torch.Tensor, new: torch.Tensor, query: torch.Tensor, visible_keys: torch.Tensor,
-                     caches: tuple[TokenCache, TokenCache]) -> torch.Tensor:
+    def predict_lazy(
+        self,
+        tokens: torch.Tensor,
+        new: torch.Tensor,
+        query: torch.Tensor,
+        visible_keys: torch.Tensor,
+        caches: tuple[TokenCache, TokenCache],
+    ) -> torch.Tensor:
         """``z`` [B, n, W] at positions ``query`` [B, n], reusing cached keys and values (token caching).
 
         Only the tokens revealed since the last pass (``new`` [B, m]) go through the encoder, attending
@@ -218,8 +246,9 @@ class MaskedBackbone(TokenBackbone):
         x = self.token_proj_norm(x + self.encoder_pos[0, new + nb])
         encoder_cache.set_pass(new + nb, lazy=True, key_mask=visible_keys)
         x = self.decoder_embed(self.encoder_norm(self.encoder(x, cache=encoder_cache)))
-        x = torch.cat([x + self.decoder_pos[0, new + nb],
-                       self.mask_token.to(x.dtype) + self.decoder_pos[0, query + nb]], dim=1)
+        x = torch.cat(
+            [x + self.decoder_pos[0, new + nb], self.mask_token.to(x.dtype) + self.decoder_pos[0, query + nb]], dim=1
+        )
         decoder_cache.set_pass(torch.cat([new, query], dim=1) + nb, lazy=True)
         x = self.decoder_norm(self.decoder(x, cache=decoder_cache))
         return x[:, new.shape[1] :] + self.head_pos[0, query]
@@ -259,8 +288,9 @@ class CausalBackbone(TokenBackbone):
         dropout: float,
         class_dropout: float,
     ):
-        super().__init__(seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width,
-                         class_dropout=class_dropout)
+        super().__init__(
+            seq_len=seq_len, token_dim=token_dim, num_classes=num_classes, width=width, class_dropout=class_dropout
+        )
         self.num_heads = num_heads
         self.expected_mask_ratio = 1.0  # every token is predicted in a training pass
         # Input position 0 holds the class token, position i > 0 token i - 1.
@@ -273,8 +303,13 @@ class CausalBackbone(TokenBackbone):
 
     def new_cache(self, batch: int, *, device, dtype) -> KVCache:
         return KVCache(
-            len(self.blocks.blocks), batch, self.num_heads, self.seq_len, self.width // self.num_heads,
-            device=device, dtype=dtype,
+            len(self.blocks.blocks),
+            batch,
+            self.num_heads,
+            self.seq_len,
+            self.width // self.num_heads,
+            device=device,
+            dtype=dtype,
         )
 
     def embed_inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,14 @@ class SamplingNoise:
         return model.seq_len, model.head.num_noise_draws(options.max_head_steps), model.token_dim
 
     @classmethod
-    def from_generator(cls, model: ARModel, options: SamplingOptions, batch: int,
-                       generator: Optional[torch.Generator], device: torch.device | str) -> "SamplingNoise":
+    def from_generator(
+        cls,
+        model: ARModel,
+        options: SamplingOptions,
+        batch: int,
+        generator: Optional[torch.Generator],
+        device: torch.device | str,
+    ) -> "SamplingNoise":
         """A batch's draws from one generator (on ``device``)."""
         seq_len, draws, dim = cls.shape_for(model, options)
         orders = random_orders(batch, seq_len, device, generator)
@@ -90,8 +96,9 @@ class SamplingNoise:
         return cls(orders, tokens)
 
     @classmethod
-    def per_image(cls, model: ARModel, options: SamplingOptions, seeds: Sequence[int],
-                  device: torch.device | str) -> "SamplingNoise":
+    def per_image(
+        cls, model: ARModel, options: SamplingOptions, seeds: Sequence[int], device: torch.device | str
+    ) -> "SamplingNoise":
         """Each image's draws from its own seed, on the CPU, then moved: the same image for a seed on any
         device, batch size or number of ranks."""
         parts = [cls.from_generator(model, options, 1, torch.Generator().manual_seed(seed), "cpu") for seed in seeds]
@@ -154,14 +161,20 @@ def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_st
     for step in range(num_iter):
         if kind == "masked":
             last = step == num_iter - 1
-            end = seq_len if last else seq_len - num_masked_after(step, num_iter, seq_len, seq_len - start,
-                                                                  options.mask_schedule_power)
+            end = (
+                seq_len
+                if last
+                else seq_len - num_masked_after(step, num_iter, seq_len, seq_len - start, options.mask_schedule_power)
+            )
         else:
             end = start + 1
         # Progress over iterations, so the last one runs head_steps_end (by tokens known, "8 -> 1" at K=4
         # ran 8, 8, 4, 2: the end value was never reached).
-        steps = options.head_steps if options.head_steps_end is None else anneal_steps(
-            options.head_steps, options.head_steps_end, step / max(num_iter - 1, 1))
+        steps = (
+            options.head_steps
+            if options.head_steps_end is None
+            else anneal_steps(options.head_steps, options.head_steps_end, step / max(num_iter - 1, 1))
+        )
         both = options.guided and (not caching_guidance or step % options.guidance_refresh_every == 0)
         # Cached guidance differences need every position: a pass of both halves is a full one.
         full = step % options.backbone_refresh_every == 0 or (caching_guidance and both)
@@ -205,10 +218,17 @@ class _MaskedBackbonePasses:
             # The cache follows the conditional rows only when the unconditional ones are not computed every time.
             rows = batch if self.caching_guidance or not self.guided else 2 * batch
             self.caches = self.backbone.new_token_caches(
-                rows, device=cond.device, dtype=_compute_dtype(cond.device, self.backbone.head_pos.dtype))
+                rows, device=cond.device, dtype=_compute_dtype(cond.device, self.backbone.head_pos.dtype)
+            )
 
-    def __call__(self, it: Iteration, previous: Optional[Iteration], tokens: torch.Tensor, orders: torch.Tensor,
-                 chosen: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        it: Iteration,
+        previous: Optional[Iteration],
+        tokens: torch.Tensor,
+        orders: torch.Tensor,
+        chosen: torch.Tensor,
+    ) -> torch.Tensor:
         batch = self.batch
         doubled = self.guided and (it.both_halves or not self.caching_guidance)
         if it.full_backbone:
@@ -227,8 +247,9 @@ class _MaskedBackbonePasses:
             buffer = torch.ones(batch, self.backbone.num_buffer_tokens, dtype=torch.bool, device=orders.device)
             visible_keys = torch.cat([buffer, visible_keys], dim=1)
             if doubled:
-                z = self.backbone.predict_lazy(_twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys),
-                                               self.caches)
+                z = self.backbone.predict_lazy(
+                    _twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys), self.caches
+                )
             else:
                 z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.caches)
         if self.guided and not doubled:
@@ -237,8 +258,7 @@ class _MaskedBackbonePasses:
 
 
 @torch.no_grad()
-def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
-                  noise: SamplingNoise) -> torch.Tensor:
+def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: SamplingNoise) -> torch.Tensor:
     """MAR/FAR generation: K iterations, each a backbone pass and a head pass on the tokens it reveals.
 
     Tokens are revealed in each image's random order (``noise.orders``); the counts per iteration
@@ -256,17 +276,20 @@ def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions
         chosen = orders[:, it.start : it.end].sort(dim=1).values
         z = passes(it, previous, tokens, orders, chosen)
         head_noise = gather_positions(noise.tokens, chosen).flatten(0, 1)[:, : head.num_noise_draws(it.head_steps)]
-        new_tokens = head.sample(z.flatten(0, 1), it.head_steps, options.temperature, head_noise, it.cfg,
-                                 fast=options.fast_ddpm)
-        tokens.scatter_(1, chosen[..., None].expand(-1, -1, backbone.token_dim),
-                        new_tokens.view(batch, -1, backbone.token_dim).to(dtype))
+        new_tokens = head.sample(
+            z.flatten(0, 1), it.head_steps, options.temperature, head_noise, it.cfg, fast=options.fast_ddpm
+        )
+        tokens.scatter_(
+            1,
+            chosen[..., None].expand(-1, -1, backbone.token_dim),
+            new_tokens.view(batch, -1, backbone.token_dim).to(dtype),
+        )
         previous = it
     return tokens
 
 
 @torch.no_grad()
-def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions,
-                  noise: SamplingNoise) -> torch.Tensor:
+def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: SamplingNoise) -> torch.Tensor:
     """FAR-Causal generation, one token per step, with the KV cache or by full recomputation."""
     backbone, head = model.backbone, model.head
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
@@ -275,8 +298,9 @@ def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions
     rows = cond.shape[0]
     tokens = torch.zeros(rows, seq_len, backbone.token_dim, device=device, dtype=dtype)
     # The cache holds what attention computes in: bf16 under autocast, never re-cast per step.
-    cache = (backbone.new_cache(rows, device=device, dtype=_compute_dtype(device, dtype))
-             if options.use_kv_cache else None)
+    cache = (
+        backbone.new_cache(rows, device=device, dtype=_compute_dtype(device, dtype)) if options.use_kv_cache else None
+    )
     for i, it in enumerate(plan_generation(options, seq_len, backbone.kind, head.anneal_steps)):
         if cache is not None:
             new_input = cond[:, None, :].to(dtype) if i == 0 else backbone.token_proj(tokens[:, i - 1 : i])
@@ -284,10 +308,13 @@ def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions
         else:
             z = backbone.hidden(backbone.embed_inputs(cond, tokens[:, :i]))[:, -1]
         head_noise = noise.tokens[:, i, : head.num_noise_draws(it.head_steps)]
-        new_token = head.sample(z, it.head_steps, options.temperature, head_noise, it.cfg,
-                                fast=options.fast_ddpm).to(dtype)
+        new_token = head.sample(z, it.head_steps, options.temperature, head_noise, it.cfg, fast=options.fast_ddpm).to(
+            dtype
+        )
         tokens[:, i] = torch.cat([new_token, new_token]) if options.guided else new_token
     return tokens[:batch]
+
+
 def check_head_steps(model: ARModel, options: SamplingOptions) -> None:
     """Refuse shortcut steps the head was not trained for (O above its finest level, or not a power of two)."""
     levels = getattr(model.head, "num_levels", None)
@@ -296,8 +323,10 @@ def check_head_steps(model: ARModel, options: SamplingOptions) -> None:
     for name in ("head_steps", "head_steps_end"):
         steps = getattr(options, name)
         if steps is not None and (steps > levels or steps & (steps - 1)):
-            raise ValueError(f"sampling option {name}={steps} (eval.{name}): the shortcut head has step sizes "
-                             f"1/1 ... 1/{levels} (model.head.num_levels={levels}); use a power of two <= {levels}")
+            raise ValueError(
+                f"sampling option {name}={steps} (eval.{name}): the shortcut head has step sizes "
+                f"1/1 ... 1/{levels} (model.head.num_levels={levels}); use a power of two <= {levels}"
+            )
 
 
 def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: NoiseSource = None) -> torch.Tensor:

@@ -122,9 +122,18 @@ class ShortcutHead(nn.Module):
 
     kind = "shortcut"
 
-    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, *,
-                 num_levels: int, self_consistency_fraction: float, clip_value: float,
-                 guidance_distillation_scale: float = 1.0):
+    def __init__(
+        self,
+        token_dim: int,
+        z_channels: int,
+        width: int,
+        depth: int,
+        *,
+        num_levels: int,
+        self_consistency_fraction: float,
+        clip_value: float,
+        guidance_distillation_scale: float = 1.0,
+    ):
         super().__init__()
         self.token_dim = token_dim
         self.num_levels = num_levels
@@ -133,8 +142,9 @@ class ShortcutHead(nn.Module):
         self.clip_value = clip_value
         self.net = AdaLNMLP(token_dim, width, token_dim, z_channels, depth, num_scalars=2)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor, z: torch.Tensor,
-                 net: Optional[nn.Module] = None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor, z: torch.Tensor, net: Optional[nn.Module] = None
+    ) -> torch.Tensor:
         """s(x_t, t, d | z) for rows whose t lie on the finest grid {k / num_levels} (every t training and
         sampling use does): t and the level are embedded once per distinct value and gathered per row."""
         net = net or self.net
@@ -157,8 +167,9 @@ class ShortcutHead(nn.Module):
         return self.guidance_distillation_scale != 1.0
 
     @torch.no_grad()
-    def consistency_target(self, x_t, t, level, z, target_net: Optional[nn.Module] = None,
-                           z_unconditional: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def consistency_target(
+        self, x_t, t, level, z, target_net: Optional[nn.Module] = None, z_unconditional: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """stop-grad[(s1 + s2) / 2] of two half steps at level + 1, clipped.
 
         With ``z_unconditional`` (guidance distillation), half steps at the finest level are guided:
@@ -181,8 +192,13 @@ class ShortcutHead(nn.Module):
         s2 = half_step_velocity(x_mid, t + half[:, 0].double())
         return ((s1 + s2) / 2).clamp(-self.clip_value, self.clip_value)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor, target_net: Optional[nn.Module] = None,
-             z_unconditional: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        target: torch.Tensor,
+        z: torch.Tensor,
+        target_net: Optional[nn.Module] = None,
+        z_unconditional: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over rows ``target`` [N, C] conditioned on ``z`` [N, W] (the caller gathers the rows to train).
 
         ``z_unconditional`` [N, W] (guidance distillation) guides the finest-level half steps of the targets.
@@ -194,8 +210,14 @@ class ShortcutHead(nn.Module):
         k = draws.num_flow
         flow_target = target[:k] - draws.noise[:k]
         if k < target.shape[0]:
-            sc_target = self.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:].detach(), target_net,
-                                                None if z_unconditional is None else z_unconditional[k:])
+            sc_target = self.consistency_target(
+                x_t[k:],
+                draws.t[k:],
+                draws.level[k:],
+                z[k:].detach(),
+                target_net,
+                None if z_unconditional is None else z_unconditional[k:],
+            )
             goal = torch.cat([flow_target, sc_target.to(flow_target.dtype)])
         else:
             goal = flow_target
@@ -218,8 +240,15 @@ class ShortcutHead(nn.Module):
         return 2 ** round(low + (high - low) * progress)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
-               cfg_scale: Optional[CfgScale] = None, fast: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        z: torch.Tensor,
+        num_steps: int,
+        temperature: float,
+        noise: torch.Tensor,
+        cfg_scale: Optional[CfgScale] = None,
+        fast: bool = False,
+    ) -> torch.Tensor:
         """O-step Euler integration from tau * N(0, I). With ``cfg_scale``, ``z`` is [cond; uncond].
 
         ``noise`` [rows, num_noise_draws, D] holds the standard-normal draws (one row per token);
@@ -247,8 +276,9 @@ class DiffusionHead(nn.Module):
 
     kind = "diffusion"
 
-    def __init__(self, token_dim: int, z_channels: int, width: int, depth: int, *,
-                 num_train_timesteps: int, noise_schedule: str):
+    def __init__(
+        self, token_dim: int, z_channels: int, width: int, depth: int, *, num_train_timesteps: int, noise_schedule: str
+    ):
         super().__init__()
         self.token_dim = token_dim
         self.net = AdaLNMLP(token_dim, width, 2 * token_dim, z_channels, depth, num_scalars=1)
@@ -257,8 +287,13 @@ class DiffusionHead(nn.Module):
 
     needs_unconditional = False
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor, target_net: Optional[nn.Module] = None,
-             z_unconditional: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        target: torch.Tensor,
+        z: torch.Tensor,
+        target_net: Optional[nn.Module] = None,
+        z_unconditional: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean hybrid loss over rows ``target`` [N, C] conditioned on ``z`` [N, W]."""
         del target_net, z_unconditional  # the diffusion objective has no bootstrap target
         t = torch.randint(0, self.diffusion.num_timesteps, (target.shape[0],), device=target.device)
@@ -276,8 +311,15 @@ class DiffusionHead(nn.Module):
         return max(1, round(first + (last - first) * progress))
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, num_steps: int, temperature: float, noise: torch.Tensor,
-               cfg_scale: Optional[CfgScale] = None, fast: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        z: torch.Tensor,
+        num_steps: int,
+        temperature: float,
+        noise: torch.Tensor,
+        cfg_scale: Optional[CfgScale] = None,
+        fast: bool = False,
+    ) -> torch.Tensor:
         """Respaced ancestral sampling; CFG mixes eps, each half keeps its own variance.
 
         ``noise`` [rows, num_noise_draws, D]: the chain's start, then the noise of each step. ``fast``

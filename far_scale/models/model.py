@@ -50,25 +50,36 @@ class ARModel(nn.Module):
         """Names of parameters that must not decay whatever their shape (timm's convention)."""
         return {name for name, _ in self.named_parameters() if name.startswith(NO_DECAY_PREFIX)}
 
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor,
-                target_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, latents: torch.Tensor, labels: torch.Tensor, target_net: Optional[nn.Module] = None
+    ) -> dict[str, torch.Tensor]:
         """``latents`` [B, L, D] (scaled), ``labels`` [B]; ``target_net`` feeds shortcut targets (EMA head net)."""
         out = self.backbone(latents, labels, unconditional=self.head.needs_unconditional)
         return self.head_loss(latents, out.z, out.positions, target_net, out.z_unconditional)
 
-    def head_loss(self, target: torch.Tensor, z: torch.Tensor, positions: torch.Tensor,
-                  target_net: Optional[nn.Module] = None,
-                  z_unconditional: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def head_loss(
+        self,
+        target: torch.Tensor,
+        z: torch.Tensor,
+        positions: torch.Tensor,
+        target_net: Optional[nn.Module] = None,
+        z_unconditional: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
         """The head's loss on tokens ``target`` [B, L, D] given ``z`` [B, L, W], at ``positions`` [B, n] only.
 
         The rows are gathered before the head, so no head work is spent on visible tokens.
         """
+
         def rows(x: torch.Tensor) -> torch.Tensor:
             # Each token is repeated num_repeats times with independent noise/time draws (docs/concepts.md, heads).
             return gather_positions(x, positions).flatten(0, 1).repeat(self.num_repeats, 1)
 
-        loss, parts = self.head.loss(rows(target), rows(z), target_net=target_net,
-                                     z_unconditional=None if z_unconditional is None else rows(z_unconditional))
+        loss, parts = self.head.loss(
+            rows(target),
+            rows(z),
+            target_net=target_net,
+            z_unconditional=None if z_unconditional is None else rows(z_unconditional),
+        )
         return {"loss": loss, **parts}
 
 

@@ -24,8 +24,12 @@ SIZE_PRESETS = MappingProxyType(
         # Small enough to train on two CPU cores in minutes (tests, demo).
         "tiny": SizePreset(encoder_depth=2, decoder_depth=2, width=128, num_heads=4, head_depth=2, head_width=128),
         "base": SizePreset(encoder_depth=12, decoder_depth=12, width=768, num_heads=12, head_depth=6, head_width=1024),
-        "large": SizePreset(encoder_depth=16, decoder_depth=16, width=1024, num_heads=16, head_depth=8, head_width=1280),
-        "huge": SizePreset(encoder_depth=20, decoder_depth=20, width=1280, num_heads=16, head_depth=12, head_width=1536),
+        "large": SizePreset(
+            encoder_depth=16, decoder_depth=16, width=1024, num_heads=16, head_depth=8, head_width=1280
+        ),
+        "huge": SizePreset(
+            encoder_depth=20, decoder_depth=20, width=1280, num_heads=16, head_depth=12, head_width=1536
+        ),
     }
 )
 

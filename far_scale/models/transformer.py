@@ -76,7 +76,9 @@ class TokenCache:
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int, *, device, dtype):
         shape = (batch, num_heads, max_len, head_dim)
         self.layers = [
-            LayerTokenCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            LayerTokenCache(
+                torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+            )
             for _ in range(num_layers)
         ]
 

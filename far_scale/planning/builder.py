@@ -47,27 +47,46 @@ def build_model(model: ModelConfig, data: DataSpec, dims: Optional[ModelDims] = 
     """Build the model a ``model`` config describes, shaped by the data (``DataSpec``)."""
     dims = dims or resolve_dims(model)
     shape = dict(seq_len=data.seq_len, token_dim=data.token_dim, num_classes=data.num_classes)
-    common = dict(width=dims.width, num_heads=dims.num_heads, mlp_ratio=model.mlp_ratio,
-                  dropout=model.dropout, class_dropout=model.class_dropout)
+    common = dict(
+        width=dims.width,
+        num_heads=dims.num_heads,
+        mlp_ratio=model.mlp_ratio,
+        dropout=model.dropout,
+        class_dropout=model.class_dropout,
+    )
     if dims.backbone == "masked":
         backbone: Backbone = MaskedBackbone(
-            **shape, **common, encoder_depth=dims.encoder_depth, decoder_depth=dims.decoder_depth,
-            num_buffer_tokens=model.num_buffer_tokens, mask_ratio_min=model.mask_ratio_min,
-            mask_ratio_mean=model.mask_ratio_mean, mask_ratio_std=model.mask_ratio_std,
+            **shape,
+            **common,
+            encoder_depth=dims.encoder_depth,
+            decoder_depth=dims.decoder_depth,
+            num_buffer_tokens=model.num_buffer_tokens,
+            mask_ratio_min=model.mask_ratio_min,
+            mask_ratio_mean=model.mask_ratio_mean,
+            mask_ratio_std=model.mask_ratio_std,
         )
     else:
         backbone = CausalBackbone(**shape, **common, depth=dims.total_depth)
     head_cfg = model.head
     if dims.head_kind == "shortcut":
         head: Head = ShortcutHead(
-            data.token_dim, dims.width, dims.head_width, dims.head_depth, num_levels=head_cfg.num_levels,
-            self_consistency_fraction=head_cfg.self_consistency_fraction, clip_value=head_cfg.clip_value,
+            data.token_dim,
+            dims.width,
+            dims.head_width,
+            dims.head_depth,
+            num_levels=head_cfg.num_levels,
+            self_consistency_fraction=head_cfg.self_consistency_fraction,
+            clip_value=head_cfg.clip_value,
             guidance_distillation_scale=head_cfg.guidance_distillation_scale,
         )
     else:
         head = DiffusionHead(
-            data.token_dim, dims.width, dims.head_width, dims.head_depth,
-            num_train_timesteps=head_cfg.num_train_timesteps, noise_schedule=head_cfg.noise_schedule,
+            data.token_dim,
+            dims.width,
+            dims.head_width,
+            dims.head_depth,
+            num_train_timesteps=head_cfg.num_train_timesteps,
+            noise_schedule=head_cfg.noise_schedule,
         )
     return ARModel(backbone, head, head_cfg.num_repeats)
 

@@ -10,9 +10,9 @@ from typing import Optional
 from fsspec.registry import known_implementations
 
 from far_scale.config.loader import ConfigError
-from far_scale.models.generation import num_iter_problem
 from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
+from far_scale.models.generation import num_iter_problem
 from far_scale.planning.builder import resolve_dims
 
 
@@ -29,11 +29,15 @@ def _url_problems(cfg: Config) -> list[str]:
     for name, url in (("data.url", cfg.data.url), ("checkpoint.url", cfg.checkpoint.url)):
         scheme = url.split("://", 1)[0] if "://" in url else None
         if scheme is not None and scheme not in known_implementations and scheme != "file":
-            problems.append(f"{name}={url}: unknown protocol {scheme!r}; use a local path, file:// or s3://bucket/prefix")
+            problems.append(
+                f"{name}={url}: unknown protocol {scheme!r}; use a local path, file:// or s3://bucket/prefix"
+            )
     uri = cfg.tracking.uri
     if uri and uri.split(":", 1)[0] not in TRACKING_SCHEMES:
-        problems.append(f"tracking.uri={uri}: use http(s)://host:port (an mlflow server), sqlite:///path.db or "
-                        "file:///path, or leave it empty for the run's own sqlite store")
+        problems.append(
+            f"tracking.uri={uri}: use http(s)://host:port (an mlflow server), sqlite:///path.db or "
+            "file:///path, or leave it empty for the run's own sqlite store"
+        )
     return problems
 
 
@@ -80,22 +84,31 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
                 )
     if cfg.model.head.guidance_distillation_scale != 1.0:
         if dims is not None and dims.head_kind != "shortcut":
-            problems.append("model.head.guidance_distillation_scale applies to the shortcut head (arch far or "
-                            f"far_causal), not to model.arch={cfg.model.arch}")
+            problems.append(
+                "model.head.guidance_distillation_scale applies to the shortcut head (arch far or "
+                f"far_causal), not to model.arch={cfg.model.arch}"
+            )
         if cfg.model.class_dropout <= 0:
-            problems.append("model.head.guidance_distillation_scale needs model.class_dropout > 0: the null class "
-                            "that gives the unconditional velocity is otherwise never trained")
+            problems.append(
+                "model.head.guidance_distillation_scale needs model.class_dropout > 0: the null class "
+                "that gives the unconditional velocity is otherwise never trained"
+            )
     if bool(cfg.eval.inception_weights) != bool(cfg.eval.reference_stats):
-        problems.append("eval.inception_weights and eval.reference_stats go together: set both for FID during "
-                        "training, or neither")
+        problems.append(
+            "eval.inception_weights and eval.reference_stats go together: set both for FID during training, or neither"
+        )
     if cfg.eval.benchmark and cfg.eval.inception_weights:
-        problems.append("set one quality metric for training-time evaluation: eval.benchmark (offline) or "
-                        "eval.inception_weights + eval.reference_stats (FID), not both")
+        problems.append(
+            "set one quality metric for training-time evaluation: eval.benchmark (offline) or "
+            "eval.inception_weights + eval.reference_stats (FID), not both"
+        )
     if cfg.parallel.offload_optimizer != "none":
-        problems.append(f"parallel.offload_optimizer={cfg.parallel.offload_optimizer}: DeepSpeed offloads only its own "
-                        "CPU Adam (zero_force_ds_cpu_optimizer), and far-scale trains with a client torch AdamW (no "
-                        "JIT-compiled op): set parallel.offload_optimizer=none and lower the memory with "
-                        "parallel.zero_stage=3 or parallel.activation_checkpointing=true")
+        problems.append(
+            f"parallel.offload_optimizer={cfg.parallel.offload_optimizer}: DeepSpeed offloads only its own "
+            "CPU Adam (zero_force_ds_cpu_optimizer), and far-scale trains with a client torch AdamW (no "
+            "JIT-compiled op): set parallel.offload_optimizer=none and lower the memory with "
+            "parallel.zero_stage=3 or parallel.activation_checkpointing=true"
+        )
     if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
         problems.append(
             f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"
@@ -103,8 +116,10 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
     if data is not None:
         problems.extend(data.mismatches(cfg.data.expect))
         if cfg.data.hflip and not data.hflip_invariant:
-            problems.append("data.hflip is true but the dataset's card (manifest source.dataset) says a horizontal "
-                            "flip changes the class (a mirrored digit is another glyph): set data.hflip=false")
+            problems.append(
+                "data.hflip is true but the dataset's card (manifest source.dataset) says a horizontal "
+                "flip changes the class (a mirrored digit is another glyph): set data.hflip=false"
+            )
         problem = num_iter_problem(cfg.eval.num_iter, data.seq_len)
         if problem:
             problems.append(problem)

@@ -17,8 +17,13 @@ def _transformer_flops(tokens: float, attended: float, width: int, depth: int, m
 
 
 def _head_flops(rows: float, width: int, depth: int, z_width: int, token_dim: int, out_dim: int) -> float:
-    per_row = 2 * (token_dim * width + z_width * width + depth * (2 * width * width + 3 * width * width)
-                   + 2 * width * width + width * out_dim)
+    per_row = 2 * (
+        token_dim * width
+        + z_width * width
+        + depth * (2 * width * width + 3 * width * width)
+        + 2 * width * width
+        + width * out_dim
+    )
     return rows * per_row
 
 
@@ -28,8 +33,9 @@ def train_flops_per_image(model: ModelConfig, dims: ModelDims, data: DataSpec, e
     if dims.backbone == "masked":
         visible = model.num_buffer_tokens + L * (1 - expected_mask_ratio)
         full = model.num_buffer_tokens + L
-        backbone = (_transformer_flops(visible, visible, W, dims.encoder_depth, model.mlp_ratio)
-                    + _transformer_flops(full, full, W, dims.decoder_depth, model.mlp_ratio))
+        backbone = _transformer_flops(visible, visible, W, dims.encoder_depth, model.mlp_ratio) + _transformer_flops(
+            full, full, W, dims.decoder_depth, model.mlp_ratio
+        )
     else:
         backbone = _transformer_flops(L, L / 2, W, dims.total_depth, model.mlp_ratio)
     # The head runs on the predicted (masked) rows only, each repeated num_repeats times.

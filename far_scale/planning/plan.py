@@ -15,8 +15,13 @@ from far_scale.config.schema import Config
 from far_scale.data.loader import micro_batches_per_epoch
 from far_scale.data.manifest import Manifest, find_manifest
 from far_scale.data.spec import DataSpec
-from far_scale.distributed.deepspeed_config import (ModelStateMemory, build_deepspeed_config, builds_partitioned,
-                                                    estimate_construction_memory, estimate_model_state_memory)
+from far_scale.distributed.deepspeed_config import (
+    ModelStateMemory,
+    build_deepspeed_config,
+    builds_partitioned,
+    estimate_construction_memory,
+    estimate_model_state_memory,
+)
 from far_scale.models.model import count_parameters, largest_layer_parameters
 from far_scale.models.registry import ModelDims
 from far_scale.planning.builder import build_meta_model, resolve_dims
@@ -53,8 +58,9 @@ def resolve_data(cfg: Config) -> DataSource:
         try:
             manifest = find_manifest(cfg.data.url)
         except Exception as exc:  # any failure to read it (missing credentials, network, a damaged file)
-            raise ConfigError([f"data.url={cfg.data.url}: cannot read its manifest ({type(exc).__name__}: {exc})"],
-                              "data") from None
+            raise ConfigError(
+                [f"data.url={cfg.data.url}: cannot read its manifest ({type(exc).__name__}: {exc})"], "data"
+            ) from None
         if manifest is not None:
             return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json")
     try:
@@ -111,20 +117,34 @@ class TrainingPlan:
         }
 
 
-def _steps_per_epoch(cfg: Config, world_size: int, accum: int, data: DataSpec,
-                     shard_sizes: Optional[Sequence[int]]) -> tuple[Optional[int], bool]:
+def _steps_per_epoch(
+    cfg: Config, world_size: int, accum: int, data: DataSpec, shard_sizes: Optional[Sequence[int]]
+) -> tuple[Optional[int], bool]:
     par = cfg.parallel
     if shard_sizes is not None:
-        micro = micro_batches_per_epoch(list(shard_sizes), cfg.data.split, cfg.run.seed, 0, world_size,
-                                        cfg.data.num_workers, par.micro_batch_size_per_gpu, accum)
+        micro = micro_batches_per_epoch(
+            list(shard_sizes),
+            cfg.data.split,
+            cfg.run.seed,
+            0,
+            world_size,
+            cfg.data.num_workers,
+            par.micro_batch_size_per_gpu,
+            accum,
+        )
         return micro // accum, True
     if data.num_images:
         return math.ceil(data.num_images / par.global_batch_size), False
     return None, False
 
 
-def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optional[Sequence[int]] = None,
-                precision: Optional[str] = None) -> TrainingPlan:
+def derive_plan(
+    cfg: Config,
+    world_size: int,
+    data: DataSpec,
+    shard_sizes: Optional[Sequence[int]] = None,
+    precision: Optional[str] = None,
+) -> TrainingPlan:
     """Validate and derive; raises ``ConfigError`` with every problem at once.
 
     ``shard_sizes`` (the manifest's) make the step counts exact; ``precision`` overrides the recipe's
@@ -135,7 +155,11 @@ def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optio
     precision = precision or par.precision
     dims = resolve_dims(cfg.model)
     accum = par.global_batch_size // (par.micro_batch_size_per_gpu * world_size)
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
+    lr = (
+        cfg.optim.lr
+        if cfg.optim.lr is not None
+        else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
+    )
     steps_per_epoch, exact = _steps_per_epoch(cfg, world_size, accum, data, shard_sizes)
     if cfg.run.max_steps is not None:
         total = cfg.run.max_steps
@@ -150,8 +174,13 @@ def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optio
     model = build_meta_model(cfg.model, data, dims)
     parameters = count_parameters(model)
     whole_target = dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
-    memory = estimate_model_state_memory(parameters["total"], par.zero_stage, world_size, precision,
-                                         whole_ema_params=parameters["head"] if whole_target else 0)
+    memory = estimate_model_state_memory(
+        parameters["total"],
+        par.zero_stage,
+        world_size,
+        precision,
+        whole_ema_params=parameters["head"] if whole_target else 0,
+    )
     return TrainingPlan(
         world_size=world_size,
         precision=precision,
@@ -171,8 +200,9 @@ def derive_plan(cfg: Config, world_size: int, data: DataSpec, shard_sizes: Optio
         whole_target_network=whole_target,
         memory=memory,
         built_partitioned=builds_partitioned(par.zero_stage),
-        construction_bytes=estimate_construction_memory(parameters["total"], largest_layer_parameters(model),
-                                                        par.zero_stage, world_size),
+        construction_bytes=estimate_construction_memory(
+            parameters["total"], largest_layer_parameters(model), par.zero_stage, world_size
+        ),
         deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, accum, precision),
     )
 

@@ -30,8 +30,13 @@ def render_report(cfg: Config, world_size: int, source: DataSource, precision: O
         "",
         f"# derived (world size {world_size})",
         *(f"{key}: {value}" for key, value in plan.as_dict().items()),
-        *([] if plan.steps_per_epoch_exact or plan.steps_per_epoch is None else
-          ["(steps per epoch estimated as ceil(images / global batch): no manifest to count the loader's batches)"]),
+        *(
+            []
+            if plan.steps_per_epoch_exact or plan.steps_per_epoch is None
+            else [
+                "(steps per epoch estimated as ceil(images / global batch): no manifest to count the loader's batches)"
+            ]
+        ),
         f"architecture: {cfg.model.arch} = {dims.backbone} backbone "
         f"({dims.encoder_depth}+{dims.decoder_depth} blocks, width {dims.width}, {dims.num_heads} heads) "
         f"+ {dims.head_kind} head ({dims.head_depth} x {dims.head_width})",
@@ -46,8 +51,11 @@ def render_report(cfg: Config, world_size: int, source: DataSource, precision: O
         f"({'sharded evaluation EMA + whole target network' if plan.whole_target_network else 'sharded'}), "
         f"total: {memory.total / GIB:.2f} GiB",
         f"model construction: {plan.construction_bytes / GIB:.2f} GiB of fp32 weights per rank at most "
-        + ("(built partitioned with zero.Init: its share plus the layer being built)" if plan.built_partitioned
-           else "(built whole on every rank; ZeRO-3 builds it partitioned)"),
+        + (
+            "(built partitioned with zero.Init: its share plus the layer being built)"
+            if plan.built_partitioned
+            else "(built whole on every rank; ZeRO-3 builds it partitioned)"
+        ),
         "",
         f"# collectives: a rank waits at most {cfg.parallel.process_group_timeout_min:g} min for the others "
         "(parallel.process_group_timeout_min; universal-checkpoint conversion and checkpoint uploads run inside it)",

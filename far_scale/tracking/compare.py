@@ -20,8 +20,17 @@ from far_scale.tracking.plots import new_axes, save_axes
 
 DEFAULT_EXPERIMENT = "far-scale"
 COMPARE_EXPERIMENT = "far-scale-compare"
-DEFAULT_METRICS = ("loss", "eval/accuracy", "eval/fd", "eval/precision", "eval/recall", "eval/fid", "eval/is",
-                   "eval/images_per_s", "images_per_s")
+DEFAULT_METRICS = (
+    "loss",
+    "eval/accuracy",
+    "eval/fd",
+    "eval/precision",
+    "eval/recall",
+    "eval/fid",
+    "eval/is",
+    "eval/images_per_s",
+    "images_per_s",
+)
 # Metrics where larger is better; every other metric (loss, Fréchet distance, FID, step time) is minimised.
 HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "is", "images_per_s", "latents_per_s", "mfu")
 QUALITY_METRICS = ("eval/accuracy", "eval/fd", "eval/fid", "eval/is")
@@ -60,8 +69,9 @@ def _client(uri: str):
 
 
 def _record(client, uri: str, run, metrics: Sequence[str]) -> RunRecord:
-    record = RunRecord(run.info.run_name or run.info.run_id, run.info.run_id, uri, dict(run.data.params),
-                       run.info.start_time or 0)
+    record = RunRecord(
+        run.info.run_name or run.info.run_id, run.info.run_id, uri, dict(run.data.params), run.info.start_time or 0
+    )
     for metric in metrics:
         if metric in run.data.metrics:
             points = client.get_metric_history(run.info.run_id, metric)
@@ -73,8 +83,13 @@ def store_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
-def collect_runs(selectors: Sequence[str], tracking_uri: Optional[str], experiment: str = DEFAULT_EXPERIMENT,
-                 filter_string: str = "", metrics: Sequence[str] = DEFAULT_METRICS) -> list[RunRecord]:
+def collect_runs(
+    selectors: Sequence[str],
+    tracking_uri: Optional[str],
+    experiment: str = DEFAULT_EXPERIMENT,
+    filter_string: str = "",
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> list[RunRecord]:
     """Runs named by ``selectors`` (run directories, run ids or run names) or, without selectors, every run of
     ``experiment`` at ``tracking_uri`` that matches ``filter_string``; oldest first."""
     records: list[RunRecord] = []
@@ -86,8 +101,10 @@ def collect_runs(selectors: Sequence[str], tracking_uri: Optional[str], experime
         elif tracking_uri:
             by_store.setdefault(tracking_uri, []).append(selector)
         else:
-            raise FileNotFoundError(f"{selector} is not a run directory (no mlflow.db in it); to name runs by id or "
-                                    "name, pass --tracking-uri")
+            raise FileNotFoundError(
+                f"{selector} is not a run directory (no mlflow.db in it); to name runs by id or "
+                "name, pass --tracking-uri"
+            )
     if not selectors:
         if not tracking_uri:
             raise ValueError("name runs or run directories, or pass --tracking-uri (with --experiment/--filter)")
@@ -106,8 +123,10 @@ def collect_runs(selectors: Sequence[str], tracking_uri: Optional[str], experime
                 raise ValueError(f"no run named {', '.join(sorted(missing))} in experiment {experiment!r} at {uri}")
         records += [_record(client, uri, run, metrics) for run in runs]
     if len(records) < 1:
-        raise ValueError(f"no runs matched in experiment {experiment!r}" + (f" with filter {filter_string!r}"
-                                                                             if filter_string else ""))
+        raise ValueError(
+            f"no runs matched in experiment {experiment!r}"
+            + (f" with filter {filter_string!r}" if filter_string else "")
+        )
     return records
 
 
@@ -141,8 +160,9 @@ def incomparable_reason(records: Sequence[RunRecord], metric: str) -> str:
     differing = [p for p in meaning_params(metric) if len({r.params.get(p) for r in having}) > 1]
     if not differing:
         return ""
-    values = ", ".join(sorted({str(having[0].params.get(differing[0]))} | {str(r.params.get(differing[0]))
-                                                                           for r in having}))
+    values = ", ".join(
+        sorted({str(having[0].params.get(differing[0]))} | {str(r.params.get(differing[0])) for r in having})
+    )
     return f"{differing[0]} differs ({values}): not the same quantity"
 
 
@@ -167,7 +187,9 @@ def _short(value: Optional[str]) -> str:
     return value if len(value) <= MAX_SHOWN_VALUE else value[: MAX_SHOWN_VALUE - 3] + "..."
 
 
-def comparison_rows(records: Sequence[RunRecord], summaries: Sequence[MetricSummary]) -> tuple[list[str], list[list[str]]]:
+def comparison_rows(
+    records: Sequence[RunRecord], summaries: Sequence[MetricSummary]
+) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per run; differing params, then each metric's last value (the best marked *)
     and its best value over the run."""
     params = differing_params(records)
@@ -212,29 +234,61 @@ def write_plots(records: Sequence[RunRecord], out: Path) -> list[Path]:
     plots = []
     with_loss = [r for r in records if "loss" in r.history]
     if with_loss:
-        plots.append(_plot(out / "loss_vs_step.png", "Training loss", "optimizer step", "loss",
-                           [(r.label, [s for s, _, _ in r.history["loss"]], [v for _, _, v in r.history["loss"]])
-                            for r in with_loss]))
-        plots.append(_plot(out / "loss_vs_time.png", "Training loss over wall-clock time",
-                           "minutes since the run started", "loss",
-                           [(r.label, [(t - r.start_ms) / 60_000 for _, t, _ in r.history["loss"]],
-                             [v for _, _, v in r.history["loss"]]) for r in with_loss]))
+        plots.append(
+            _plot(
+                out / "loss_vs_step.png",
+                "Training loss",
+                "optimizer step",
+                "loss",
+                [
+                    (r.label, [s for s, _, _ in r.history["loss"]], [v for _, _, v in r.history["loss"]])
+                    for r in with_loss
+                ],
+            )
+        )
+        plots.append(
+            _plot(
+                out / "loss_vs_time.png",
+                "Training loss over wall-clock time",
+                "minutes since the run started",
+                "loss",
+                [
+                    (
+                        r.label,
+                        [(t - r.start_ms) / 60_000 for _, t, _ in r.history["loss"]],
+                        [v for _, _, v in r.history["loss"]],
+                    )
+                    for r in with_loss
+                ],
+            )
+        )
     for metric in QUALITY_METRICS:
         runs = [r for r in records if metric in r.history]
         if not runs:
             continue
         name = metric.replace("/", "_")
         direction = "higher" if higher_is_better(metric) else "lower"
-        plots.append(_plot(out / f"{name}_vs_step.png", f"{metric} during training ({direction} is better)",
-                           "optimizer step", metric,
-                           [(r.label, [s for s, _, _ in r.history[metric]], [v for _, _, v in r.history[metric]])
-                            for r in runs]))
+        plots.append(
+            _plot(
+                out / f"{name}_vs_step.png",
+                f"{metric} during training ({direction} is better)",
+                "optimizer step",
+                metric,
+                [(r.label, [s for s, _, _ in r.history[metric]], [v for _, _, v in r.history[metric]]) for r in runs],
+            )
+        )
         paired = [r for r in runs if SPEED_METRIC in r.history]
         if paired:
-            plots.append(_plot(out / f"images_per_s_vs_{name}.png", f"Sampling speed vs {metric} (last evaluation)",
-                               "images / s (sampling + decoding)", metric,
-                               [(r.label, [r.history[SPEED_METRIC][-1][2]], [r.history[metric][-1][2]])
-                                for r in paired], log_x=True))
+            plots.append(
+                _plot(
+                    out / f"images_per_s_vs_{name}.png",
+                    f"Sampling speed vs {metric} (last evaluation)",
+                    "images / s (sampling + decoding)",
+                    metric,
+                    [(r.label, [r.history[SPEED_METRIC][-1][2]], [r.history[metric][-1][2]]) for r in paired],
+                    log_x=True,
+                )
+            )
     return plots
 
 
@@ -247,16 +301,22 @@ class Comparison:
     run_id: Optional[str]
 
 
-def compare(records: Sequence[RunRecord], out: str | Path, metrics: Sequence[str] = DEFAULT_METRICS,
-            log_to: Optional[str] = None, experiment: str = COMPARE_EXPERIMENT) -> Comparison:
+def compare(
+    records: Sequence[RunRecord],
+    out: str | Path,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    log_to: Optional[str] = None,
+    experiment: str = COMPARE_EXPERIMENT,
+) -> Comparison:
     """Write the table (markdown, CSV) and plots under ``out``; log them as a comparison run at ``log_to``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(records, metrics)
     header, rows = comparison_rows(records, summaries)
     notes = [f"- {s.metric}: no best run marked: {s.not_comparable}" for s in summaries if s.not_comparable]
-    table = markdown(header, rows) + ("\n\n* best last value among runs where the metric means the same\n"
-                                      + "\n".join(notes) if notes else "")
+    table = markdown(header, rows) + (
+        "\n\n* best last value among runs where the metric means the same\n" + "\n".join(notes) if notes else ""
+    )
     files = [out / "comparison.md", out / "comparison.csv"]
     for path, text in zip(files, (table + "\n", csv_text(header, rows))):
         with local_atomic_writer(path) as handle:
@@ -274,12 +334,15 @@ def _log_comparison(records: Sequence[RunRecord], files: Sequence[Path], uri: st
         # whatever directory the command ran in; a server uses its own artifact root.
         location = None
         if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = found.experiment_id
-    run = client.create_run(experiment_id, run_name="compare " + " vs ".join(r.name for r in records)[:200],
-                            tags={"far_scale.compared_runs": ",".join(r.run_id for r in records)})
+    run = client.create_run(
+        experiment_id,
+        run_name="compare " + " vs ".join(r.name for r in records)[:200],
+        tags={"far_scale.compared_runs": ",".join(r.run_id for r in records)},
+    )
     for path in files:
         client.log_artifact(run.info.run_id, str(path), "comparison")
     client.set_terminated(run.info.run_id)

@@ -53,9 +53,17 @@ def default_tracking_uri(run_dir: Path) -> str:
 class Tracker:
     """Rank 0's MLflow run. Every method is a no-op when tracking is disabled."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, artifact_dir: Path,
-                 run_id: Optional[str] = None, enabled: bool = True, final_flush_timeout_s: float = 0.0,
-                 unsent_path: Optional[Path] = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        artifact_dir: Path,
+        run_id: Optional[str] = None,
+        enabled: bool = True,
+        final_flush_timeout_s: float = 0.0,
+        unsent_path: Optional[Path] = None,
+    ):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.artifact_dir = artifact_dir
         self.final_flush_timeout_s, self.unsent_path = final_flush_timeout_s, unsent_path
@@ -86,8 +94,12 @@ class Tracker:
         self._next_attempt = now + RETRY_INTERVAL_S
         if not server_answers(self.uri):
             if not self._warned:
-                log.warning("MLflow at %s is unreachable: training continues, metrics are buffered "
-                            "(up to %d) and sent when it answers", self.uri, MAX_BUFFERED_METRICS)
+                log.warning(
+                    "MLflow at %s is unreachable: training continues, metrics are buffered "
+                    "(up to %d) and sent when it answers",
+                    self.uri,
+                    MAX_BUFFERED_METRICS,
+                )
                 self._warned = True
             return False
         try:
@@ -96,9 +108,14 @@ class Tracker:
             client = MlflowClient(tracking_uri=self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
             if experiment is None:
-                location = self.artifact_dir.resolve().as_uri() if "://" not in self.uri or self.uri.startswith("sqlite") else None
-                experiment_id = client.create_experiment(self.experiment, artifact_location=location,
-                                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                location = (
+                    self.artifact_dir.resolve().as_uri()
+                    if "://" not in self.uri or self.uri.startswith("sqlite")
+                    else None
+                )
+                experiment_id = client.create_experiment(
+                    self.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             else:
                 experiment_id = experiment.experiment_id
                 if EXPERIMENT_KIND_TAG not in experiment.tags:
@@ -185,8 +202,13 @@ class Tracker:
             self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 
     def _pending(self) -> bool:
-        return bool(self._buffer or self._pending_params or self._pending_tags or self._pending_artifacts
-                    or self._pending_images)
+        return bool(
+            self._buffer
+            or self._pending_params
+            or self._pending_tags
+            or self._pending_artifacts
+            or self._pending_images
+        )
 
     def close(self, status: str = "FINISHED", wait: bool = True) -> None:
         """Send everything, waiting up to ``final_flush_timeout_s`` for an unreachable server (not with
@@ -203,8 +225,12 @@ class Tracker:
             self.flush()
             if not self._pending() or time.monotonic() + wait_s > deadline:
                 break
-            log.warning("MLflow at %s: %d metrics not sent yet; retrying for up to %.0f s more", self.uri,
-                        len(self._buffer), deadline - time.monotonic())
+            log.warning(
+                "MLflow at %s: %d metrics not sent yet; retrying for up to %.0f s more",
+                self.uri,
+                len(self._buffer),
+                deadline - time.monotonic(),
+            )
             time.sleep(wait_s)
             wait_s = min(2 * wait_s, RETRY_INTERVAL_S)
         if self.online:
@@ -215,10 +241,25 @@ class Tracker:
         if self._buffer and self.unsent_path is not None:
             with open(self.unsent_path, "a") as handle:
                 for metric in self._buffer:
-                    handle.write(json.dumps({"run_id": self.run_id, "key": metric.key, "value": metric.value,
-                                             "timestamp": metric.timestamp, "step": metric.step}) + "\n")
-            log.warning("MLflow at %s never answered: %d metrics written to %s", self.uri, len(self._buffer),
-                        self.unsent_path)
+                    handle.write(
+                        json.dumps(
+                            {
+                                "run_id": self.run_id,
+                                "key": metric.key,
+                                "value": metric.value,
+                                "timestamp": metric.timestamp,
+                                "step": metric.step,
+                            }
+                        )
+                        + "\n"
+                    )
+            log.warning(
+                "MLflow at %s never answered: %d metrics written to %s", self.uri, len(self._buffer), self.unsent_path
+            )
         elif self._buffer or self.dropped_metrics:
-            log.warning("MLflow: %d metrics never reached %s and %d were dropped from a full buffer",
-                        len(self._buffer), self.uri, self.dropped_metrics)
+            log.warning(
+                "MLflow: %d metrics never reached %s and %d were dropped from a full buffer",
+                len(self._buffer),
+                self.uri,
+                self.dropped_metrics,
+            )

@@ -45,8 +45,7 @@ def server_answers(uri: str) -> bool:
 
 
 class NodeSystemMetrics:
-    def __init__(self, uri: str, run_id: str, node_id: str,
-                 sampling_interval_s: float = DEFAULT_SAMPLING_INTERVAL_S):
+    def __init__(self, uri: str, run_id: str, node_id: str, sampling_interval_s: float = DEFAULT_SAMPLING_INTERVAL_S):
         self.uri, self.run_id, self.node_id = uri, run_id, node_id
         self.sampling_interval_s = sampling_interval_s
         self.restarts = 0
@@ -65,8 +64,13 @@ class NodeSystemMetrics:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.sampling_interval_s,
-                                           resume_logging=True, node_id=self.node_id, tracking_uri=self.uri)
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.sampling_interval_s,
+                resume_logging=True,
+                node_id=self.node_id,
+                tracking_uri=self.uri,
+            )
             monitor.start()
         except Exception as exc:  # never fatal to training
             log.warning("MLflow system metrics for %s unavailable: %s", self.node_id, exc)

@@ -7,9 +7,7 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -18,8 +16,21 @@ import torch
 from safetensors.torch import load_file, save
 
 from far_scale.artifacts import (  # noqa: F401  (the layout's names, used as ckpt.* by the train package)
-    CONFIG_FILE, EMA_FILE, FILES_FILE, LATEST, META_FILE, TAG_PATTERN, TARGET_EMA_FILE, UNIVERSAL_DIR,
-    CheckpointError, CheckpointRef, _restore_hint, checkpoint_tags, parse_latest, read_latest, tag_for,
+    CONFIG_FILE,
+    EMA_FILE,
+    FILES_FILE,
+    LATEST,
+    META_FILE,
+    TAG_PATTERN,
+    TARGET_EMA_FILE,
+    UNIVERSAL_DIR,
+    CheckpointError,
+    CheckpointRef,
+    _restore_hint,
+    checkpoint_tags,
+    parse_latest,
+    read_latest,
+    tag_for,
 )
 from far_scale.data.storage import write_atomic
 
@@ -34,9 +45,11 @@ def check_writable(directory: Path) -> None:
         write_atomic(probe, "ok")
         probe.unlink()
     except OSError as exc:
-        raise CheckpointError(f"the checkpoint directory {directory} is not writable ({exc.strerror or exc}): "
-                              "fix its permissions or mount, or set checkpoint.url to a writable path or an "
-                              "s3:// URL") from None
+        raise CheckpointError(
+            f"the checkpoint directory {directory} is not writable ({exc.strerror or exc}): "
+            "fix its permissions or mount, or set checkpoint.url to a writable path or an "
+            "s3:// URL"
+        ) from None
 
 
 def file_digests(directory: Path) -> dict[str, dict]:
@@ -47,8 +60,10 @@ def file_digests(directory: Path) -> dict[str, dict]:
         with open(path, "rb") as handle:
             while chunk := handle.read(HASH_BLOCK_BYTES):
                 digest.update(chunk)
-        digests[path.relative_to(directory).as_posix()] = {"num_bytes": path.stat().st_size,
-                                                           "sha256": digest.hexdigest()}
+        digests[path.relative_to(directory).as_posix()] = {
+            "num_bytes": path.stat().st_size,
+            "sha256": digest.hexdigest(),
+        }
     return digests
 
 
@@ -65,12 +80,17 @@ def verify_checkpoint(ref: CheckpointRef) -> None:
     expected = json.loads(listing.read_text())
     actual = file_digests(ref.path)
     problems = [f"{name} is missing" for name in expected if name not in actual]
-    problems += [f"{name} has {actual[name]['num_bytes']} bytes and sha256 {actual[name]['sha256'][:12]}..., "
-                 f"written as {want['num_bytes']} bytes, {want['sha256'][:12]}..."
-                 for name, want in expected.items() if name in actual and actual[name] != want]
+    problems += [
+        f"{name} has {actual[name]['num_bytes']} bytes and sha256 {actual[name]['sha256'][:12]}..., "
+        f"written as {want['num_bytes']} bytes, {want['sha256'][:12]}..."
+        for name, want in expected.items()
+        if name in actual and actual[name] != want
+    ]
     if problems:
-        raise CheckpointError(f"checkpoint {ref.path} is damaged: {'; '.join(problems)}. Nothing was loaded; "
-                              + _restore_hint(ref.directory, ref.tag))
+        raise CheckpointError(
+            f"checkpoint {ref.path} is damaged: {'; '.join(problems)}. Nothing was loaded; "
+            + _restore_hint(ref.directory, ref.tag)
+        )
 
 
 def latest_text(ref: CheckpointRef) -> str:
@@ -83,8 +103,13 @@ def write_latest(ref: CheckpointRef) -> None:
     write_atomic(ref.directory / LATEST, latest_text(ref))
 
 
-def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: dict[str, torch.Tensor],
-                   target_ema_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+def write_sidecars(
+    ref: CheckpointRef,
+    config_yaml: str,
+    meta: dict,
+    ema_state: dict[str, torch.Tensor],
+    target_ema_state: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
     """Files read without unpickling: resolved config, metadata, full EMA weights (and the target EMA's)."""
     ref.path.mkdir(parents=True, exist_ok=True)
     write_atomic(ref.path / CONFIG_FILE, config_yaml)
@@ -99,8 +124,10 @@ def write_sidecars(ref: CheckpointRef, config_yaml: str, meta: dict, ema_state: 
 def load_ema(path: Path, name: str = EMA_FILE) -> dict[str, torch.Tensor]:
     """The evaluation EMA (or, with ``name=TARGET_EMA_FILE``, the target EMA) of a checkpoint."""
     if not (path / name).is_file():
-        raise FileNotFoundError(f"{path / name} is missing: the checkpoint was written without it (e.g. by a run "
-                                "with another model.head.consistency_target)")
+        raise FileNotFoundError(
+            f"{path / name} is missing: the checkpoint was written without it (e.g. by a run "
+            "with another model.head.consistency_target)"
+        )
     return load_file(str(path / name))
 
 

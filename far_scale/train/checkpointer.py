@@ -69,14 +69,23 @@ class Checkpointer:
         if resume.universal:
             self._convert_to_universal(ref)
         elif resized and self.env.is_main:
-            log.warning("checkpoint %s was written by %d ranks, this run has %d: ZeRO-0 states are whole, "
-                        "loading them directly", ref.tag, ref.world_size, self.env.world_size)
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: ZeRO-0 states are whole, "
+                "loading them directly",
+                ref.tag,
+                ref.world_size,
+                self.env.world_size,
+            )
         return resume
 
     def _convert_to_universal(self, ref: ckpt.CheckpointRef) -> None:
         if self.env.is_main:
-            log.warning("checkpoint %s was written by %d ranks, this run has %d: converting it to DeepSpeed's "
-                        "universal format", ref.tag, ref.world_size, self.env.world_size)
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: converting it to DeepSpeed's universal format",
+                ref.tag,
+                ref.world_size,
+                self.env.world_size,
+            )
             ds.convert_to_universal(str(ref.directory), ref.tag, str(ref.directory / ckpt.UNIVERSAL_DIR))
         barrier()
 
@@ -91,8 +100,16 @@ class Checkpointer:
             ds.restore_group_settings(engine, group_settings)
         return client
 
-    def save(self, engine, step: int, client: dict, config_yaml: str, meta: dict, ema_state: dict,
-             target_ema_state: Optional[dict]) -> str:
+    def save(
+        self,
+        engine,
+        step: int,
+        client: dict,
+        config_yaml: str,
+        meta: dict,
+        ema_state: dict,
+        target_ema_state: Optional[dict],
+    ) -> str:
         """Collective: write, digest, upload and point at checkpoint ``step``; returns where it is."""
         ref = ckpt.CheckpointRef(self.directory, ckpt.tag_for(step), step, self.env.world_size)
         try:
@@ -108,7 +125,8 @@ class Checkpointer:
                 f"could not write checkpoint {ref.path} ({free_mib:.0f} MiB free there): {type(exc).__name__}: {exc}. "
                 + (f"{ckpt.LATEST} still names {previous.tag}, which is complete; " if previous else "")
                 + "free space there (or set checkpoint.url to a larger filesystem) and restart: the run resumes "
-                "from the last complete checkpoint") from exc
+                "from the last complete checkpoint"
+            ) from exc
         barrier()
         # Each node hashes the files its ranks wrote; rank 0 records them all before anything points here.
         digests = all_gather_objects(ckpt.file_digests(ref.path) if self.env.local_rank == 0 else {})

@@ -47,8 +47,15 @@ def _partition_of(full: torch.Tensor, param: torch.Tensor, rank: int, world_size
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, *, prefix: str = "", whole_prefix: Optional[str] = None,
-                 gather: Callable[[Iterable], ContextManager] = gathered):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        *,
+        prefix: str = "",
+        whole_prefix: Optional[str] = None,
+        gather: Callable[[Iterable], ContextManager] = gathered,
+    ):
         self.decay = decay
         self.gather = gather
         self.params = {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
@@ -125,8 +132,10 @@ class EMA:
         for name, param in module.named_parameters():
             key = f"{prefix}{name}"
             if self.layout[key] is not Layout.WHOLE:
-                raise ValueError(f"{key}: the EMA keeps only a share of it on this rank; build the EMA with "
-                                 f"whole_prefix={prefix!r} to run a network on it")
+                raise ValueError(
+                    f"{key}: the EMA keeps only a share of it on this rank; build the EMA with "
+                    f"whole_prefix={prefix!r} to run a network on it"
+                )
             shadow = self.shadow[key]
             if shadow.shape != param.shape:
                 raise ValueError(f"{key}: EMA holds {tuple(shadow.shape)}, module {tuple(param.shape)}")

@@ -101,25 +101,48 @@ def peak_growth(device: torch.device):
 MEMORY_FILE = "memory.json"  # per-rank peak memory and model-build growth, written when a run ends
 
 
-def report_memory(env, growth: Growth, model_state_estimate: int, construction_estimate: int,
-                  zero_stage: int, built_partitioned: bool, run_dir: Path) -> Optional[dict[str, float]]:
+def report_memory(
+    env,
+    growth: Growth,
+    model_state_estimate: int,
+    construction_estimate: int,
+    zero_stage: int,
+    built_partitioned: bool,
+    run_dir: Path,
+) -> Optional[dict[str, float]]:
     """Collective: every rank's peak memory and what building the model added, beside the plan's estimates,
     in ``memory.json`` (one entry per rank); returns the largest over the ranks (MLflow metrics) on rank 0."""
-    ranks = all_gather_objects({"peak_gib": peak_bytes(env.device) / GIB, "build_host_gib": growth.host_bytes / GIB,
-                                "build_device_gib": None if growth.device_bytes is None else growth.device_bytes / GIB})
+    ranks = all_gather_objects(
+        {
+            "peak_gib": peak_bytes(env.device) / GIB,
+            "build_host_gib": growth.host_bytes / GIB,
+            "build_device_gib": None if growth.device_bytes is None else growth.device_bytes / GIB,
+        }
+    )
     if not env.is_main:
         return None
-    record = {"device": env.device.type, "zero_stage": zero_stage, "built_partitioned": built_partitioned,
-              "model_state_estimate_gib": model_state_estimate / GIB,
-              "construction_estimate_gib": construction_estimate / GIB, "ranks": ranks}
+    record = {
+        "device": env.device.type,
+        "zero_stage": zero_stage,
+        "built_partitioned": built_partitioned,
+        "model_state_estimate_gib": model_state_estimate / GIB,
+        "construction_estimate_gib": construction_estimate / GIB,
+        "ranks": ranks,
+    }
     write_atomic(run_dir / MEMORY_FILE, json.dumps(record, indent=1))
     peak = max(r["peak_gib"] for r in ranks)
     build = {"host": max(r["build_host_gib"] for r in ranks)}
     if env.device.type == "cuda":
         build["gpu"] = max(r["build_device_gib"] for r in ranks)
-    print(f"memory: peak {peak:.2f} GiB on the fullest of {len(ranks)} rank(s) (model states estimated at "
-          f"{record['model_state_estimate_gib']:.2f} GiB); building the model "
-          f"({'partitioned' if built_partitioned else 'whole'}; fp32 weights estimated at "
-          f"{record['construction_estimate_gib']:.2f} GiB) added at most "
-          + ", ".join(f"{gib:.2f} GiB on the {where}" for where, gib in build.items()), flush=True)
-    return {"memory/peak_gib_max_rank": peak, **{f"memory/build_{where}_gib_max_rank": gib for where, gib in build.items()}}
+    print(
+        f"memory: peak {peak:.2f} GiB on the fullest of {len(ranks)} rank(s) (model states estimated at "
+        f"{record['model_state_estimate_gib']:.2f} GiB); building the model "
+        f"({'partitioned' if built_partitioned else 'whole'}; fp32 weights estimated at "
+        f"{record['construction_estimate_gib']:.2f} GiB) added at most "
+        + ", ".join(f"{gib:.2f} GiB on the {where}" for where, gib in build.items()),
+        flush=True,
+    )
+    return {
+        "memory/peak_gib_max_rank": peak,
+        **{f"memory/build_{where}_gib_max_rank": gib for where, gib in build.items()},
+    }

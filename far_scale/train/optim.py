@@ -23,8 +23,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def learning_rate(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, kind: str,
-                  min_lr_ratio: float) -> float:
+def learning_rate(
+    step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float
+) -> float:
     """LR for optimizer step ``step`` (0-based): linear warmup to ``peak_lr``, then constant or cosine."""
     if warmup_steps and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
@@ -38,8 +39,15 @@ def learning_rate(step: int, *, peak_lr: float, warmup_steps: int, total_steps: 
 
 def schedule_for(cfg: Config, peak_lr: float, warmup_steps: int, total_steps: int):
     """``step -> lr`` for this run."""
+
     def lr_at(step: int) -> float:
-        return learning_rate(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps,
-                             kind=cfg.schedule.kind, min_lr_ratio=cfg.schedule.min_lr_ratio)
+        return learning_rate(
+            step,
+            peak_lr=peak_lr,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            kind=cfg.schedule.kind,
+            min_lr_ratio=cfg.schedule.min_lr_ratio,
+        )
 
     return lr_at

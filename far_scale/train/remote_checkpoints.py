@@ -18,8 +18,16 @@ from typing import Callable, Optional, TypeVar
 
 from far_scale.data.storage import filesystem, is_local, join, write_atomic
 from far_scale.errors import ActionableError
-from far_scale.train.checkpoint import (LATEST, CheckpointError, CheckpointRef, latest_text, parse_latest,
-                                        read_latest, tags_to_prune, verify_checkpoint)
+from far_scale.train.checkpoint import (
+    LATEST,
+    CheckpointError,
+    CheckpointRef,
+    latest_text,
+    parse_latest,
+    read_latest,
+    tags_to_prune,
+    verify_checkpoint,
+)
 
 log = logging.getLogger("far_scale.train")
 
@@ -51,7 +59,8 @@ def _retry(what: str, url: str, action: Callable[[], T]) -> T:
                 raise CheckpointStoreError(
                     f"could not {what} {url} after {UPLOAD_ATTEMPTS} attempts: {exc}. Check that the object "
                     "store is reachable (AWS_ENDPOINT_URL, credentials) and restart: the job resumes from the "
-                    "last checkpoint that reached the store") from exc
+                    "last checkpoint that reached the store"
+                ) from exc
             wait_s = RETRY_BASE_S * 2**attempt
             log.warning("%s %s failed (%s); retrying in %.0f s", what, url, exc, wait_s)
             time.sleep(wait_s)
@@ -94,8 +103,9 @@ class RemoteCheckpoints:
         partial = self.staging / f".{ref.tag}.download"
         shutil.rmtree(partial, ignore_errors=True)
         remote = join(self.root, ref.tag)
-        _retry("download", f"{self.url}/{ref.tag}", lambda: self.fs.get(remote + "/", str(partial) + "/",
-                                                                         recursive=True))
+        _retry(
+            "download", f"{self.url}/{ref.tag}", lambda: self.fs.get(remote + "/", str(partial) + "/", recursive=True)
+        )
         shutil.rmtree(ref.path, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         os.replace(partial, ref.path)

@@ -11,8 +11,10 @@ from far_scale.distributed.runtime import init_distributed, shutdown
 
 def configure_logging(rank: int) -> None:
     """Rank 0 logs info; every rank logs warnings, prefixed with its rank."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("DeepSpeed", "deepspeed", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

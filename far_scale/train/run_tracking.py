@@ -33,10 +33,16 @@ class RunTracking:
         """Collective: rank 0 opens (or, with ``run_id``, continues) the run; nodes start their system metrics."""
         tracking = self.cfg.tracking
         if self.env.is_main:
-            self.tracker = Tracker(self.uri, tracking.experiment, tracking.run_name or self.cfg.run.name,
-                                   self.run_dir / "mlartifacts", run_id=run_id, enabled=tracking.enabled,
-                                   final_flush_timeout_s=tracking.final_flush_timeout_s,
-                                   unsent_path=self.run_dir / UNSENT_METRICS_FILE)
+            self.tracker = Tracker(
+                self.uri,
+                tracking.experiment,
+                tracking.run_name or self.cfg.run.name,
+                self.run_dir / "mlartifacts",
+                run_id=run_id,
+                enabled=tracking.enabled,
+                final_flush_timeout_s=tracking.final_flush_timeout_s,
+                unsent_path=self.run_dir / UNSENT_METRICS_FILE,
+            )
             if run_id is None:
                 self.tracker.log_params(params)
                 self.tracker.log_artifact(config_file)
@@ -50,8 +56,9 @@ class RunTracking:
         if self.node_metrics is not None:
             self.node_metrics.ensure_running()
         elif self.env.is_main and self.tracker.run_id and self.cfg.tracking.system_metrics:
-            self.node_metrics = start_node_metrics(self.uri, self.tracker.run_id,
-                                                   self.cfg.tracking.system_metrics_interval_s)
+            self.node_metrics = start_node_metrics(
+                self.uri, self.tracker.run_id, self.cfg.tracking.system_metrics_interval_s
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
         if self.tracker is not None:

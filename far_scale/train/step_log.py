@@ -64,8 +64,15 @@ class StepLog:
         self.window.add(loss, parts, times)
         if not self.enabled:
             return
-        row = {"step": step, "loss": loss, **parts, "lr": self.lr_at(step - 1), "step_time_s": times.total_s,
-               "data_s": times.data_s, "peak_memory_gib": peak_bytes(self.device) / GIB}
+        row = {
+            "step": step,
+            "loss": loss,
+            **parts,
+            "lr": self.lr_at(step - 1),
+            "step_time_s": times.total_s,
+            "data_s": times.data_s,
+            "peak_memory_gib": peak_bytes(self.device) / GIB,
+        }
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
@@ -97,10 +104,12 @@ class StepLog:
     @staticmethod
     def line(metrics: dict, step: int, total_steps: int) -> str:
         remaining = (total_steps - step) * metrics["step_time_s"]
-        line = (f"step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-                f"{metrics['images_per_s']:.1f} img/s {metrics['latents_per_s']:.0f} latents/s data-wait "
-                f"{100 * metrics['data_wait_share']:.0f}% mem {metrics['memory/peak_gib']:.2f} GiB "
-                f"eta {remaining / 60:.1f} min")
+        line = (
+            f"step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
+            f"{metrics['images_per_s']:.1f} img/s {metrics['latents_per_s']:.0f} latents/s data-wait "
+            f"{100 * metrics['data_wait_share']:.0f}% mem {metrics['memory/peak_gib']:.2f} GiB "
+            f"eta {remaining / 60:.1f} min"
+        )
         if "mfu" in metrics:
             line += f" mfu {100 * metrics['mfu']:.1f}%"
         return line

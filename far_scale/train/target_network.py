@@ -48,8 +48,9 @@ class TargetNetwork:
     def attach(self, module: nn.Module, eval_ema: EMA) -> None:
         """Create the target EMA (``ema``) and bind the network's weights to the EMA it follows."""
         if self.kind == "ema":
-            self.ema = EMA(module, self.head_cfg.target_ema_decay, prefix=TARGET_NET_PREFIX,
-                           whole_prefix=TARGET_NET_PREFIX)
+            self.ema = EMA(
+                module, self.head_cfg.target_ema_decay, prefix=TARGET_NET_PREFIX, whole_prefix=TARGET_NET_PREFIX
+            )
         source = self.ema if self.kind == "ema" else eval_ema
         if self.template is not None:
             self.net = source.bind(self.template, TARGET_NET_PREFIX)

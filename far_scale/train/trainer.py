@@ -23,7 +23,7 @@ from tqdm import tqdm
 from far_scale.artifacts import DataInfo, RunMeta
 from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
-from far_scale.data.loader import LatentBatch, LatentLoader, LoaderPosition
+from far_scale.data.loader import LatentBatch, LatentLoader
 from far_scale.data.manifest import read_manifest
 from far_scale.data.storage import write_atomic
 from far_scale.distributed import engine as ds
@@ -82,11 +82,20 @@ class Trainer:
         # The one plan of this run: the same numbers check-config prints for this data and world size.
         self.plan = derive_plan(cfg, env.world_size, manifest.spec, manifest.shard_sizes, self.precision)
         self.accum, self.total_steps = self.plan.grad_accum_steps, self.plan.total_steps
-        self.loader = LatentLoader(cfg.data.url, rank=env.rank, world_size=env.world_size,
-                                   num_workers=cfg.data.num_workers, batch_size=par.micro_batch_size_per_gpu,
-                                   seed=cfg.run.seed, shuffle=cfg.data.shuffle, split=cfg.data.split,
-                                   grad_accum=self.accum, manifest=manifest, read_retry_s=cfg.data.read_retry_s,
-                                   hflip=cfg.data.hflip)
+        self.loader = LatentLoader(
+            cfg.data.url,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.data.num_workers,
+            batch_size=par.micro_batch_size_per_gpu,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+            split=cfg.data.split,
+            grad_accum=self.accum,
+            manifest=manifest,
+            read_retry_s=cfg.data.read_retry_s,
+            hflip=cfg.data.hflip,
+        )
         self.data = self.loader.spec
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
@@ -94,8 +103,9 @@ class Trainer:
         ds.configure_deepspeed(env.device)  # imported first: its libraries are not the model build's memory
         with peak_growth(env.device) as self.build_memory:
             if self.plan.built_partitioned:  # ZeRO-3: no rank ever holds the whole model (same weights)
-                model = ds.build_partitioned(lambda: build_model(cfg.model, self.data), self.plan.deepspeed_config,
-                                             env.device)
+                model = ds.build_partitioned(
+                    lambda: build_model(cfg.model, self.data), self.plan.deepspeed_config, env.device
+                )
             else:
                 model = build_model(cfg.model, self.data)
         # Observed, not planned: recorded in memory.json.
@@ -106,20 +116,38 @@ class Trainer:
         resume = self.checkpointer.locate(par.zero_stage)
         groups = parameter_groups(model, cfg.optim.weight_decay)
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-        self.engine = ds.build_engine(model, self.plan.deepspeed_config, cfg.optim, env.device, groups,
-                                      self.lr_at(0), load_universal=resume is not None and resume.universal)
+        self.engine = ds.build_engine(
+            model,
+            self.plan.deepspeed_config,
+            cfg.optim,
+            env.device,
+            groups,
+            self.lr_at(0),
+            load_universal=resume is not None and resume.universal,
+        )
         # Sharded over the ranks; whole only where a network runs on it (the target network).
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay, whole_prefix=self.targets.eval_ema_whole_prefix)
         self.targets.attach(self.engine.module, self.ema)
         run_id = self._restore(resume) if resume is not None else None
-        self.tracking.start(run_id, {"config": cfg.model_dump(mode="json"), "derived": self.plan.as_dict()},
-                            self.run_dir / ckpt.CONFIG_FILE)
+        self.tracking.start(
+            run_id,
+            {"config": cfg.model_dump(mode="json"), "derived": self.plan.as_dict()},
+            self.run_dir / ckpt.CONFIG_FILE,
+        )
         self.codec = self._load_codec()
         self.scorer = build_scorer(cfg.eval, env.device)
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
-        self.step_log = StepLog(self.run_dir, env.is_main, env.device, self.lr_at, self.plan.samples_per_step,
-                                self.data.seq_len, env.world_size, self.plan.flops_per_image,
-                                peak_flops(name) if env.device.type == "cuda" else None)
+        self.step_log = StepLog(
+            self.run_dir,
+            env.is_main,
+            env.device,
+            self.lr_at,
+            self.plan.samples_per_step,
+            self.data.seq_len,
+            env.world_size,
+            self.plan.flops_per_image,
+            peak_flops(name) if env.device.type == "cuda" else None,
+        )
         self._print_plan(resume)
 
     def _load_codec(self):
@@ -153,21 +181,30 @@ class Trainer:
     def _print_plan(self, resume) -> None:
         if not self.env.is_main:
             return
-        print(f"far-scale train: {self.cfg.model.arch} ({self.cfg.model.size}) on {self.env.world_size} x "
-              f"{self.env.device.type}, {self.precision}, ZeRO-{self.cfg.parallel.zero_stage}; "
-              f"{self.plan.samples_per_step} images/step = {self.cfg.parallel.micro_batch_size_per_gpu} x "
-              f"{self.env.world_size} ranks x {self.accum} accumulation; {self.total_steps} steps; "
-              f"peak lr {self.plan.lr:g}; data {self.cfg.data.url} ({self.data.seq_len} x {self.data.token_dim} "
-              f"tokens, scale {self.loader.scale:.4f})"
-              + (f"; resumed at step {self.step}" if resume else ""), flush=True)
+        print(
+            f"far-scale train: {self.cfg.model.arch} ({self.cfg.model.size}) on {self.env.world_size} x "
+            f"{self.env.device.type}, {self.precision}, ZeRO-{self.cfg.parallel.zero_stage}; "
+            f"{self.plan.samples_per_step} images/step = {self.cfg.parallel.micro_batch_size_per_gpu} x "
+            f"{self.env.world_size} ranks x {self.accum} accumulation; {self.total_steps} steps; "
+            f"peak lr {self.plan.lr:g}; data {self.cfg.data.url} ({self.data.seq_len} x {self.data.token_dim} "
+            f"tokens, scale {self.loader.scale:.4f})" + (f"; resumed at step {self.step}" if resume else ""),
+            flush=True,
+        )
         target = self.targets.ema
-        print(f"EMA on rank 0: {(self.ema.num_bytes() + self.targets.num_bytes()) / MIB:.2f} MiB of "
-              f"{self.ema.full_num_bytes() / MIB:.2f} MiB (sharded over {self.env.world_size} rank(s)"
-              + (f"; target network {target.num_bytes() / MIB:.2f} MiB, whole" if target else "") + ")", flush=True)
+        print(
+            f"EMA on rank 0: {(self.ema.num_bytes() + self.targets.num_bytes()) / MIB:.2f} MiB of "
+            f"{self.ema.full_num_bytes() / MIB:.2f} MiB (sharded over {self.env.world_size} rank(s)"
+            + (f"; target network {target.num_bytes() / MIB:.2f} MiB, whole" if target else "")
+            + ")",
+            flush=True,
+        )
         if self.built_partitioned:
             held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in self.engine.module.parameters())
-            print(f"model built partitioned (ZeRO-3 zero.Init): rank 0 holds {held / MIB:.2f} MiB of weights; "
-                  f"at most {self.plan.construction_bytes / MIB:.2f} MiB of fp32 weights while building", flush=True)
+            print(
+                f"model built partitioned (ZeRO-3 zero.Init): rank 0 holds {held / MIB:.2f} MiB of weights; "
+                f"at most {self.plan.construction_bytes / MIB:.2f} MiB of fp32 weights while building",
+                flush=True,
+            )
 
     # ---- one step ---------------------------------------------------------------------------------
     def _micro_step(self, batch: LatentBatch, micro: int):
@@ -214,8 +251,13 @@ class Trainer:
         if self.env.is_main and (self.run_dir / STOP_FILE).exists():
             self.stop_requested = True
         names = sorted(parts_sum)
-        summary = torch.stack([torch.stack(losses).sum(), *[parts_sum[n] for n in names],
-                               torch.tensor(float(self.stop_requested), device=self.env.device)]).float()
+        summary = torch.stack(
+            [
+                torch.stack(losses).sum(),
+                *[parts_sum[n] for n in names],
+                torch.tensor(float(self.stop_requested), device=self.env.device),
+            ]
+        ).float()
         dist.all_reduce(summary)  # one collective per step: loss, its parts and any rank's stop request
         times.optimizer_s += time.perf_counter() - start
         count = self.accum * self.env.world_size
@@ -231,8 +273,13 @@ class Trainer:
         self.nonfinite += 1
         limit = self.cfg.run.max_nonfinite_steps
         if self.env.is_main:
-            log.warning("non-finite loss at step %d (keys %s...); skipped (%d so far, limit %d)", self.step,
-                        batch.keys[:2], self.nonfinite, limit)
+            log.warning(
+                "non-finite loss at step %d (keys %s...); skipped (%d so far, limit %d)",
+                self.step,
+                batch.keys[:2],
+                self.nonfinite,
+                limit,
+            )
         if self.nonfinite > limit:
             raise FloatingPointError(f"{self.nonfinite} non-finite losses exceed run.max_nonfinite_steps={limit}")
 
@@ -249,8 +296,13 @@ class Trainer:
         """Run to ``total_steps`` or a stop request; returns the process exit code."""
         self._install_signal_handlers()
         batches = self.loader.batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.env.is_main and sys.stderr.isatty()))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.env.is_main and sys.stderr.isatty()),
+        )
         try:
             while self.step < self.total_steps:
                 loss, parts, times = self.train_step(batches)
@@ -288,8 +340,15 @@ class Trainer:
         """Close the bar and the MLflow run, then leave together: under `srun --kill-on-bad-exit` the first
         rank to exit non-zero ends the others, so nothing may remain to be done after this barrier."""
         bar.close()
-        memory = report_memory(self.env, self.build_memory, self.plan.memory.total, self.plan.construction_bytes,
-                               self.cfg.parallel.zero_stage, self.built_partitioned, self.run_dir)
+        memory = report_memory(
+            self.env,
+            self.build_memory,
+            self.plan.memory.total,
+            self.plan.construction_bytes,
+            self.cfg.parallel.zero_stage,
+            self.built_partitioned,
+            self.run_dir,
+        )
         if memory is not None:
             self.tracking.log_metrics(memory, self.step)
         self.tracking.close(status, wait=code != EXIT_PREEMPTED)
@@ -309,16 +368,33 @@ class Trainer:
         positions = all_gather_objects(self.loader.position.as_dict())
         rngs = all_gather_objects(ckpt.full_rng_state())
         run_id = all_gather_objects(self.tracking.run_id)[0]
-        client = {"step": self.step, "config_yaml": self.config_yaml, "loader_positions": positions,
-                  "rng_states": rngs, "mlflow_run_id": run_id, "world_size": self.env.world_size,
-                  "nonfinite": self.nonfinite}
+        client = {
+            "step": self.step,
+            "config_yaml": self.config_yaml,
+            "loader_positions": positions,
+            "rng_states": rngs,
+            "mlflow_run_id": run_id,
+            "world_size": self.env.world_size,
+            "nonfinite": self.nonfinite,
+        }
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         target_ema_state = self.targets.full_state_dict()
-        meta = RunMeta(self.step, self.env.world_size, run_id,
-                       DataInfo(self.cfg.data.url, self.data.seq_len, self.data.token_dim, self.data.num_classes,
-                                self.loader.scale, dict(self.loader.manifest.codec))).as_dict()
-        location = self.checkpointer.save(self.engine, self.step, client, self.config_yaml, meta, ema_state,
-                                          target_ema_state)
+        meta = RunMeta(
+            self.step,
+            self.env.world_size,
+            run_id,
+            DataInfo(
+                self.cfg.data.url,
+                self.data.seq_len,
+                self.data.token_dim,
+                self.data.num_classes,
+                self.loader.scale,
+                dict(self.loader.manifest.codec),
+            ),
+        ).as_dict()
+        location = self.checkpointer.save(
+            self.engine, self.step, client, self.config_yaml, meta, ema_state, target_ema_state
+        )
         self.tracking.set_tags({"checkpoint/latest": location, "checkpoint/step": self.step})
 
     def evaluate(self):
@@ -337,10 +413,12 @@ class Trainer:
         model.eval()
         options = sampling_options(ev, self.plan.dims.head_kind)
         generator = ImageGenerator(model, self.codec, self.loader.scale, options, self.env.device, self.precision)
-        job = SamplingJob(ev.num_images if self.scorer else ev.grid_images, self.data.num_classes, ev.batch_size,
-                          self.cfg.run.seed)
-        result = evaluate_on_ranks(generator, job, self.scorer, self.env.rank, self.env.world_size,
-                                   all_gather_objects, ev.grid_images)
+        job = SamplingJob(
+            ev.num_images if self.scorer else ev.grid_images, self.data.num_classes, ev.batch_size, self.cfg.run.seed
+        )
+        result = evaluate_on_ranks(
+            generator, job, self.scorer, self.env.rank, self.env.world_size, all_gather_objects, ev.grid_images
+        )
         del model, generator
         if result is None:
             return None
@@ -348,9 +426,12 @@ class Trainer:
         if metrics.get("eval/benchmark_valid") == 0.0:
             print(f"warning: {self.scorer.verdict.line()}: these scores cannot rank models", flush=True)
         self.tracking.log_metrics(metrics, self.step, flush=True)
-        print(f"eval at step {self.step} ({job.num_images} images, K={options.num_iter}, head steps "
-              f"{options.head_steps}, cfg {options.cfg_scale}): "
-              + " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()), flush=True)
+        print(
+            f"eval at step {self.step} ({job.num_images} images, K={options.num_iter}, head steps "
+            f"{options.head_steps}, cfg {options.cfg_scale}): "
+            + " ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()),
+            flush=True,
+        )
         if result.grid:
             image = tile(np.stack(result.grid), self.data.num_classes)
             save_image_atomic(image, self.run_dir / GRID_FILE.format(step=self.step))

@@ -26,19 +26,34 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 RUN = "far"
 KILL_TIMEOUT_S = 300
 DETECT_LIMIT_S = 120  # a dead rank must end the job well within this (no hang)
-BASE = ["data.split=samples", "data.num_workers=0", "parallel.global_batch_size=8",
-        "parallel.micro_batch_size_per_gpu=4", "tracking.enabled=false", "model.head.consistency_target=ema"]
+BASE = [
+    "data.split=samples",
+    "data.num_workers=0",
+    "parallel.global_batch_size=8",
+    "parallel.micro_batch_size_per_gpu=4",
+    "tracking.enabled=false",
+    "model.head.consistency_target=ema",
+]
 
 
 def _overrides(data, out: Path, steps: int, interval: int, *extra: str) -> list[str]:
-    return _common(data, out, RUN, *BASE, f"run.max_steps={steps}", f"checkpoint.interval_steps={interval}",
-                   "checkpoint.keep_last=3", *extra)
+    return _common(
+        data,
+        out,
+        RUN,
+        *BASE,
+        f"run.max_steps={steps}",
+        f"checkpoint.interval_steps={interval}",
+        "checkpoint.keep_last=3",
+        *extra,
+    )
 
 
 def _run(nproc: int, overrides: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = subprocess.run(_command(nproc, overrides), capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
-                            timeout=KILL_TIMEOUT_S)
+    result = subprocess.run(
+        _command(nproc, overrides), capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=KILL_TIMEOUT_S
+    )
     return result, time.monotonic() - start
 
 
@@ -78,15 +93,24 @@ def _restart_and_compare(nproc: int, overrides: list[str], run_dir: Path, refere
 
 def test_one_rank_killed_mid_step(latent_dataset, tmp_path, references, reliability):
     overrides = _overrides(latent_dataset, tmp_path, 8, 2)
-    job = subprocess.Popen(_command(2, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                           cwd=REPO_ROOT, start_new_session=True)
+    job = subprocess.Popen(
+        _command(2, overrides),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     run_dir = tmp_path / RUN
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
         while _steps_logged(run_dir) < 3 and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.01)
-        victims = [p for p in psutil.Process(job.pid).children(recursive=True)
-                   if p.environ().get("RANK") == "1" and "far_scale.cli" in " ".join(p.cmdline())]
+        victims = [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if p.environ().get("RANK") == "1" and "far_scale.cli" in " ".join(p.cmdline())
+        ]
         assert len(victims) == 1, "rank 1's process not found"
         victims[0].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -102,16 +126,25 @@ def test_one_rank_killed_mid_step(latent_dataset, tmp_path, references, reliabil
         "kill -9 of one of 2 ranks mid-step (torchrun, ZeRO-2)",
         "the job ends (no hang); a restart resumes from the last checkpoint with the same losses",
         f"job ended {detect_s:.1f} s after the kill (exit {code}); resumed at step {resumed_from}, steps 1-8 "
-        "bit-identical to the uninterrupted run", "none (steps after the checkpoint recomputed)", recover_s,
-        tmp_path=tmp_path)
+        "bit-identical to the uninterrupted run",
+        "none (steps after the checkpoint recomputed)",
+        recover_s,
+        tmp_path=tmp_path,
+    )
 
 
 def test_job_killed_during_a_checkpoint_write(latent_dataset, tmp_path, references, reliability):
     overrides = _overrides(latent_dataset, tmp_path, 8, 2)
     run_dir = tmp_path / RUN
     target = run_dir / "checkpoints" / "step_00000004"
-    job = subprocess.Popen(_command(1, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                           cwd=REPO_ROOT, start_new_session=True)
+    job = subprocess.Popen(
+        _command(1, overrides),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
         while not target.exists() and time.monotonic() < deadline and job.poll() is None:
@@ -128,7 +161,11 @@ def test_job_killed_during_a_checkpoint_write(latent_dataset, tmp_path, referenc
         "kill -9 of the whole job while it writes a checkpoint",
         "latest.json never names a partial checkpoint; the restart resumes from the last complete one",
         f"killed with latest.json at step {pointer['step']} and step 4 {'complete' if complete else 'partial'}; "
-        "resumed there, steps 1-8 bit-identical", "none", recover_s, tmp_path=tmp_path)
+        "resumed there, steps 1-8 bit-identical",
+        "none",
+        recover_s,
+        tmp_path=tmp_path,
+    )
 
 
 # ---- damaged files ------------------------------------------------------------------------------------
@@ -161,18 +198,23 @@ TAR_HEADER_BYTES = 512
 DAMAGES = {
     # name: (what is damaged, how, the text the error must contain)
     "truncated-shard": (lambda root: _truncate(_first_shard(root / "data")), "shard-000000.tar"),
-    "bit-flipped-shard": (lambda root: _flip_byte(_first_shard(root / "data"), TAR_HEADER_BYTES * 3 + 100),
-                          "shard-000000.tar does not match the manifest"),
+    "bit-flipped-shard": (
+        lambda root: _flip_byte(_first_shard(root / "data"), TAR_HEADER_BYTES * 3 + 100),
+        "shard-000000.tar does not match the manifest",
+    ),
     "damaged-manifest": (lambda root: _truncate(root / "data" / "manifest.json"), "manifest.json"),
     "truncated-checkpoint-file": (
         lambda root: _truncate(root / "runs" / RUN / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"),
-        "mp_rank_00_model_states.pt has"),
+        "mp_rank_00_model_states.pt has",
+    ),
     "bit-flipped-checkpoint-file": (
         lambda root: _flip_byte(root / "runs" / RUN / "checkpoints" / "step_00000004" / "ema.safetensors", 5000),
-        "ema.safetensors has"),
+        "ema.safetensors has",
+    ),
     "damaged-latest-pointer": (
         lambda root: (root / "runs" / RUN / "checkpoints" / "latest.json").write_text('{"tag": "step_0'),
-        "latest.json is damaged"),
+        "latest.json is damaged",
+    ),
 }
 
 
@@ -202,11 +244,15 @@ def test_damaged_file_is_named_and_nothing_is_lost(finished, tmp_path, damage, r
         assert fixed.returncode == 0, fixed.stderr[-3000:]
         assert _losses(run_dir) == _losses(references[1])
     reliability.record(
-        damage.replace("-", " "), "exit 1 with one line naming the file and the fix; nothing loaded or overwritten",
-        observed[:220] + ("..." if len(observed) > 220 else "")
+        damage.replace("-", " "),
+        "exit 1 with one line naming the file and the fix; nothing loaded or overwritten",
+        observed[:220]
+        + ("..." if len(observed) > 220 else "")
         + ("; after the fix: resumed, losses bit-identical" if recover_s is not None else ""),
-        "none" if recover_s is None else "none (the steps after the previous checkpoint recomputed)", recover_s,
-        tmp_path=tmp_path)
+        "none" if recover_s is None else "none (the steps after the previous checkpoint recomputed)",
+        recover_s,
+        tmp_path=tmp_path,
+    )
 
 
 # ---- disks -------------------------------------------------------------------------------------------
@@ -214,8 +260,7 @@ def test_damaged_file_is_named_and_nothing_is_lost(finished, tmp_path, damage, r
 
 def _mount_tmpfs(path: Path, options: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): needs root or CAP_SYS_ADMIN")
 
@@ -231,8 +276,9 @@ def test_full_checkpoint_disk(latent_dataset, tmp_path, references, reliability)
     mount = tmp_path / "small-disk"
     _mount_tmpfs(mount, f"size={CHECKPOINT_FS_MIB}m")
     try:
-        overrides = _overrides(latent_dataset, tmp_path, 8, 2, f"checkpoint.url={mount / 'ckpt'}",
-                               "checkpoint.keep_last=1")
+        overrides = _overrides(
+            latent_dataset, tmp_path, 8, 2, f"checkpoint.url={mount / 'ckpt'}", "checkpoint.keep_last=1"
+        )
         result, _ = _run(1, overrides)
         assert result.returncode == 1
         error = [line for line in result.stderr.splitlines() if line.startswith("error: ")][-1]
@@ -249,8 +295,12 @@ def test_full_checkpoint_disk(latent_dataset, tmp_path, references, reliability)
     reliability.record(
         f"checkpoint directory full ({CHECKPOINT_FS_MIB} MiB tmpfs)",
         "exit 1 naming the directory and its free space; latest.json keeps the last complete checkpoint; "
-        "the partial one is removed", error.removeprefix("error: ")[:140] + "...; resumed on a bigger disk, "
-        "losses bit-identical", "none (steps after the checkpoint recomputed)", recover_s, tmp_path=tmp_path)
+        "the partial one is removed",
+        error.removeprefix("error: ")[:140] + "...; resumed on a bigger disk, losses bit-identical",
+        "none (steps after the checkpoint recomputed)",
+        recover_s,
+        tmp_path=tmp_path,
+    )
 
 
 def test_read_only_checkpoint_directory(latent_dataset, tmp_path, reliability):
@@ -266,7 +316,10 @@ def test_read_only_checkpoint_directory(latent_dataset, tmp_path, reliability):
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")][-1]
     assert f"{mount / 'ckpt'} is not writable" in error
     assert not (tmp_path / RUN / "metrics.jsonl").exists()  # refused before the first step
-    reliability.record("checkpoint directory not writable (read-only mount)",
-                       "refused at start, before any step, naming the directory",
-                       f"{error.removeprefix('error: ')[:120]}... ({seconds:.0f} s after launch)", "none",
-                       tmp_path=tmp_path)
+    reliability.record(
+        "checkpoint directory not writable (read-only mount)",
+        "refused at start, before any step, naming the directory",
+        f"{error.removeprefix('error: ')[:120]}... ({seconds:.0f} s after launch)",
+        "none",
+        tmp_path=tmp_path,
+    )

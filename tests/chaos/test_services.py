@@ -43,12 +43,21 @@ def test_mlflow_server_killed_and_restarted_mid_run(latent_dataset, tmp_path, re
     server = start_server(store, port)
     env = {**_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     steps, down_s = 400, 5.0
-    overrides = _common(latent_dataset, tmp_path, RUN, f"run.max_steps={steps}", "data.num_workers=0",
-                        "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=16",
-                        "checkpoint.interval_steps=100000", f"tracking.uri=http://127.0.0.1:{port}",
-                        "tracking.system_metrics=false")
-    job = subprocess.Popen(_command(1, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env, cwd=REPO_ROOT)
+    overrides = _common(
+        latent_dataset,
+        tmp_path,
+        RUN,
+        f"run.max_steps={steps}",
+        "data.num_workers=0",
+        "parallel.global_batch_size=16",
+        "parallel.micro_batch_size_per_gpu=16",
+        "checkpoint.interval_steps=100000",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        "tracking.system_metrics=false",
+    )
+    job = subprocess.Popen(
+        _command(1, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT
+    )
     try:
         _wait(lambda: len(_rows(tmp_path / RUN)) >= 10, "step 10", job)
         stop_server(server)
@@ -78,7 +87,10 @@ def test_mlflow_server_killed_and_restarted_mid_run(latent_dataset, tmp_path, re
         "training never stops; metrics are buffered and reach the server once it answers",
         f"server down from step {killed_at_step} for {down_s:.0f} s (back at step {restarted_at_step} of {steps}); "
         f"the run finished; MLflow holds the loss of all {steps} steps, equal to metrics.jsonl, status FINISHED",
-        "none", recover_s, tmp_path=tmp_path)
+        "none",
+        recover_s,
+        tmp_path=tmp_path,
+    )
 
 
 class PausableProxy:
@@ -172,11 +184,22 @@ def test_s3_endpoint_down_during_training(s3_data, s3_endpoint, tmp_path, down_s
     # The SDK's own retries (botocore: several attempts with backoff) would hide a short outage; with one
     # attempt every failed request reaches far-scale's retry, which is what is under test.
     env = {**_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"}
-    overrides = _common(s3_data, tmp_path, RUN, "run.max_steps=60", "data.num_workers=0", "data.split=shards",
-                        "parallel.global_batch_size=4", "parallel.micro_batch_size_per_gpu=4",
-                        "checkpoint.interval_steps=100000", "tracking.enabled=false", f"data.read_retry_s={retry_s}")
-    job = subprocess.Popen(_command(1, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env, cwd=REPO_ROOT)
+    overrides = _common(
+        s3_data,
+        tmp_path,
+        RUN,
+        "run.max_steps=60",
+        "data.num_workers=0",
+        "data.split=shards",
+        "parallel.global_batch_size=4",
+        "parallel.micro_batch_size_per_gpu=4",
+        "checkpoint.interval_steps=100000",
+        "tracking.enabled=false",
+        f"data.read_retry_s={retry_s}",
+    )
+    job = subprocess.Popen(
+        _command(1, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT
+    )
     try:
         _wait(lambda: len(_rows(tmp_path / RUN)) >= 5, "step 5", job)
         proxy.down()
@@ -197,19 +220,29 @@ def test_s3_endpoint_down_during_training(s3_data, s3_endpoint, tmp_path, down_s
         assert job.returncode == 0, output[-3000:]
         assert steps == list(range(1, 61))
         assert "retrying in" in output
-        observed = (f"endpoint down {down_s:.0f} s from step {down_at}: shard reads retried with backoff, all 60 "
-                    "steps ran, none repeated or skipped")
-        reliability.record(f"S3 endpoint down {down_s:.0f} s during training (data.read_retry_s={retry_s:.0f})",
-                           "shard reads retry with backoff; training continues", observed, "none", after_s,
-                           tmp_path=tmp_path)
+        observed = (
+            f"endpoint down {down_s:.0f} s from step {down_at}: shard reads retried with backoff, all 60 "
+            "steps ran, none repeated or skipped"
+        )
+        reliability.record(
+            f"S3 endpoint down {down_s:.0f} s during training (data.read_retry_s={retry_s:.0f})",
+            "shard reads retry with backoff; training continues",
+            observed,
+            "none",
+            after_s,
+            tmp_path=tmp_path,
+        )
     else:
         assert job.returncode == 1, output[-3000:]
         error = [line for line in output.splitlines() if line.startswith("error: ")][-1]
         assert f"could not read {s3_data}/shard-" in error and "data.read_retry_s" in error
-        reliability.record(f"S3 endpoint down {down_s:.0f} s during training (data.read_retry_s={retry_s:.0f})",
-                           "after the retry budget, a clear error naming the shard URL (never a hang)",
-                           error.removeprefix("error: ")[:200], "none (resume from the last checkpoint)",
-                           tmp_path=tmp_path)
+        reliability.record(
+            f"S3 endpoint down {down_s:.0f} s during training (data.read_retry_s={retry_s:.0f})",
+            "after the retry budget, a clear error naming the shard URL (never a hang)",
+            error.removeprefix("error: ")[:200],
+            "none (resume from the last checkpoint)",
+            tmp_path=tmp_path,
+        )
 
 
 @pytest.mark.s3
@@ -219,21 +252,45 @@ def test_data_prep_killed_during_s3_uploads(tmp_path, s3_bucket, reliability):
     from data_prep.fit_codec import fit_pca_codec
     from data_prep.synth import SynthSpec, write_dataset
 
-    images = write_dataset(tmp_path / "images", SynthSpec(num_classes=10, images_per_class=30, resolution=32),
-                           progress=False)
+    images = write_dataset(
+        tmp_path / "images", SynthSpec(num_classes=10, images_per_class=30, resolution=32), progress=False
+    )
     weights = tmp_path / "pca.safetensors"
     fit_pca_codec(str(images), str(weights), 32, 8, 8, 64, 20_000, 0)
     url = f"s3://{s3_bucket}/latents"
-    encode = [sys.executable, "-m", "far_scale.cli", "data", "encode", str(images), None, "--codec", "pca",
-              "--codec-weights", str(weights), "--image-size", "32", "--images-per-shard", "3", "--batch-size", "3",
-              "--loader-workers", "0", "--quiet"]
+    encode = [
+        sys.executable,
+        "-m",
+        "far_scale.cli",
+        "data",
+        "encode",
+        str(images),
+        None,
+        "--codec",
+        "pca",
+        "--codec-weights",
+        str(weights),
+        "--image-size",
+        "32",
+        "--images-per-shard",
+        "3",
+        "--batch-size",
+        "3",
+        "--loader-workers",
+        "0",
+        "--quiet",
+    ]
     subprocess.run([*encode[:6], str(tmp_path / "local"), *encode[7:]], check=True, capture_output=True, timeout=300)
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    job = subprocess.Popen([*encode[:6], url, *encode[7:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        [*encode[:6], url, *encode[7:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        _wait(lambda: (fs.invalidate_cache() or len(fs.glob(f"{s3_bucket}/latents/shard-*.tar")) >= 5),
-              "5 shards on the store", job)
+        _wait(
+            lambda: fs.invalidate_cache() or len(fs.glob(f"{s3_bucket}/latents/shard-*.tar")) >= 5,
+            "5 shards on the store",
+            job,
+        )
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
     finally:
@@ -247,15 +304,23 @@ def test_data_prep_killed_during_s3_uploads(tmp_path, s3_bucket, reliability):
     assert not fs.exists(f"{s3_bucket}/latents/manifest.json")
     start = time.monotonic()
     subprocess.run([*encode[:6], url, *encode[7:]], check=True, capture_output=True, timeout=300)
-    verify = subprocess.run([sys.executable, "-m", "far_scale.cli", "data", "verify", url, "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "data", "verify", url, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     recover_s = time.monotonic() - start
     assert verify.returncode == 0, verify.stdout + verify.stderr
     fs.invalidate_cache()
     for name, data in local.items():
         assert fs.cat_file(f"{s3_bucket}/latents/{name}") == data, name
-    reliability.record("kill -9 of data prep during S3 uploads",
-                       "objects appear only complete; a re-run completes the dataset byte-identically",
-                       f"{len(uploaded)} of {len(local)} shards on the store at the kill, each complete; the re-run "
-                       "wrote the rest, `data verify` OK, every shard identical to a local encode", "none",
-                       recover_s, tmp_path=tmp_path)
+    reliability.record(
+        "kill -9 of data prep during S3 uploads",
+        "objects appear only complete; a re-run completes the dataset byte-identically",
+        f"{len(uploaded)} of {len(local)} shards on the store at the kill, each complete; the re-run "
+        "wrote the rest, `data verify` OK, every shard identical to a local encode",
+        "none",
+        recover_s,
+        tmp_path=tmp_path,
+    )

@@ -48,8 +48,9 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
             target.update()
         full = ema.full_state_dict()
         # A state written at another world size loads exactly (the 1 -> 2 ranks resume).
-        given = {name: torch.randn(tensor.shape, generator=torch.Generator().manual_seed(9)) for name, tensor in
-                 full.items()}
+        given = {
+            name: torch.randn(tensor.shape, generator=torch.Generator().manual_seed(9)) for name, tensor in full.items()
+        }
         ema.load_full_state_dict(given)
         reloaded = ema.full_state_dict()
         layouts = {ema.layout[name] for name in ema.params}
@@ -59,9 +60,19 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         except ValueError as exc:
             bind_error = str(exc)
         if rank == 0:
-            torch.save({"full": full, "target": target.full_state_dict(), "given": given, "reloaded": reloaded,
-                        "bytes": ema.num_bytes(), "full_bytes": ema.full_num_bytes(), "layouts": layouts,
-                        "bind_error": bind_error}, out)
+            torch.save(
+                {
+                    "full": full,
+                    "target": target.full_state_dict(),
+                    "given": given,
+                    "reloaded": reloaded,
+                    "bytes": ema.num_bytes(),
+                    "full_bytes": ema.full_num_bytes(),
+                    "layouts": layouts,
+                    "bind_error": bind_error,
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 

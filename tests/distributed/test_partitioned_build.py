@@ -46,8 +46,12 @@ MICRO_BATCH = 2
 
 
 def _ds_config(precision: str) -> dict:
-    par = ParallelConfig(zero_stage=3, precision=precision, global_batch_size=MICRO_BATCH * WORLD_SIZE,
-                         micro_batch_size_per_gpu=MICRO_BATCH)
+    par = ParallelConfig(
+        zero_stage=3,
+        precision=precision,
+        global_batch_size=MICRO_BATCH * WORLD_SIZE,
+        micro_batch_size_per_gpu=MICRO_BATCH,
+    )
     return build_deepspeed_config(par, grad_clip=1.0, grad_accum_steps=1, precision=precision)
 
 
@@ -65,8 +69,14 @@ def _held_elements(model) -> int:
 
 
 def _train_losses(model, ds_config: dict) -> list[float]:
-    engine = ds.build_engine(model, ds_config, OptimConfig(), torch.device("cpu"),
-                             parameter_groups(model, OptimConfig().weight_decay), lr=1e-3)
+    engine = ds.build_engine(
+        model,
+        ds_config,
+        OptimConfig(),
+        torch.device("cpu"),
+        parameter_groups(model, OptimConfig().weight_decay),
+        lr=1e-3,
+    )
     gen = torch.Generator().manual_seed(dist.get_rank())
     losses = []
     for step in range(TRAIN_STEPS):
@@ -82,22 +92,25 @@ def _train_losses(model, ds_config: dict) -> list[float]:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     set_mmap_threshold(MMAP_THRESHOLD_BYTES)  # freed tensors leave the resident set
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     init_distributed("cpu")
     try:
         fp32 = _ds_config("fp32")
         states, held = {}, {}
         for arch in ARCHS:
             torch.manual_seed(SEED)
-            model = ds.build_partitioned(lambda: build_model(ModelConfig(arch=arch, size="tiny"), SMALL_DATA),
-                                         fp32, torch.device("cpu"))
+            model = ds.build_partitioned(
+                lambda: build_model(ModelConfig(arch=arch, size="tiny"), SMALL_DATA), fp32, torch.device("cpu")
+            )
             states[arch], held[arch] = _gathered_state(model), _held_elements(model)
         del model
 
         torch.manual_seed(SEED)
         model, partitioned_peak = host_peak_of(
-            lambda: ds.build_partitioned(lambda: build_model(PROBE_MODEL, PROBE_DATA), fp32, torch.device("cpu")))
+            lambda: ds.build_partitioned(lambda: build_model(PROBE_MODEL, PROBE_DATA), fp32, torch.device("cpu"))
+        )
         probe_held = _held_elements(model)
         del model
         model, whole_peak = host_peak_of(lambda: build_model(PROBE_MODEL, PROBE_DATA))
@@ -107,13 +120,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         tiny_far = ModelConfig(arch="far", size="tiny")
         torch.manual_seed(SEED)
         partitioned_losses = _train_losses(
-            ds.build_partitioned(lambda: build_model(tiny_far, SMALL_DATA), bf16, torch.device("cpu")), bf16)
+            ds.build_partitioned(lambda: build_model(tiny_far, SMALL_DATA), bf16, torch.device("cpu")), bf16
+        )
         torch.manual_seed(SEED)
         whole_losses = _train_losses(build_model(tiny_far, SMALL_DATA), bf16)
-        torch.save({"states": states if rank == 0 else None, "held": held, "probe_held": probe_held,
-                    "partitioned_peak": partitioned_peak, "whole_peak": whole_peak,
-                    "partitioned_losses": partitioned_losses, "whole_losses": whole_losses},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "states": states if rank == 0 else None,
+                "held": held,
+                "probe_held": probe_held,
+                "partitioned_peak": partitioned_peak,
+                "whole_peak": whole_peak,
+                "partitioned_losses": partitioned_losses,
+                "whole_losses": whole_losses,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -156,7 +178,8 @@ def test_construction_memory_stays_within_a_share_plus_one_layer(ranks):
         # ... and a partitioned one never holds more than its share plus the layer being built.
         assert rank["partitioned_peak"] <= estimate + LAYER_BUFFERS * layer_bytes, (
             f"peak {rank['partitioned_peak'] / 2**20:.0f} MiB, share + layer {estimate / 2**20:.0f} MiB, "
-            f"layer {layer_bytes / 2**20:.1f} MiB, whole {whole_bytes / 2**20:.0f} MiB")
+            f"layer {layer_bytes / 2**20:.1f} MiB, whole {whole_bytes / 2**20:.0f} MiB"
+        )
 
 
 def test_bf16_engine_trains_a_partitioned_build_like_a_whole_one(ranks):

@@ -22,34 +22,87 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 MICRO = 4
 CASES = {
     # recipe, world size, overrides: uneven shards (12 x 10 + 8), epochs and warm-up in epochs or steps
-    "far-1rank-shards-epochs": ("far_tiny_synth64.yaml", 1, [
-        "run.epochs=1", "schedule.warmup_steps=null", "schedule.warmup_epochs=0.5", "data.split=shards", "data.num_workers=2",
-        "parallel.global_batch_size=8"]),
-    "far-2ranks-shards-accum": ("far_tiny_synth64.yaml", 2, [
-        "run.epochs=1", "schedule.warmup_steps=null", "schedule.warmup_epochs=0.4", "data.split=shards", "data.num_workers=1",
-        "parallel.global_batch_size=16"]),
-    "mar-2ranks-samples-accum3": ("mar_tiny_synth64.yaml", 2, [
-        "run.epochs=2", "schedule.warmup_steps=3", "data.split=samples", "data.num_workers=0",
-        "parallel.global_batch_size=24"]),
+    "far-1rank-shards-epochs": (
+        "far_tiny_synth64.yaml",
+        1,
+        [
+            "run.epochs=1",
+            "schedule.warmup_steps=null",
+            "schedule.warmup_epochs=0.5",
+            "data.split=shards",
+            "data.num_workers=2",
+            "parallel.global_batch_size=8",
+        ],
+    ),
+    "far-2ranks-shards-accum": (
+        "far_tiny_synth64.yaml",
+        2,
+        [
+            "run.epochs=1",
+            "schedule.warmup_steps=null",
+            "schedule.warmup_epochs=0.4",
+            "data.split=shards",
+            "data.num_workers=1",
+            "parallel.global_batch_size=16",
+        ],
+    ),
+    "mar-2ranks-samples-accum3": (
+        "mar_tiny_synth64.yaml",
+        2,
+        [
+            "run.epochs=2",
+            "schedule.warmup_steps=3",
+            "data.split=samples",
+            "data.num_workers=0",
+            "parallel.global_batch_size=24",
+        ],
+    ),
 }
 
 
 def _printed(recipe: Path, world_size: int, overrides: list[str]) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "check-config", str(recipe), "--world-size",
-                             str(world_size), "--precision", "fp32", *overrides],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "far_scale.cli",
+            "check-config",
+            str(recipe),
+            "--world-size",
+            str(world_size),
+            "--precision",
+            "fp32",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     derived = result.stdout.split("# derived", 1)[1]
-    return {key: int(re.search(rf"^{key}: (\d+)$", derived, re.M).group(1))
-            for key in ("total_steps", "warmup_steps", "grad_accum_steps")}
+    return {
+        key: int(re.search(rf"^{key}: (\d+)$", derived, re.M).group(1))
+        for key in ("total_steps", "warmup_steps", "grad_accum_steps")
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_check_config_numbers_are_what_train_runs(latent_dataset, tmp_path, case):
     recipe_name, world_size, extra = CASES[case]
-    overrides = _common(latent_dataset, tmp_path, case, "run.max_steps=null", "tracking.enabled=false",
-                        "run.record_sample_keys=true", f"parallel.micro_batch_size_per_gpu={MICRO}",
-                        "schedule.kind=constant", "optim.lr=1e-3", "checkpoint.interval_steps=1000", *extra)
+    overrides = _common(
+        latent_dataset,
+        tmp_path,
+        case,
+        "run.max_steps=null",
+        "tracking.enabled=false",
+        "run.record_sample_keys=true",
+        f"parallel.micro_batch_size_per_gpu={MICRO}",
+        "schedule.kind=constant",
+        "optim.lr=1e-3",
+        "checkpoint.interval_steps=1000",
+        *extra,
+    )
     printed = _printed(RECIPES / recipe_name, world_size, overrides)
     _train(world_size, overrides, str(RECIPES / recipe_name))
     run_dir = tmp_path / case
@@ -59,7 +112,9 @@ def test_check_config_numbers_are_what_train_runs(latent_dataset, tmp_path, case
     lrs = [r["lr"] for r in rows]
     warmup = printed["warmup_steps"]
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
-    assert lrs[warmup - 1 if warmup else 0:] == pytest.approx([1e-3] * (len(lrs) - max(warmup - 1, 0)))
+    assert lrs[warmup - 1 if warmup else 0 :] == pytest.approx([1e-3] * (len(lrs) - max(warmup - 1, 0)))
     for rank in range(world_size):
-        keys = [json.loads(line)["keys"] for line in (run_dir / f"sample_keys.rank{rank}.jsonl").read_text().splitlines()]
+        keys = [
+            json.loads(line)["keys"] for line in (run_dir / f"sample_keys.rank{rank}.jsonl").read_text().splitlines()
+        ]
         assert {len(k) for k in keys} == {MICRO * printed["grad_accum_steps"]}

@@ -19,9 +19,17 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.s3, pytest.
 STEPS = 6
 POLL_S = 0.01
 KILL_TIMEOUT_S = 300
-BASE = ["data.split=samples", "data.num_workers=0", f"run.max_steps={STEPS}", "checkpoint.interval_steps=2",
-        "checkpoint.keep_last=2", "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8",
-        "model.head.consistency_target=ema", "run.log_interval=1"]
+BASE = [
+    "data.split=samples",
+    "data.num_workers=0",
+    f"run.max_steps={STEPS}",
+    "checkpoint.interval_steps=2",
+    "checkpoint.keep_last=2",
+    "parallel.global_batch_size=8",
+    "parallel.micro_batch_size_per_gpu=8",
+    "model.head.consistency_target=ema",
+    "run.log_interval=1",
+]
 
 
 def _store(url: str):
@@ -35,8 +43,9 @@ def _kill_during_upload(command: list[str], url: str, tag: str) -> tuple[int, di
     """Start training, kill -9 the moment the first object of checkpoint ``tag`` is on the store; returns
     the exit code and the store's latest.json at that moment."""
     fs, root = _store(url)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                               cwd=REPO_ROOT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO_ROOT, start_new_session=True
+    )
     deadline = time.monotonic() + KILL_TIMEOUT_S
     try:
         while time.monotonic() < deadline and process.poll() is None:
@@ -57,8 +66,9 @@ def _all_bytes(paths) -> bytes:
     return b"".join(p.read_bytes() for p in paths if p.is_file())
 
 
-def test_s3_checkpoints_survive_a_kill_during_upload_and_an_empty_disk(latent_dataset, tmp_path, s3_bucket,
-                                                                       reliability):
+def test_s3_checkpoints_survive_a_kill_during_upload_and_an_empty_disk(
+    latent_dataset, tmp_path, s3_bucket, reliability
+):
     url = f"s3://{s3_bucket}/checkpoints/far"
     _train(1, _common(latent_dataset, tmp_path, "ref", *BASE))
     reference = _losses(tmp_path / "ref")
@@ -99,9 +109,12 @@ def test_s3_checkpoints_survive_a_kill_during_upload_and_an_empty_disk(latent_da
     written = _all_bytes(second_disk.rglob("*")) + b"".join(fs.cat_file(p) for p in fs.find(root))
     for secret in S3_TEST_CREDENTIALS.values():
         assert secret.encode() not in written
-    reliability.record("kill -9 during the S3 upload of a checkpoint, then the node's disk lost",
-                       "the store's latest.json names only complete checkpoints; a restart with an empty disk "
-                       "downloads it and resumes with the same losses",
-                       f"killed with the store at {pointer['tag']} (step 4 uploading); restarted on an empty disk: "
-                       f"resumed at step {resumed_at}, steps to {STEPS} bit-identical, store pruned to steps 4 and 6",
-                       "none (steps after the checkpoint recomputed)", recover_s)
+    reliability.record(
+        "kill -9 during the S3 upload of a checkpoint, then the node's disk lost",
+        "the store's latest.json names only complete checkpoints; a restart with an empty disk "
+        "downloads it and resumes with the same losses",
+        f"killed with the store at {pointer['tag']} (step 4 uploading); restarted on an empty disk: "
+        f"resumed at step {resumed_at}, steps to {STEPS} bit-identical, store pruned to steps 4 and 6",
+        "none (steps after the checkpoint recomputed)",
+        recover_s,
+    )

@@ -28,15 +28,29 @@ LAUNCH_TIMEOUT_S = 420
 PARITY_RTOL = 1e-4
 # The shortcut head's targets from a target EMA of its own (decay ramped over 2 steps), distinct from the
 # evaluation EMA (optim.ema_decay=0.9): every checkpoint and resume below carries both.
-TARGET_EMA = ["model.head.consistency_target=ema", "model.head.target_ema_decay=0.5",
-              "model.head.target_ema_warmup_steps=2"]
+TARGET_EMA = [
+    "model.head.consistency_target=ema",
+    "model.head.target_ema_decay=0.5",
+    "model.head.target_ema_warmup_steps=2",
+]
 
 
 def _common(data_url, out: Path, name: str, *extra: str) -> list[str]:
-    return [f"data.url={data_url}", f"run.output_dir={out}", f"run.name={name}", "eval.interval_steps=1000",
-            "eval.num_iter=4", "eval.grid_images=4", "eval.num_images=4", "run.log_interval=1",
-            "optim.ema_decay=0.9", "data.expect.seq_len=null", "data.expect.token_dim=null",
-            "data.expect.num_classes=null", *extra]
+    return [
+        f"data.url={data_url}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "eval.interval_steps=1000",
+        "eval.num_iter=4",
+        "eval.grid_images=4",
+        "eval.num_images=4",
+        "run.log_interval=1",
+        "optim.ema_decay=0.9",
+        "data.expect.seq_len=null",
+        "data.expect.token_dim=null",
+        "data.expect.num_classes=null",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -48,13 +62,29 @@ def _env() -> dict:
 def _command(nproc: int, overrides: list[str], recipe: str = RECIPE) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "far_scale.cli", "train", recipe, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "far_scale.cli",
+        "train",
+        recipe,
+        *overrides,
+    ]
 
 
 def _train(nproc: int, overrides: list[str], recipe: str = RECIPE) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(nproc, overrides, recipe), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-                            env=_env(), cwd=REPO_ROOT)
+    result = subprocess.run(
+        _command(nproc, overrides, recipe),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+        env=_env(),
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -87,9 +117,17 @@ def _target_ema(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def parity_runs(latent_dataset, tmp_path_factory):
     """One 1-rank reference (accumulation 2) and 2-rank runs with ZeRO 1, 2, 3 on the same global batches."""
     out = tmp_path_factory.mktemp("parity")
-    base = ["data.split=samples", "data.num_workers=0", "run.max_steps=6", "checkpoint.interval_steps=3",
-            "checkpoint.keep_last=5", "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=8",
-            "tracking.enabled=false", *TARGET_EMA]
+    base = [
+        "data.split=samples",
+        "data.num_workers=0",
+        "run.max_steps=6",
+        "checkpoint.interval_steps=3",
+        "checkpoint.keep_last=5",
+        "parallel.global_batch_size=16",
+        "parallel.micro_batch_size_per_gpu=8",
+        "tracking.enabled=false",
+        *TARGET_EMA,
+    ]
     _train(1, _common(latent_dataset, out, "ref", *base, "parallel.zero_stage=0"))
     for stage in (1, 2, 3):
         _train(2, _common(latent_dataset, out, f"zero{stage}", *base, f"parallel.zero_stage={stage}"))
@@ -118,8 +156,9 @@ def test_every_rank_reports_its_memory(parity_runs, stage):
     assert 0 < record["construction_estimate_gib"] and 0 < record["model_state_estimate_gib"]
 
 
-def _assert_close_states(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                         rtol: float = PARITY_RTOL, atol: float = 1e-6) -> None:
+def _assert_close_states(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float = PARITY_RTOL, atol: float = 1e-6
+) -> None:
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
@@ -152,9 +191,20 @@ def _resume_from(parity_runs: Path, stage: int, tmp_path: Path, name: str) -> Pa
 
 
 def _parity_overrides(data_url, tmp_path: Path, name: str, stage: int) -> list[str]:
-    return _common(data_url, tmp_path, name, "data.split=samples", "data.num_workers=0", "run.max_steps=6",
-                   "checkpoint.interval_steps=3", "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=8",
-                   f"parallel.zero_stage={stage}", "tracking.enabled=false", *TARGET_EMA)
+    return _common(
+        data_url,
+        tmp_path,
+        name,
+        "data.split=samples",
+        "data.num_workers=0",
+        "run.max_steps=6",
+        "checkpoint.interval_steps=3",
+        "parallel.global_batch_size=16",
+        "parallel.micro_batch_size_per_gpu=8",
+        f"parallel.zero_stage={stage}",
+        "tracking.enabled=false",
+        *TARGET_EMA,
+    )
 
 
 # Resuming a ZeRO-3 checkpoint on another world size through DeepSpeed's universal format restores the weights
@@ -234,8 +284,9 @@ def test_zero3_resume_on_the_same_ranks_is_bit_identical(parity_runs, latent_dat
 
 
 def _kill_after_checkpoint(command: list[str], checkpoints: Path, step: int) -> int:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                               cwd=REPO_ROOT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO_ROOT, start_new_session=True
+    )
     pointer = checkpoints / "latest.json"
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
@@ -250,9 +301,17 @@ def _kill_after_checkpoint(command: list[str], checkpoints: Path, step: int) -> 
 @pytest.fixture(scope="module")
 def resume_runs(latent_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
-    base = ["data.split=shards", "data.num_workers=2", "run.max_steps=8", "checkpoint.interval_steps=4",
-            "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=4", "parallel.zero_stage=2",
-            "run.record_sample_keys=true", *TARGET_EMA]
+    base = [
+        "data.split=shards",
+        "data.num_workers=2",
+        "run.max_steps=8",
+        "checkpoint.interval_steps=4",
+        "parallel.global_batch_size=8",
+        "parallel.micro_batch_size_per_gpu=4",
+        "parallel.zero_stage=2",
+        "run.record_sample_keys=true",
+        *TARGET_EMA,
+    ]
     _train(2, _common(latent_dataset, out, "straight", *base))
     killed = _common(latent_dataset, out, "killed", *base)
     code = _kill_after_checkpoint(_command(2, killed), out / "killed" / "checkpoints", 4)
@@ -308,8 +367,13 @@ def test_mlflow_store_holds_the_run_and_resume_appends(resume_runs):
 
 
 def test_export_writes_safetensors_and_config(resume_runs, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "export", str(resume_runs / "straight"),
-                             str(tmp_path / "export")], capture_output=True, text=True, timeout=300, env=_env())
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "export", str(resume_runs / "straight"), str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ema = load_file(str(tmp_path / "export" / "ema.safetensors"))
     raw = load_file(str(tmp_path / "export" / "model.safetensors"))
@@ -317,9 +381,27 @@ def test_export_writes_safetensors_and_config(resume_runs, tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert "arch: far" in (tmp_path / "export" / "config.yaml").read_text()
     # Sampling reads only the export (safetensors + config) and the dataset's codec.
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "sample", str(tmp_path / "export"), "--out",
-                             str(tmp_path / "samples"), "--num-images", "8", "--head-steps", "2", "--num-iter", "4"],
-                            capture_output=True, text=True, timeout=300, env=_env())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "far_scale.cli",
+            "sample",
+            str(tmp_path / "export"),
+            "--out",
+            str(tmp_path / "samples"),
+            "--num-images",
+            "8",
+            "--head-steps",
+            "2",
+            "--num-iter",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
 
@@ -329,9 +411,20 @@ def test_export_writes_safetensors_and_config(resume_runs, tmp_path):
 
 def test_unreachable_tracking_server_does_not_stop_training(latent_dataset, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    result = _train(1, _common(latent_dataset, tmp_path, "offline", "run.max_steps=2", "data.num_workers=0",
-                               "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8",
-                               f"tracking.uri={dead}", "tracking.final_flush_timeout_s=2"))
+    result = _train(
+        1,
+        _common(
+            latent_dataset,
+            tmp_path,
+            "offline",
+            "run.max_steps=2",
+            "data.num_workers=0",
+            "parallel.global_batch_size=8",
+            "parallel.micro_batch_size_per_gpu=8",
+            f"tracking.uri={dead}",
+            "tracking.final_flush_timeout_s=2",
+        ),
+    )
     assert "unreachable" in result.stderr and "never answered" in result.stderr
     assert sorted(_losses(tmp_path / "offline")) == [1, 2]
     # Nothing is lost: what the server never received is kept beside the run.
@@ -386,10 +479,24 @@ def test_nonfinite_losses_are_skipped_and_counted(latent_dataset, tmp_path):
         written = path.read_bytes()
         entries.append(dataclasses.replace(entry, num_bytes=len(written), sha256=hashlib.sha256(written).hexdigest()))
     write_manifest(str(data), dataclasses.replace(manifest, shards=tuple(entries)))
-    common = _common(data, tmp_path, "nan", "run.max_steps=3", "data.num_workers=0", "tracking.enabled=false",
-                     "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8")
-    result = subprocess.run(_command(1, [*common, "run.max_nonfinite_steps=2"]), capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT_S, env=_env(), cwd=REPO_ROOT)
+    common = _common(
+        data,
+        tmp_path,
+        "nan",
+        "run.max_steps=3",
+        "data.num_workers=0",
+        "tracking.enabled=false",
+        "parallel.global_batch_size=8",
+        "parallel.micro_batch_size_per_gpu=8",
+    )
+    result = subprocess.run(
+        _command(1, [*common, "run.max_nonfinite_steps=2"]),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+        env=_env(),
+        cwd=REPO_ROOT,
+    )
     assert result.returncode != 0
     assert "non-finite loss at step 0" in result.stderr
     assert "3 non-finite losses exceed run.max_nonfinite_steps=2" in result.stderr

@@ -27,8 +27,14 @@ def _log_run(uri: str, artifacts: Path, name: str, arch: str, lr: float, final_a
     for step in range(1, 21):
         tracker.log_metrics({"loss": 1.0 / step + (0.1 if arch == "mar" else 0.0)}, step)
     for step, accuracy in ((10, final_accuracy / 2), (20, final_accuracy)):
-        tracker.log_metrics({"eval/accuracy": accuracy, "eval/fd": 10.0 / accuracy,
-                             "eval/images_per_s": 40.0 if arch == "far" else 8.0}, step)
+        tracker.log_metrics(
+            {
+                "eval/accuracy": accuracy,
+                "eval/fd": 10.0 / accuracy,
+                "eval/images_per_s": 40.0 if arch == "far" else 8.0,
+            },
+            step,
+        )
     tracker.close()
     return tracker.run_id
 
@@ -67,8 +73,13 @@ def _wait_for_health(uri: str, timeout_s: float) -> None:
 
 
 def _cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "compare", *args], capture_output=True, text=True,
-                            timeout=300, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "compare", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -132,9 +143,24 @@ def test_compare_against_a_running_mlflow_server(tmp_path):
     port = free_port()
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen(
-        [mlflow, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root",
-         (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            (tmp_path / "server-artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_port(port, SERVER_START_TIMEOUT_S, server)
         uri = f"http://127.0.0.1:{port}"

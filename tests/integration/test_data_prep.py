@@ -36,8 +36,9 @@ MIN_PSNR_DB = 20.0
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    images = write_dataset(root / "images", SynthSpec(num_classes=5, images_per_class=9, resolution=IMAGE_SIZE, seed=3),
-                           progress=False)
+    images = write_dataset(
+        root / "images", SynthSpec(num_classes=5, images_per_class=9, resolution=IMAGE_SIZE, seed=3), progress=False
+    )
     weights = root / "pca.safetensors"
     fit_pca_codec(str(images), str(weights), IMAGE_SIZE, PATCH, 16, max_images=64, max_patches=50_000, seed=0)
     return images, weights
@@ -45,8 +46,18 @@ def dataset(tmp_path_factory):
 
 def _job(dataset, dst, **kwargs) -> EncodeJob:
     images, weights = dataset
-    return EncodeJob(src=str(images), dst=str(dst), codec="pca", codec_weights=str(weights), image_size=IMAGE_SIZE,
-                     images_per_shard=PER_SHARD, batch_size=4, loader_workers=0, progress=False, **kwargs)
+    return EncodeJob(
+        src=str(images),
+        dst=str(dst),
+        codec="pca",
+        codec_weights=str(weights),
+        image_size=IMAGE_SIZE,
+        images_per_shard=PER_SHARD,
+        batch_size=4,
+        loader_workers=0,
+        progress=False,
+        **kwargs,
+    )
 
 
 def _read_all(url: str) -> list:
@@ -130,18 +141,42 @@ def test_rerun_skips_complete_shards(dataset, tmp_path):
 
 @pytest.mark.chaos
 def test_sigkill_mid_shard_then_rerun_is_byte_identical(tmp_path, reliability):
-    images = write_dataset(tmp_path / "images", SynthSpec(num_classes=10, images_per_class=40, resolution=IMAGE_SIZE),
-                           progress=False)
+    images = write_dataset(
+        tmp_path / "images", SynthSpec(num_classes=10, images_per_class=40, resolution=IMAGE_SIZE), progress=False
+    )
     weights = tmp_path / "pca.safetensors"
     fit_pca_codec(str(images), str(weights), IMAGE_SIZE, PATCH, 16, 64, 50_000, 0)
-    args = [sys.executable, "-m", "far_scale.cli", "data", "encode", str(images), None, "--codec", "pca",
-            "--codec-weights", str(weights), "--image-size", str(IMAGE_SIZE), "--images-per-shard", "4",
-            "--batch-size", "2", "--loader-workers", "0", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "far_scale.cli",
+        "data",
+        "encode",
+        str(images),
+        None,
+        "--codec",
+        "pca",
+        "--codec-weights",
+        str(weights),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--images-per-shard",
+        "4",
+        "--batch-size",
+        "2",
+        "--loader-workers",
+        "0",
+        "--quiet",
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([*args[:6], str(reference), *args[7:]], check=True, capture_output=True, timeout=300)
 
-    process = subprocess.Popen([*args[:6], str(killed), *args[7:]], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [*args[:6], str(killed), *args[7:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not list(killed.glob("*.stats.json")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.002)
@@ -160,12 +195,18 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(tmp_path, reliability):
     recover_s = time.monotonic() - start
     assert _shard_bytes(killed) == reference_bytes
     assert _manifest_without_time(killed) == _manifest_without_time(reference)
-    reliability.record("kill -9 of data prep mid-shard", "only complete shards under final names; a re-run "
-                       "redoes the rest and ends byte-identical to an uninterrupted run",
-                       f"{len(done)} of 100 shards complete at the kill, none partial under a final name; re-run: "
-                       "all 100 shards and the manifest identical", "none", recover_s)
+    reliability.record(
+        "kill -9 of data prep mid-shard",
+        "only complete shards under final names; a re-run "
+        "redoes the rest and ends byte-identical to an uninterrupted run",
+        f"{len(done)} of 100 shards complete at the kill, none partial under a final name; re-run: "
+        "all 100 shards and the manifest identical",
+        "none",
+        recover_s,
+    )
     assert not list(killed.glob(".*.partial")) or all(
-        p.name.removeprefix(".").removesuffix(".partial") in reference_bytes for p in killed.glob(".*.partial"))
+        p.name.removeprefix(".").removesuffix(".partial") in reference_bytes for p in killed.glob(".*.partial")
+    )
 
 
 def test_verify_names_truncated_and_corrupted_shards(dataset, tmp_path):
@@ -181,8 +222,12 @@ def test_verify_names_truncated_and_corrupted_shards(dataset, tmp_path):
     assert set(report.bad_shards) == {"shard-000001.tar", "shard-000004.tar"}
     assert any("sha256" in p for p in report.bad_shards["shard-000004.tar"])
     assert any("size" in p for p in report.bad_shards["shard-000001.tar"])
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "data", "verify", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "data", "verify", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "BAD shard-000001.tar" in result.stdout and "BAD shard-000004.tar" in result.stdout
 
@@ -193,17 +238,39 @@ def test_whole_flow_on_s3(dataset, tmp_path, s3_bucket):
 
     url = f"s3://{s3_bucket}/latents/in32"
     images, weights = dataset
-    cmd = [sys.executable, "-m", "far_scale.cli", "data", "encode", str(images), url, "--codec", "pca",
-           "--codec-weights", str(weights), "--image-size", str(IMAGE_SIZE), "--images-per-shard", str(PER_SHARD),
-           "--loader-workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "far_scale.cli",
+        "data",
+        "encode",
+        str(images),
+        url,
+        "--codec",
+        "pca",
+        "--codec-weights",
+        str(weights),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--images-per-shard",
+        str(PER_SHARD),
+        "--loader-workers",
+        "0",
+    ]
     logs = ""
     for worker in range(2):
-        result = subprocess.run([*cmd, "--worker-id", str(worker), "--num-workers", "2"], capture_output=True,
-                                text=True, timeout=300, env=os.environ.copy())
+        result = subprocess.run(
+            [*cmd, "--worker-id", str(worker), "--num-workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=os.environ.copy(),
+        )
         assert result.returncode == 0, result.stderr
         logs += result.stdout + result.stderr
-    verify = subprocess.run([sys.executable, "-m", "far_scale.cli", "data", "verify", url], capture_output=True,
-                            text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "data", "verify", url], capture_output=True, text=True, timeout=120
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     logs += verify.stdout + verify.stderr
     # Same bytes as a local run.

@@ -17,8 +17,13 @@ DEMO_TIMEOUT_S = 900
 def _make_demo(out) -> subprocess.CompletedProcess:
     """The README's `make demo`, reduced through DEMO_ARGS (set-up is already done: the stamp is current)."""
     args = f"--out {out} --steps 20 --eval-images 20"
-    return subprocess.run(["make", "demo", f"DEMO_ARGS={args}", f"PYTHON={sys.executable}"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=DEMO_TIMEOUT_S)
+    return subprocess.run(
+        ["make", "demo", f"DEMO_ARGS={args}", f"PYTHON={sys.executable}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=DEMO_TIMEOUT_S,
+    )
 
 
 def test_reduced_demo_runs_every_stage(tmp_path):
@@ -26,8 +31,16 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     result = _make_demo(out)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     text = result.stdout
-    for stage in ("[1/8] images", "[2/8] S3", "[3/8] shards on S3", "[4/8] offline", "[5/8] train FAR",
-                  "[6/8] train MAR", "[7/8] sample", "[8/8] compare"):
+    for stage in (
+        "[1/8] images",
+        "[2/8] S3",
+        "[3/8] shards on S3",
+        "[4/8] offline",
+        "[5/8] train FAR",
+        "[6/8] train MAR",
+        "[7/8] sample",
+        "[8/8] compare",
+    ):
         assert stage in text, stage
     assert "resumed at step 10 from the checkpoint on S3" in text and "the same run" in text
     assert "wrote 3000 training and 2000 held-out real digits" in text

@@ -52,7 +52,8 @@ def test_images_are_the_source_digits_padded_to_32px(digit_folder):
 
     images, labels = digits.read_source(digits.source_path())
     path = next((digit_folder / "train" / str(labels[7])).glob("*_00007.png"), None) or next(
-        (digit_folder / "val" / str(labels[7])).glob("*_00007.png"))
+        (digit_folder / "val" / str(labels[7])).glob("*_00007.png")
+    )
     pixels = np.asarray(Image.open(path))
     assert pixels.shape == (32, 32, 3) and (pixels[..., 0] == pixels[..., 2]).all()
     assert (pixels[2:30, 2:30, 0] == images[7]).all() and pixels[:2].max() == 0
@@ -82,10 +83,12 @@ def digit_bench(digit_folder, tmp_path_factory):
     from far_scale.eval.offline import BenchmarkSettings, build_benchmark
 
     work = tmp_path_factory.mktemp("digit-bench")
-    _, shards = encode_with_pca(digit_folder, work, 32, 8, 16, images_per_shard=500, max_images=3000,
-                                max_patches=100_000, batch_size=250)
-    _, bench, _ = build_benchmark(str(digit_folder), work / "cache", str(shards),
-                                  BenchmarkSettings.for_folder(digit_folder), verbose=False)
+    _, shards = encode_with_pca(
+        digit_folder, work, 32, 8, 16, images_per_shard=500, max_images=3000, max_patches=100_000, batch_size=250
+    )
+    _, bench, _ = build_benchmark(
+        str(digit_folder), work / "cache", str(shards), BenchmarkSettings.for_folder(digit_folder), verbose=False
+    )
     return bench
 
 

@@ -41,8 +41,14 @@ def _env(threads: int = 1) -> dict:
 
 
 def _cli(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", *args], capture_output=True, text=True,
-                            timeout=TIMEOUT_S, env=_env(threads), cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_env(threads),
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -50,8 +56,19 @@ def _cli(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
 def _encode(images: Path, codec: Path, out: Path) -> Path:
     from data_prep.encode import EncodeJob, run_encode
 
-    run_encode(EncodeJob(src=str(images), dst=str(out), codec="pca", codec_weights=str(codec), image_size=64,
-                         images_per_shard=100, batch_size=50, loader_workers=0, progress=False))
+    run_encode(
+        EncodeJob(
+            src=str(images),
+            dst=str(out),
+            codec="pca",
+            codec_weights=str(codec),
+            image_size=64,
+            images_per_shard=100,
+            batch_size=50,
+            loader_workers=0,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -63,8 +80,9 @@ def synth64(tmp_path_factory) -> SynthData:
 
     root = tmp_path_factory.mktemp("synth64")
     images = write_dataset(root / "images", SynthSpec(NUM_CLASSES, 60, 64, seed=0), progress=False)
-    codec, shards = encode_with_pca(images, root, 64, 8, 16, images_per_shard=100, max_images=600,
-                                    max_patches=100_000, batch_size=50)
+    codec, shards = encode_with_pca(
+        images, root, 64, 8, 16, images_per_shard=100, max_images=600, max_patches=100_000, batch_size=50
+    )
     return SynthData(images, codec, shards)
 
 
@@ -72,8 +90,9 @@ def synth64(tmp_path_factory) -> SynthData:
 def bench(synth64, tmp_path_factory):
     from far_scale.eval.offline import build_benchmark
 
-    path, benchmark, reused = build_benchmark(str(synth64.images), tmp_path_factory.mktemp("cache"),
-                                              str(synth64.shards), verbose=False)
+    path, benchmark, reused = build_benchmark(
+        str(synth64.images), tmp_path_factory.mktemp("cache"), str(synth64.shards), verbose=False
+    )
     assert not reused
     return path, benchmark
 
@@ -109,7 +128,8 @@ def test_benchmark_on_colour_classes_is_reported_invalid(bench):
     assert rows[CONTROL_TOKENS_SHUFFLED].accuracy > 0.55 and rows[CALIBRATION_REAL].accuracy >= 0.95
     assert not benchmark.verdict.valid
     assert "without shape" in benchmark.verdict.reason and benchmark.verdict.line().startswith(
-        "offline benchmark INVALID")
+        "offline benchmark INVALID"
+    )
     features = benchmark.features(np.zeros((4, 64, 64, 3), dtype=np.uint8))
     assert benchmark.score(features, np.arange(4))["benchmark_valid"] == 0.0  # what reaches MLflow
 
@@ -149,10 +169,21 @@ def test_real_images_with_shuffled_labels_score_chance_accuracy(bench, synth64):
 
 def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAIN_STEPS) -> Path:
     # One rank with both cores: tests run one at a time.
-    _cli("train", RECIPE, f"data.url={data}", f"run.output_dir={out}", f"run.name={name}",
-         f"run.max_steps={steps}", f"eval.interval_steps={steps // 2}", f"eval.num_images={EVAL_IMAGES}",
-         "eval.batch_size=50", f"eval.benchmark={bench_path}", f"checkpoint.interval_steps={steps}",
-         "run.log_interval=50", threads=2)
+    _cli(
+        "train",
+        RECIPE,
+        f"data.url={data}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"run.max_steps={steps}",
+        f"eval.interval_steps={steps // 2}",
+        f"eval.num_images={EVAL_IMAGES}",
+        "eval.batch_size=50",
+        f"eval.benchmark={bench_path}",
+        f"checkpoint.interval_steps={steps}",
+        "run.log_interval=50",
+        threads=2,
+    )
     return out / name
 
 
@@ -166,8 +197,10 @@ def _final_eval(run_dir: Path) -> dict[str, list]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("far-scale").experiment_id])[0]
-    return {name: client.get_metric_history(run.info.run_id, f"eval/{name}")
-            for name in ("accuracy", "fd", "precision", "recall", "images_per_s")}
+    return {
+        name: client.get_metric_history(run.info.run_id, f"eval/{name}")
+        for name in ("accuracy", "fd", "precision", "recall", "images_per_s")
+    }
 
 
 @pytest.mark.slow
@@ -191,9 +224,14 @@ def test_trained_far_beats_random_latents_on_both_metrics(trained_far, bench):
 def _sample(source: Path, out: Path, nproc: int = 1, *overrides: str) -> subprocess.Popen:
     # N ranks: the launcher users run (torchrun --standalone underneath).
     command = ["sample"] if nproc == 1 else ["launch", "local-sample", "--nproc", str(nproc)]
-    return subprocess.Popen([sys.executable, "-m", "far_scale.cli", *command, str(source), "--out", str(out),
-                             *SAMPLE_ARGS, *overrides], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "far_scale.cli", *command, str(source), "--out", str(out), *SAMPLE_ARGS, *overrides],
+        env=_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -223,8 +261,9 @@ def test_two_ranks_sample_the_same_bytes_as_one(trained_far, one_rank_samples, t
 
 @pytest.mark.slow
 def test_sampling_options_on_the_command_line_change_the_samples(trained_far, one_rank_samples, tmp_path):
-    _finish(_sample(trained_far, tmp_path / "cached", 1, "eval.backbone_refresh_every=2",
-                    "eval.guidance_refresh_every=2"))
+    _finish(
+        _sample(trained_far, tmp_path / "cached", 1, "eval.backbone_refresh_every=2", "eval.guidance_refresh_every=2")
+    )
     settings = json.loads((tmp_path / "cached" / "settings.json").read_text())["options"]
     assert settings["backbone_refresh_every"] == 2 and settings["guidance_refresh_every"] == 2
     assert (tmp_path / "cached" / "samples.npz").read_bytes() != (one_rank_samples / "samples.npz").read_bytes()
@@ -273,21 +312,49 @@ def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, benc
 def test_sweep_logs_one_child_run_per_point_and_skips_them_when_rerun(trained_far, bench, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    args = ["eval", "sweep", str(trained_far), "--num-iter", "4,8", "--head-steps", "2", "--cfg-scale", "1,2",
-            "--num-images", "20", "--batch-size", "10", "--bench", str(bench[0]), "--out", str(tmp_path)]
+    args = [
+        "eval",
+        "sweep",
+        str(trained_far),
+        "--num-iter",
+        "4,8",
+        "--head-steps",
+        "2",
+        "--cfg-scale",
+        "1,2",
+        "--num-images",
+        "20",
+        "--batch-size",
+        "10",
+        "--bench",
+        str(bench[0]),
+        "--out",
+        str(tmp_path),
+    ]
     assert "4 points evaluated, 0 already logged" in _cli(*args).stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{trained_far / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("far-scale")
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "far")
-    children = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert sorted(c.info.run_name for c in children) == [
-        "K4-steps2-cfg1", "K4-steps2-cfg2", "K8-steps2-cfg1", "K8-steps2-cfg2"]
+        "K4-steps2-cfg1",
+        "K4-steps2-cfg2",
+        "K8-steps2-cfg1",
+        "K8-steps2-cfg2",
+    ]
     for child in children:
         assert child.data.params["num_iter"] in ("4", "8") and child.data.params["head_steps"] == "2"
         assert child.data.params["cfg_scale"] in ("1.0", "2.0") and child.data.params["num_images"] == "20"
         assert {"accuracy", "fd", "precision", "recall", "images_per_s"} <= set(child.data.metrics)
     assert "0 points evaluated, 4 already logged" in _cli(*args).stdout
-    assert len(client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 4
+    assert (
+        len(
+            client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+            )
+        )
+        == 4
+    )
     assert (tmp_path / "sweep_fd_vs_cfg.png").is_file() and (tmp_path / "sweep_fd_vs_speed.png").is_file()

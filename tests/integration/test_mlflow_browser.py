@@ -34,10 +34,23 @@ def chromium(url: str, profile: Path, *flags: str, window: str = SCREEN, budget_
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     assert binary, "chromium is not installed: run `make system-deps` (scripts/system-deps.sh)"
     shutil.rmtree(profile, ignore_errors=True)
-    result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-                             f"--window-size={window}", *flags, url],
-                            capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
+    result = subprocess.run(
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--window-size={window}",
+            *flags,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CHROMIUM_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -53,14 +66,32 @@ def rendered_dom(url: str, profile: Path, complete, window: str = SCREEN) -> str
 
 def _train(arch: str, data, out: Path, store: Path) -> None:
     recipe = str(REPO_ROOT / "recipes" / f"{arch}_tiny_synth64.yaml")
-    overrides = [f"data.url={data}", f"run.output_dir={out}", f"run.name={arch}-short", "run.max_steps=4",
-                 "run.log_interval=1", "eval.interval_steps=4", "eval.num_iter=4", "eval.head_steps=2",
-                 "eval.grid_images=4", f"tracking.uri=sqlite:///{store / 'mlflow.db'}", "data.num_workers=0",
-                 "data.expect.seq_len=null", "data.expect.token_dim=null", "data.expect.num_classes=null"]
+    overrides = [
+        f"data.url={data}",
+        f"run.output_dir={out}",
+        f"run.name={arch}-short",
+        "run.max_steps=4",
+        "run.log_interval=1",
+        "eval.interval_steps=4",
+        "eval.num_iter=4",
+        "eval.head_steps=2",
+        "eval.grid_images=4",
+        f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        "data.num_workers=0",
+        "data.expect.seq_len=null",
+        "data.expect.token_dim=null",
+        "data.expect.num_classes=null",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_ADDR", None)
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -85,14 +116,17 @@ def test_mlflow_ui_shows_both_runs_their_metrics_and_sample_images(latent_datase
         assert all(n in table for n in names)
         # Each run's sample grid is an MLflow image (log_image with its step) in the chart view.
         images = [f"run_uuid={run_id}" for run_id in runs.values()]
-        charts = rendered_dom(f"{base}/runs?compareRunsMode=CHART", profile,
-                              lambda dom: all(i in dom for i in images), window=TALL_SCREEN)
+        charts = rendered_dom(
+            f"{base}/runs?compareRunsMode=CHART", profile, lambda dom: all(i in dom for i in images), window=TALL_SCREEN
+        )
         assert "loss" in charts and "get-artifact?path=images%2Fsamples%2Bstep%2B4%2B" in charts
         assert all(i in charts for i in images)
         ids = json.dumps(sorted(runs.values())).replace(" ", "")
-        compare = rendered_dom(f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}"
-                               f"&experiments=[\"{experiment.experiment_id}\"]", profile,
-                               lambda dom: all(n in dom for n in names) and "config.model.arch" in dom)
+        compare = rendered_dom(
+            f'http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments=["{experiment.experiment_id}"]',
+            profile,
+            lambda dom: all(n in dom for n in names) and "config.model.arch" in dom,
+        )
         assert all(n in compare for n in names) and "config.model.arch" in compare and "loss" in compare
         chromium(f"{base}/runs?compareRunsMode=CHART", profile, f"--screenshot={tmp_path / 'charts.png'}")
         assert (tmp_path / "charts.png").stat().st_size > 10_000

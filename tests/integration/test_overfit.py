@@ -24,8 +24,9 @@ CASES = {
 
 
 def _train(arch: str, latents: torch.Tensor, labels: torch.Tensor, steps: int, head: dict):
-    cfg = ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0,
-                      head=HeadConfig(**head))
+    cfg = ModelConfig(
+        arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0, head=HeadConfig(**head)
+    )
     model = build_model(cfg, DATA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
@@ -47,8 +48,9 @@ def test_tiny_model_overfits_and_reproduces_by_sampling(arch):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first / 4, (first, last)
 
-    samples = generate(model, labels, SamplingOptions(num_iter=8, head_steps=case["head_steps"]),
-                       torch.Generator().manual_seed(0))
+    samples = generate(
+        model, labels, SamplingOptions(num_iter=8, head_steps=case["head_steps"]), torch.Generator().manual_seed(0)
+    )
     # Distance of each sample to every training latent: its own class must be by far the nearest,
     # and much nearer than chance (a fresh N(0, I) draw is ~2 away in mean squared error).
     distances = ((samples[:, None] - latents[None]) ** 2).mean(dim=(2, 3))
@@ -71,6 +73,7 @@ def test_diffusion_chain_recovers_data_with_an_oracle_eps(schedule, num_steps):
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=-1)
 
-    out = chain.sample(oracle, torch.randn(64, 8), temperature=1.0,
-                       step_noise=torch.randn(64, chain.num_timesteps - 1, 8))
+    out = chain.sample(
+        oracle, torch.randn(64, 8), temperature=1.0, step_noise=torch.randn(64, chain.num_timesteps - 1, 8)
+    )
     assert (out - x0).abs().max() < 1e-3

@@ -26,8 +26,14 @@ TIMEOUT_S = 300
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", *args], capture_output=True, text=True,
-                            cwd=REPO_ROOT, env=env, timeout=TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -43,16 +49,37 @@ def test_no_secret_reaches_any_file_a_run_writes(latent_dataset, tmp_path, s3_bu
     env = {**os.environ, **MLFLOW_SECRETS, "MLFLOW_TRACKING_USERNAME": "far", "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_ADDR", None)
     recipe = str(RECIPES / "far_tiny_synth64.yaml")
-    overrides = _common(f"s3://{s3_bucket}/latents", tmp_path / "runs", "far", "run.max_steps=2",
-                        "data.num_workers=0", "parallel.global_batch_size=8", "parallel.micro_batch_size_per_gpu=8",
-                        f"checkpoint.url=s3://{s3_bucket}/checkpoints", f"tracking.uri=http://127.0.0.1:{port}",
-                        "tracking.system_metrics=false", "eval.interval_steps=2")
+    overrides = _common(
+        f"s3://{s3_bucket}/latents",
+        tmp_path / "runs",
+        "far",
+        "run.max_steps=2",
+        "data.num_workers=0",
+        "parallel.global_batch_size=8",
+        "parallel.micro_batch_size_per_gpu=8",
+        f"checkpoint.url=s3://{s3_bucket}/checkpoints",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        "tracking.system_metrics=false",
+        "eval.interval_steps=2",
+    )
     try:
         logs = [_cli("train", recipe, *overrides, env=env)]
         run_dir = tmp_path / "runs" / "far"
         logs.append(_cli("export", str(run_dir), str(tmp_path / "export"), env=env))
-        logs.append(_cli("sample", str(tmp_path / "export"), "--out", str(tmp_path / "samples"), "--num-images", "4",
-                         "--batch-size", "4", "--no-latency", env=env))
+        logs.append(
+            _cli(
+                "sample",
+                str(tmp_path / "export"),
+                "--out",
+                str(tmp_path / "samples"),
+                "--num-images",
+                "4",
+                "--batch-size",
+                "4",
+                "--no-latency",
+                env=env,
+            )
+        )
         logs.append(_cli("launch", "slurm", recipe, "--dry-run", "--nodes", "1", *overrides, env=env))
     finally:
         stop_server(server)
@@ -66,5 +93,5 @@ def test_no_secret_reaches_any_file_a_run_writes(latent_dataset, tmp_path, s3_bu
     blobs += [(r.stdout + r.stderr).encode() for r in logs]
     for name, secret in {**S3_TEST_CREDENTIALS, **MLFLOW_SECRETS}.items():
         found = [str(p) for p, blob in zip([*written, *objects], blobs) if secret.encode() in blob]
-        found += ["a command's output" for blob in blobs[len(written) + len(objects):] if secret.encode() in blob]
+        found += ["a command's output" for blob in blobs[len(written) + len(objects) :] if secret.encode() in blob]
         assert not found, f"{name} leaked into {found}"

@@ -24,11 +24,16 @@ REQUEUE_SETTLE_S = 20  # includes apt-get install on a fresh machine
 @pytest.fixture(scope="session")
 def slurm_env(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "FAR_SCALE_SLURM_DIR": str(state), "FAR_SCALE_SLURMCTLD_PORT": str(free_port()),
-           "FAR_SCALE_SLURMD_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "FAR_SCALE_SLURM_DIR": str(state),
+        "FAR_SCALE_SLURMCTLD_PORT": str(free_port()),
+        "FAR_SCALE_SLURMD_PORT": str(free_port()),
+    }
     env.pop("SLURM_CONF", None)
-    result = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, env=env,
-                            timeout=CLUSTER_START_TIMEOUT_S)
+    result = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=CLUSTER_START_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     env["SLURM_CONF"] = str(state / "slurm.conf")
     env["OMP_NUM_THREADS"] = "1"
@@ -37,8 +42,14 @@ def slurm_env(tmp_path_factory):
 
 
 def _cli(env, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "far_scale.cli", *args], capture_output=True, text=True,
-                            env=env, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "far_scale.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -62,16 +73,44 @@ def _wait_state(env, job: str, states: set[str], timeout_s: float = JOB_TIMEOUT_
 
 
 def _train_overrides(data_url, out: Path, steps: int, *extra: str) -> list[str]:
-    return [f"data.url={data_url}", f"run.output_dir={out}", "run.name=slurm", f"run.max_steps={steps}",
-            "parallel.global_batch_size=16", "parallel.micro_batch_size_per_gpu=8", "data.num_workers=1",
-            "data.expect.seq_len=null", "data.expect.token_dim=null", "data.expect.num_classes=null",
-            "eval.interval_steps=1000", "eval.num_iter=4", "eval.grid_images=4", "eval.num_images=4",
-            "run.log_interval=1", "run.record_sample_keys=true", *extra]
+    return [
+        f"data.url={data_url}",
+        f"run.output_dir={out}",
+        "run.name=slurm",
+        f"run.max_steps={steps}",
+        "parallel.global_batch_size=16",
+        "parallel.micro_batch_size_per_gpu=8",
+        "data.num_workers=1",
+        "data.expect.seq_len=null",
+        "data.expect.token_dim=null",
+        "data.expect.num_classes=null",
+        "eval.interval_steps=1000",
+        "eval.num_iter=4",
+        "eval.grid_images=4",
+        "eval.num_images=4",
+        "run.log_interval=1",
+        "run.record_sample_keys=true",
+        *extra,
+    ]
 
 
 def _submit_training(env, overrides: list[str], *flags: str) -> str:
-    result = _cli(env, "launch", "slurm", RECIPE, "--nodes", "2", "--cpus-per-task", "1", "--time", "15:00",
-                  "--rdzv-port", str(free_port()), *flags, *overrides)
+    result = _cli(
+        env,
+        "launch",
+        "slurm",
+        RECIPE,
+        "--nodes",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "15:00",
+        "--rdzv-port",
+        str(free_port()),
+        *flags,
+        *overrides,
+    )
     return re.search(r"submitted job (\d+)", result.stdout).group(1)
 
 
@@ -94,31 +133,75 @@ def _mlflow_runs(run_dir: Path) -> list:
 def test_dry_run_for_64_nodes_of_8_gpus(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "far_scale.cli", "launch", "slurm", str(REPO_ROOT / "recipes" / "far_large_in256.yaml"),
-         "--nodes", "64", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--grace-s", "600",
-         "--dry-run", "parallel.micro_batch_size_per_gpu=4", f"run.output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "far_scale.cli",
+            "launch",
+            "slurm",
+            str(REPO_ROOT / "recipes" / "far_large_in256.yaml"),
+            "--nodes",
+            "64",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--grace-s",
+            "600",
+            "--dry-run",
+            "parallel.micro_batch_size_per_gpu=4",
+            f"run.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     script = result.stdout
-    for line in ("#SBATCH --nodes=64", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@600", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=proj", "#SBATCH --open-mode=append"):
+    for line in (
+        "#SBATCH --nodes=64",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@600",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --open-mode=append",
+    ):
         assert line in script, line
     assert "--nproc_per_node=8" in script and "--rdzv_backend=c10d" in script
     assert '--rdzv_endpoint="$RDZV_ENDPOINT"' in script and "scontrol requeue" in script
     assert "parallel.micro_batch_size_per_gpu=4" in script
     assert not (tmp_path / "far_large_in256").exists()  # a dry run writes nothing
     # An impossible batch split fails before submission, naming the numbers.
-    bad = subprocess.run([sys.executable, "-m", "far_scale.cli", "launch", "slurm",
-                          str(REPO_ROOT / "recipes" / "far_large_in256.yaml"), "--nodes", "64", "--gpus-per-node",
-                          "8", "--dry-run"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "far_scale.cli",
+            "launch",
+            "slurm",
+            str(REPO_ROOT / "recipes" / "far_large_in256.yaml"),
+            "--nodes",
+            "64",
+            "--gpus-per-node",
+            "8",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "world_size=512" in bad.stderr
 
 
 @pytest.mark.slurm
 def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
-    job = _submit_training(slurm_env, _train_overrides(latent_dataset, tmp_path, 4,
-                                                       "tracking.system_metrics_interval_s=0.1"))
+    job = _submit_training(
+        slurm_env, _train_overrides(latent_dataset, tmp_path, 4, "tracking.system_metrics_interval_s=0.1")
+    )
     _wait_state(slurm_env, job, {"COMPLETED"})
     run_dir = tmp_path / "slurm"
     # Both nodes joined one process group: one rank each, a log per node, the trainer saw 2 ranks.
@@ -131,14 +214,19 @@ def test_two_node_training_job(slurm_env, latent_dataset, tmp_path):
     # One system-metrics monitor per node, each under its node id (a 4-step job lives ~1 s after the monitors
     # start: they sample every 0.1 s here).
     assert {"system/node0/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= set(
-        runs[0].data.metrics), sorted(runs[0].data.metrics)
+        runs[0].data.metrics
+    ), sorted(runs[0].data.metrics)
 
 
 @pytest.mark.slurm
 def test_preemption_checkpoints_requeues_and_resumes(slurm_env, latent_dataset, tmp_path):
     target = 40
-    job = _submit_training(slurm_env, _train_overrides(latent_dataset, tmp_path, target,
-                                                       "checkpoint.interval_steps=1000"), "--max-restarts", "2")
+    job = _submit_training(
+        slurm_env,
+        _train_overrides(latent_dataset, tmp_path, target, "checkpoint.interval_steps=1000"),
+        "--max-restarts",
+        "2",
+    )
     run_dir = tmp_path / "slurm"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -173,18 +261,53 @@ def test_array_encoding_matches_single_worker(slurm_env, tmp_path):
     from data_prep.fit_codec import fit_pca_codec
     from data_prep.synth import SynthSpec, write_dataset
 
-    images = write_dataset(tmp_path / "images", SynthSpec(num_classes=3, images_per_class=10, resolution=32),
-                           progress=False)
+    images = write_dataset(
+        tmp_path / "images", SynthSpec(num_classes=3, images_per_class=10, resolution=32), progress=False
+    )
     weights = tmp_path / "pca.safetensors"
     fit_pca_codec(str(images), str(weights), 32, 8, 8, 64, 20_000, 0)
-    args = ["--codec", "pca", "--codec-weights", str(weights), "--image-size", "32", "--images-per-shard", "4",
-            "--loader-workers", "0"]
-    result = _cli(slurm_env, "launch", "slurm-encode", str(images), str(tmp_path / "array"), "--array-size", "3",
-                  "--cpus-per-task", "1", "--time", "10:00", "--log-dir", str(tmp_path / "logs"), *args)
+    args = [
+        "--codec",
+        "pca",
+        "--codec-weights",
+        str(weights),
+        "--image-size",
+        "32",
+        "--images-per-shard",
+        "4",
+        "--loader-workers",
+        "0",
+    ]
+    result = _cli(
+        slurm_env,
+        "launch",
+        "slurm-encode",
+        str(images),
+        str(tmp_path / "array"),
+        "--array-size",
+        "3",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10:00",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *args,
+    )
     encode_job, manifest_job = re.search(r"encode array (\d+) .* manifest job (\d+)", result.stdout).groups()
     _wait_state(slurm_env, manifest_job, {"COMPLETED"})
-    run_encode(EncodeJob(src=str(images), dst=str(tmp_path / "single"), codec="pca", codec_weights=str(weights),
-                         image_size=32, images_per_shard=4, loader_workers=0, progress=False))
+    run_encode(
+        EncodeJob(
+            src=str(images),
+            dst=str(tmp_path / "single"),
+            codec="pca",
+            codec_weights=str(weights),
+            image_size=32,
+            images_per_shard=4,
+            loader_workers=0,
+            progress=False,
+        )
+    )
     shards = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.tar"))}  # noqa: E731
     assert shards(tmp_path / "array") == shards(tmp_path / "single") and len(shards(tmp_path / "single")) == 8
 

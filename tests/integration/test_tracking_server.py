@@ -25,9 +25,24 @@ WAIT_S = 180
 def start_server(store: Path, port: int) -> subprocess.Popen:
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen(
-        [mlflow, "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root",
-         (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            (store / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         assert server.poll() is None, "mlflow server exited at start"
@@ -68,25 +83,50 @@ def wait_until(condition, what: str, trainer: subprocess.Popen) -> None:
 def test_system_metrics_resume_after_the_tracking_server_restarts(latent_dataset, tmp_path):
     store, port = tmp_path / "server", free_port()
     server = start_server(store, port)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           # Fail fast while the server is down instead of MLflow's minutes of HTTP retries.
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Fail fast while the server is down instead of MLflow's minutes of HTTP retries.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
     env.pop("MASTER_ADDR", None)
-    overrides = [f"data.url={latent_dataset}", f"run.output_dir={tmp_path / 'runs'}", "run.name=outage",
-                 "run.max_steps=100000", "run.log_interval=5", "eval.grid_images=0", "eval.interval_steps=100000",
-                 "checkpoint.interval_steps=100000", f"tracking.uri=http://127.0.0.1:{port}",
-                 "tracking.system_metrics_interval_s=1", "data.expect.seq_len=null", "data.expect.token_dim=null",
-                 "data.expect.num_classes=null", "data.num_workers=0"]
-    trainer = subprocess.Popen([sys.executable, "-m", "far_scale.cli", "train", RECIPE, *overrides], env=env,
-                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = [
+        f"data.url={latent_dataset}",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=outage",
+        "run.max_steps=100000",
+        "run.log_interval=5",
+        "eval.grid_images=0",
+        "eval.interval_steps=100000",
+        "checkpoint.interval_steps=100000",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        "tracking.system_metrics_interval_s=1",
+        "data.expect.seq_len=null",
+        "data.expect.token_dim=null",
+        "data.expect.num_classes=null",
+        "data.num_workers=0",
+    ]
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "far_scale.cli", "train", RECIPE, *overrides],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: len(system_metric_times(store)) >= 2, "the first system metrics", trainer)
         stop_server(server)
         time.sleep(5)  # the monitor's next call fails and its thread ends
         server = start_server(store, port)
         restarted_ms = time.time() * 1000
-        wait_until(lambda: any(t > restarted_ms for t in system_metric_times(store)),
-                   "system metrics after the restart", trainer)
+        wait_until(
+            lambda: any(t > restarted_ms for t in system_metric_times(store)),
+            "system metrics after the restart",
+            trainer,
+        )
         (tmp_path / "runs" / "outage" / "stop_request").touch()
         output, _ = trainer.communicate(timeout=WAIT_S)
         assert trainer.returncode == 75, output[-3000:]  # checkpointed on request

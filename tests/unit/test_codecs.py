@@ -30,8 +30,9 @@ def test_missing_weights_name_the_path(tmp_path):
 
 
 def test_pca_checksum_mismatch_is_reported(tmp_path):
-    codec = PCACodec.fit([torch.rand(4, 3, 16, 16) * 2 - 1], patch_size=4, dim=8, image_size=16,
-                         max_patches=1000, seed=0)
+    codec = PCACodec.fit(
+        [torch.rand(4, 3, 16, 16) * 2 - 1], patch_size=4, dim=8, image_size=16, max_patches=1000, seed=0
+    )
     path = tmp_path / "pca.safetensors"
     digest = codec.save(path)
     assert load_codec("pca", str(path), 16, expected_sha256=digest).info.weights_sha256 == digest
@@ -72,10 +73,16 @@ def test_kl16_wrong_file_is_explained(tmp_path):
 
 def test_sd_vae_loads_from_a_local_directory(tmp_path):
     import diffusers  # in the dev extra: a missing install must fail, not skip
+
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
-                                  sample_size=64)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
     vae.save_pretrained(tmp_path / "vae")
     codec = load_codec("sd-vae", str(tmp_path / "vae"), image_size=64)
     assert codec.info.latent_shape == (4, 8, 8) and codec.info.seq_len == 16 and codec.info.token_dim == 16

@@ -132,8 +132,9 @@ def test_config_is_frozen_and_round_trips():
 
 
 def test_batch_divisibility_names_all_three_numbers():
-    cfg = Config.model_validate({"parallel": {"global_batch_size": 2048, "micro_batch_size_per_gpu": 64},
-                                 "run": {"max_steps": 1}})
+    cfg = Config.model_validate(
+        {"parallel": {"global_batch_size": 2048, "micro_batch_size_per_gpu": 64}, "run": {"max_steps": 1}}
+    )
     problems = check_config(cfg, world_size=48)
     assert any(
         "parallel.global_batch_size=2048" in p and "parallel.micro_batch_size_per_gpu=64" in p and "world_size=48" in p
@@ -153,12 +154,16 @@ def test_batch_divisibility_names_all_three_numbers():
         ({"model": {"head": {"num_levels": 100}}}, "model.head.num_levels=100"),
         ({"model": {"arch": "mar"}, "eval": {"head_steps": 2000}}, "model.head.num_train_timesteps"),
         ({"eval": {"inception_weights": "w.pth"}}, "eval.reference_stats"),
-        ({"eval": {"benchmark": "b.safetensors", "inception_weights": "w.pth", "reference_stats": "s.npz"}},
-         "eval.benchmark"),
+        (
+            {"eval": {"benchmark": "b.safetensors", "inception_weights": "w.pth", "reference_stats": "s.npz"}},
+            "eval.benchmark",
+        ),
         ({"model": {"mask_ratio_min": 0.9, "mask_ratio_mean": 0.8}}, "model.mask_ratio_min=0.9"),
         ({"eval": {"head_steps_end": 3}}, "eval.head_steps_end=3"),
-        ({"model": {"arch": "mar", "head": {"guidance_distillation_scale": 2.0}}},
-         "model.head.guidance_distillation_scale applies to the shortcut head"),
+        (
+            {"model": {"arch": "mar", "head": {"guidance_distillation_scale": 2.0}}},
+            "model.head.guidance_distillation_scale applies to the shortcut head",
+        ),
         ({"model": {"class_dropout": 0.0, "head": {"guidance_distillation_scale": 2.0}}}, "model.class_dropout > 0"),
         ({"parallel": {"offload_optimizer": "cpu"}}, "parallel.offload_optimizer=cpu: DeepSpeed offloads only its own"),
     ],
@@ -177,8 +182,9 @@ def test_all_problems_are_raised_at_once():
 
 
 def test_data_rules_use_the_manifest_shape():
-    cfg = Config.model_validate({"run": {"epochs": 1.0}, "eval": {"num_iter": 80},
-                                 "data": {"expect": {"seq_len": 256}}})
+    cfg = Config.model_validate(
+        {"run": {"epochs": 1.0}, "eval": {"num_iter": 80}, "data": {"expect": {"seq_len": 256}}}
+    )
     problems = check_config(cfg, 1, DataSpec(seq_len=64, token_dim=16, num_classes=10))
     assert any("data.expect.seq_len is 256 but the manifest says 64" in p for p in problems)
     assert any("eval.num_iter=80 exceeds the sequence length 64" in p for p in problems)
@@ -192,7 +198,9 @@ def test_missing_data_shape_names_fields():
 
 def build_deepspeed_config(cfg: Config, world_size: int, precision=None) -> dict:
     """The DeepSpeed config of the run's plan (the engine receives exactly this)."""
-    return derive_plan(cfg, world_size, DataSpec.from_expectation(cfg.data.expect), precision=precision).deepspeed_config
+    return derive_plan(
+        cfg, world_size, DataSpec.from_expectation(cfg.data.expect), precision=precision
+    ).deepspeed_config
 
 
 def test_deepspeed_config_follows_recipe_and_world_size():

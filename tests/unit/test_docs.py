@@ -32,7 +32,8 @@ def _commands() -> list[tuple[str, str]]:
 
 def test_recipes_reference_is_up_to_date():
     assert (REPO_ROOT / "docs" / "recipes.md").read_text() == render(), (
-        "docs/recipes.md is out of date: python -m far_scale.config.reference > docs/recipes.md")
+        "docs/recipes.md is out of date: python -m far_scale.config.reference > docs/recipes.md"
+    )
 
 
 def test_docs_show_commands():

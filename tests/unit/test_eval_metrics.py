@@ -201,8 +201,18 @@ def test_verdict_needs_controls_clearly_worse_and_shape():
     )
 
     def row(name, accuracy, fd):
-        return QualityRow(name, 100, accuracy, fd, 0.5, 0.5, fd, (accuracy - 0.02, accuracy + 0.02),
-                          (fd * 0.9, fd * 1.1), (fd * 0.9, fd * 1.1))
+        return QualityRow(
+            name,
+            100,
+            accuracy,
+            fd,
+            0.5,
+            0.5,
+            fd,
+            (accuracy - 0.02, accuracy + 0.02),
+            (fd * 0.9, fd * 1.1),
+            (fd * 0.9, fd * 1.1),
+        )
 
     real = row(CALIBRATION_REAL, 0.99, 1.0)
     assert judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.4, 90)], 10).valid

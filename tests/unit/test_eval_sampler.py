@@ -44,9 +44,18 @@ def test_every_shared_setting_reaches_the_sampler_by_name():
 
     shared = [f.name for f in dataclasses.fields(SamplingOptions) if f.name in EvalConfig.model_fields]
     assert {"num_iter", "cfg_scale", "temperature", "head_steps_end", "guidance_refresh_every"} <= set(shared)
-    changed = {"num_iter": 7, "cfg_scale": 3.5, "cfg_schedule": "constant", "temperature": 0.5, "head_steps": 4,
-               "head_steps_end": 2, "mask_schedule_power": 2.0, "backbone_refresh_every": 3,
-               "guidance_refresh_every": 2, "fast_ddpm": True}
+    changed = {
+        "num_iter": 7,
+        "cfg_scale": 3.5,
+        "cfg_schedule": "constant",
+        "temperature": 0.5,
+        "head_steps": 4,
+        "head_steps_end": 2,
+        "mask_schedule_power": 2.0,
+        "backbone_refresh_every": 3,
+        "guidance_refresh_every": 2,
+        "fast_ddpm": True,
+    }
     options = sampling_options(EvalConfig(**changed), "shortcut")
     assert {name: getattr(options, name) for name in changed} == changed
 
@@ -70,8 +79,9 @@ def test_a_job_rejects_empty_sizes():
 
 
 def test_acceleration_options_come_from_the_recipe():
-    ev = EvalConfig(head_steps_end=1, mask_schedule_power=2.0, backbone_refresh_every=4, guidance_refresh_every=2,
-                    fast_ddpm=True)
+    ev = EvalConfig(
+        head_steps_end=1, mask_schedule_power=2.0, backbone_refresh_every=4, guidance_refresh_every=2, fast_ddpm=True
+    )
     options = sampling_options(ev.model_copy(update={"head_steps": 8}), "shortcut")
     assert (options.head_steps, options.head_steps_end, options.mask_schedule_power) == (8, 1, 2.0)
     assert (options.backbone_refresh_every, options.guidance_refresh_every, options.fast_ddpm) == (4, 2, True)

@@ -36,8 +36,12 @@ def test_rank_and_worker_split_is_disjoint_and_balanced(latent_dataset):
 
 def test_samples_split_covers_the_epoch_exactly_once_at_any_world_size(latent_dataset):
     def global_batches(world_size, accum):
-        streams = [_epoch(_loader(latent_dataset, rank=r, world_size=world_size, batch_size=4, split="samples",
-                                  grad_accum=accum)) for r in range(world_size)]
+        streams = [
+            _epoch(
+                _loader(latent_dataset, rank=r, world_size=world_size, batch_size=4, split="samples", grad_accum=accum)
+            )
+            for r in range(world_size)
+        ]
         steps = len(streams[0]) // accum
         # Global micro-batch order: step-major, then rank, then accumulation index.
         return [streams[r][s * accum + m][0] for s in range(steps) for r in range(world_size) for m in range(accum)]
@@ -54,8 +58,9 @@ def test_resume_mid_epoch_continues_exactly(latent_dataset):
     for consumed in (1, 4, 7):
         first = _loader(latent_dataset, num_workers=2, batch_size=3)
         head = list(itertools.islice(first.epoch_batches(), consumed))
-        resumed = _loader(latent_dataset, num_workers=2, batch_size=3,
-                          position=LoaderPosition.from_dict(first.position.as_dict()))
+        resumed = _loader(
+            latent_dataset, num_workers=2, batch_size=3, position=LoaderPosition.from_dict(first.position.as_dict())
+        )
         rest = _epoch(resumed)
         assert [b.keys for b in head] + [r[0] for r in rest] == [f[0] for f in full]
         for (_, a, _), (_, b, _) in zip(rest, full[consumed:]):

@@ -25,8 +25,9 @@ MAR_PAPER_COUNTS = {"base": (172.2e6, 35.7e6), "large": (406.1e6, 72.2e6), "huge
 
 
 def small_model(arch: str, **head):
-    cfg = ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0,
-                      head=HeadConfig(**head))
+    cfg = ModelConfig(
+        arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0, head=HeadConfig(**head)
+    )
     return build_model(cfg, SMALL)
 
 
@@ -116,8 +117,9 @@ def test_masked_rows_only_loss_equals_the_zero_weighted_loss(monkeypatch):
     full = ShortcutDraws(noise=noise, t=t, level=level, num_flow=k + visible)
     x_t = interpolate(full.noise, target, full.t)
     n = full.num_flow
-    goal = torch.cat([target[:n] - full.noise[:n],
-                      head.consistency_target(x_t[n:], full.t[n:], full.level[n:], z[n:].detach())])
+    goal = torch.cat(
+        [target[:n] - full.noise[:n], head.consistency_target(x_t[n:], full.t[n:], full.level[n:], z[n:].detach())]
+    )
     per_row = (head.velocity(x_t, full.t, full.level, z) - goal).pow(2).mean(-1)
     reference = (per_row * weight).sum() / weight.sum()
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
@@ -146,8 +148,9 @@ def test_self_consistency_gradient_flows_only_through_prediction():
     draws = draw_shortcut_rows(target, head.num_levels, head.self_consistency_fraction)
     x_t = interpolate(draws.noise, target, draws.t)
     k = draws.num_flow
-    goal = torch.cat([target[:k] - draws.noise[:k],
-                      head.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:]).clone()])
+    goal = torch.cat(
+        [target[:k] - draws.noise[:k], head.consistency_target(x_t[k:], draws.t[k:], draws.level[k:], z[k:]).clone()]
+    )
     manual = (head.velocity(x_t, draws.t, draws.level, z) - goal).pow(2).mean()
     for a, b in zip(grads, torch.autograd.grad(manual, list(head.parameters()))):
         torch.testing.assert_close(a, b)
@@ -163,8 +166,7 @@ def test_finest_step_only_is_plain_flow_matching():
     torch.manual_seed(4)
     x0 = torch.randn_like(x1)
     t = torch.randint(0, 128, (32,)).double() / 128
-    pred = head.net(((1 - t.float())[:, None] * x0 + t.float()[:, None] * x1),
-                    (t * 1000.0, torch.full((32,), 7)), z)
+    pred = head.net(((1 - t.float())[:, None] * x0 + t.float()[:, None] * x1), (t * 1000.0, torch.full((32,), 7)), z)
     torch.testing.assert_close(loss, ((pred - (x1 - x0)) ** 2).mean())
 
 
@@ -221,8 +223,10 @@ def test_per_image_seeds_make_an_image_independent_of_its_batch(arch, steps):
     options = SamplingOptions(num_iter=4, head_steps=steps, cfg_scale=2.0)
     seeds, labels = [11, 12, 13, 14], torch.tensor([0, 1, 2, 3])
     whole = generate(model, labels, options, SamplingNoise.per_image(model, options, seeds, "cpu"))
-    halves = [generate(model, labels[i : i + 2], options, SamplingNoise.per_image(model, options, seeds[i : i + 2], "cpu"))
-              for i in (0, 2)]
+    halves = [
+        generate(model, labels[i : i + 2], options, SamplingNoise.per_image(model, options, seeds[i : i + 2], "cpu"))
+        for i in (0, 2)
+    ]
     # Same draws per image; only matmul shapes differ with the batch, so equal to fp32 rounding, which MAR's
     # cosine chain amplifies (its outputs reach ~300 with this perturbed head): 2.4e-4 relative was measured
     # on an AVX512 Xeon, where the kernels for a batch of 2 and of 4 differ.
@@ -245,8 +249,12 @@ def test_masked_schedule_reveals_every_token_once():
 
 def test_sampling_generates_full_sequences_without_nans():
     for arch in ("far", "mar", "far_causal"):
-        out = generate(small_model(arch).eval(), torch.tensor([1, 2]), SamplingOptions(num_iter=3, head_steps=2),
-                       torch.Generator().manual_seed(0))
+        out = generate(
+            small_model(arch).eval(),
+            torch.tensor([1, 2]),
+            SamplingOptions(num_iter=3, head_steps=2),
+            torch.Generator().manual_seed(0),
+        )
         assert out.shape == (2, 16, 8) and torch.isfinite(out).all()
 
 

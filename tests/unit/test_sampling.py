@@ -38,8 +38,10 @@ NO_OP_OPTIONS = dict(backbone_refresh_every=1, guidance_refresh_every=1, mask_sc
 
 def build(arch: str):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0,
-                                    head=HeadConfig()), SMALL).eval()
+    model = build_model(
+        ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0, head=HeadConfig()),
+        SMALL,
+    ).eval()
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for param in model.parameters():
@@ -130,8 +132,15 @@ def test_guidance_caching_keeps_the_conditional_rows_intact():
     # Same backbone refresh pattern in both (passes of both halves are full ones); only rounding differs.
     for token_refresh, guidance_refresh in ((1, 3), (2, 2)):
         conditional = sample(model, num_iter=6, head_steps=2, backbone_refresh_every=token_refresh)
-        cached = sample(model, num_iter=6, head_steps=2, cfg_scale=1.0, use_cfg=True,
-                        backbone_refresh_every=token_refresh, guidance_refresh_every=guidance_refresh)
+        cached = sample(
+            model,
+            num_iter=6,
+            head_steps=2,
+            cfg_scale=1.0,
+            use_cfg=True,
+            backbone_refresh_every=token_refresh,
+            guidance_refresh_every=guidance_refresh,
+        )
         torch.testing.assert_close(cached, conditional, atol=1e-4, rtol=1e-4)
     guided = sample(model, num_iter=6, head_steps=2, cfg_scale=3.0)
     assert not torch.equal(sample(model, num_iter=6, head_steps=2, cfg_scale=3.0, guidance_refresh_every=3), guided)
@@ -140,22 +149,25 @@ def test_guidance_caching_keeps_the_conditional_rows_intact():
 @pytest.mark.parametrize("power", [0.5, 1.0, 1.5, 3.0])
 @pytest.mark.parametrize("num_iter", [1, 4, 16, 64])
 def test_plans_reveal_every_token_exactly_once(power, num_iter):
-    plan = plan_generation(SamplingOptions(num_iter=num_iter, mask_schedule_power=power), 256, "masked",
-                           ShortcutHead.anneal_steps)
+    plan = plan_generation(
+        SamplingOptions(num_iter=num_iter, mask_schedule_power=power), 256, "masked", ShortcutHead.anneal_steps
+    )
     assert len(plan) == num_iter and plan[0].start == 0 and plan[-1].end == 256
     assert all(a.end == b.start and a.end > a.start for a, b in zip(plan, plan[1:]))
 
 
 def test_structure_first_schedule_spends_more_iterations_on_the_first_tokens():
     cosine = plan_generation(SamplingOptions(num_iter=16), 256, "masked", ShortcutHead.anneal_steps)
-    slow_start = plan_generation(SamplingOptions(num_iter=16, mask_schedule_power=2.0), 256, "masked",
-                                 ShortcutHead.anneal_steps)
+    slow_start = plan_generation(
+        SamplingOptions(num_iter=16, mask_schedule_power=2.0), 256, "masked", ShortcutHead.anneal_steps
+    )
     assert slow_start[7].end < cosine[7].end  # fewer tokens known after half the iterations
 
 
 def test_head_step_schedules():
-    plan = plan_generation(SamplingOptions(num_iter=16, head_steps=8, head_steps_end=1), 256, "masked",
-                           ShortcutHead.anneal_steps)
+    plan = plan_generation(
+        SamplingOptions(num_iter=16, head_steps=8, head_steps_end=1), 256, "masked", ShortcutHead.anneal_steps
+    )
     steps = [it.head_steps for it in plan]
     assert steps[0] == 8 and steps[-1] == 1 and steps == sorted(steps, reverse=True)
     assert set(steps) <= {1, 2, 4, 8}
@@ -184,8 +196,14 @@ def test_fast_ddpm_chain_matches_the_reference_chain():
 class SyncOps(TorchDispatchMode):
     """Records every op that makes the host wait for the device or has a data-dependent output shape."""
 
-    SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
-               "aten.is_nonzero.default", "aten.equal.default", "aten.unique_consecutive.default"}
+    SYNCING = {
+        "aten._local_scalar_dense.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+        "aten.is_nonzero.default",
+        "aten.equal.default",
+        "aten.unique_consecutive.default",
+    }
 
     def __init__(self):
         super().__init__()
@@ -194,19 +212,33 @@ class SyncOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or []
+        )
         if name in self.SYNCING or boolean_index:
             self.found.append(name)
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("arch, options", [
-    ("far", dict(num_iter=6, head_steps=4, cfg_scale=2.0)),
-    ("far", dict(num_iter=6, head_steps=8, head_steps_end=1, cfg_scale=2.0, backbone_refresh_every=2,
-                 guidance_refresh_every=3, mask_schedule_power=1.5)),
-    ("mar", dict(num_iter=4, head_steps=10, cfg_scale=2.0, fast_ddpm=True)),
-    ("far_causal", dict(head_steps=2, cfg_scale=2.0)),
-])
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("far", dict(num_iter=6, head_steps=4, cfg_scale=2.0)),
+        (
+            "far",
+            dict(
+                num_iter=6,
+                head_steps=8,
+                head_steps_end=1,
+                cfg_scale=2.0,
+                backbone_refresh_every=2,
+                guidance_refresh_every=3,
+                mask_schedule_power=1.5,
+            ),
+        ),
+        ("mar", dict(num_iter=4, head_steps=10, cfg_scale=2.0, fast_ddpm=True)),
+        ("far_causal", dict(head_steps=2, cfg_scale=2.0)),
+    ],
+)
 def test_sampling_loop_has_no_host_syncs(arch, options):
     model = build(arch)
     with SyncOps() as ops:
@@ -218,8 +250,9 @@ def test_sampling_loop_has_no_host_syncs(arch, options):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sampling_loop_has_no_host_syncs_on_cuda():
     model = build("far").cuda()
-    options = SamplingOptions(num_iter=6, head_steps=4, cfg_scale=2.0, backbone_refresh_every=2,
-                              guidance_refresh_every=3)
+    options = SamplingOptions(
+        num_iter=6, head_steps=4, cfg_scale=2.0, backbone_refresh_every=2, guidance_refresh_every=3
+    )
     labels = torch.tensor([0, 1, 3], device="cuda")
     from far_scale.models.generation import SamplingNoise, sample_masked
 
@@ -235,8 +268,9 @@ def test_sampling_loop_has_no_host_syncs_on_cuda():
 @pytest.mark.parametrize("num_iter", [2, 4, 8, 16, 64])
 def test_head_steps_end_is_reached_at_the_last_iteration(num_iter):
     for head, first, last in ((ShortcutHead, 8, 1), (ShortcutHead, 1, 8), (DiffusionHead, 100, 20)):
-        plan = plan_generation(SamplingOptions(num_iter=num_iter, head_steps=first, head_steps_end=last), 256,
-                               "masked", head.anneal_steps)
+        plan = plan_generation(
+            SamplingOptions(num_iter=num_iter, head_steps=first, head_steps_end=last), 256, "masked", head.anneal_steps
+        )
         assert (plan[0].head_steps, plan[-1].head_steps) == (first, last), (head.__name__, num_iter)
 
 

@@ -28,13 +28,18 @@ def _package_imports(package: str) -> dict[str, set[str]]:
 
 
 def _offending(package: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{path} imports {name}" for path, names in _package_imports(package).items() for name in sorted(names)
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return [
+        f"{path} imports {name}"
+        for path, names in _package_imports(package).items()
+        for name in sorted(names)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 def test_config_imports_nothing_from_far_scale_outside_itself():
-    outside = [f"far_scale.{p.name}" for p in PACKAGE.iterdir()
-               if p.is_dir() and p.name not in ("config", "__pycache__")]
+    outside = [
+        f"far_scale.{p.name}" for p in PACKAGE.iterdir() if p.is_dir() and p.name not in ("config", "__pycache__")
+    ]
     outside += ["far_scale.cli"]
     assert _offending("config", tuple(outside)) == []
 
@@ -45,10 +50,14 @@ def test_models_import_no_infrastructure(layer):
 
 
 def test_only_distributed_imports_deepspeed():
-    offenders = [f"{path} imports {name}" for package in (p.name for p in PACKAGE.iterdir() if p.is_dir())
-                 if package != "distributed"
-                 for path, names in _package_imports(package).items() for name in names
-                 if name == "deepspeed" or name.startswith("deepspeed.")]
+    offenders = [
+        f"{path} imports {name}"
+        for package in (p.name for p in PACKAGE.iterdir() if p.is_dir())
+        if package != "distributed"
+        for path, names in _package_imports(package).items()
+        for name in names
+        if name == "deepspeed" or name.startswith("deepspeed.")
+    ]
     assert offenders == []
 
 
@@ -68,15 +77,18 @@ def import_circles(root: Path) -> list[list[str]]:
     modules = {_module_name(p, root): _imports(p) for p in sorted(root.rglob("*.py"))}
     circles = []
     for package in sorted({name.rsplit(".", 1)[0] for name in modules if name.count(".") >= 2}):
-        graph = {name: {i for i in imports if i in modules and i.rsplit(".", 1)[0] == package and i != name}
-                 for name, imports in modules.items() if name.rsplit(".", 1)[0] == package}
+        graph = {
+            name: {i for i in imports if i in modules and i.rsplit(".", 1)[0] == package and i != name}
+            for name, imports in modules.items()
+            if name.rsplit(".", 1)[0] == package
+        }
         state: dict[str, int] = {}
 
         def visit(node: str, path: list[str]) -> None:
             state[node] = 1
             for nxt in sorted(graph[node]):
                 if state.get(nxt) == 1:
-                    circles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                    circles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
                 elif nxt not in state:
                     visit(nxt, path + [nxt])
             state[node] = 2
@@ -90,8 +102,12 @@ def import_circles(root: Path) -> list[list[str]]:
 def imports_between(root: Path, package: str, forbidden: str) -> list[str]:
     base = root / package
     prefix = f"{root.name}.{forbidden}"
-    return [f"{path.relative_to(root.parent)} imports {name}" for path in sorted(base.rglob("*.py"))
-            for name in sorted(_imports(path)) if name == prefix or name.startswith(prefix + ".")]
+    return [
+        f"{path.relative_to(root.parent)} imports {name}"
+        for path in sorted(base.rglob("*.py"))
+        for name in sorted(_imports(path))
+        if name == prefix or name.startswith(prefix + ".")
+    ]
 
 
 def test_eval_imports_nothing_from_train():
