@@ -51,6 +51,7 @@ DATASETS = {
     "synth": ("synth64", 64, 8, 100),
     "synth-shape": ("synth64", 64, 8, 100),
 }
+SHARES = ("accuracy", "precision", "recall")  # metrics in [0, 1]
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # Student t quantiles for a 95% interval over n seeds
 
 
@@ -91,8 +92,8 @@ def prepare_work(work: Path, images_per_class: int, data: str = "synth"):
     return images, shards, bench_path, bench
 
 
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): a 95% t-interval of the mean over sampling seeds."""
+def mean_interval(values: list[float], low: float = 0.0, high: float = float("inf")) -> tuple[float, float, float]:
+    """(mean, low, high): a 95% t-interval of the mean over sampling seeds, clipped to the metric's range."""
     import numpy as np
 
     values = np.asarray(values, dtype=float)
@@ -100,7 +101,7 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return mean, float("nan"), float("nan")
     half = T_975.get(len(values), 1.96) * float(values.std(ddof=1)) / len(values) ** 0.5
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, low), min(mean + half, high)
 
 
 def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:
@@ -172,7 +173,8 @@ def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[
             "seeds": args.seeds,
         }
         for name in ("images_per_s", "accuracy", "fd", "class_fd", "precision", "recall"):
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed])
+            ceiling = 1.0 if name in SHARES else float("inf")
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed], 0.0, ceiling)
         rows.append(row)
         print(
             f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {_ci(row, 'accuracy', 3)}, "

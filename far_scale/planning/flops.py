@@ -8,7 +8,17 @@ from far_scale.models.registry import ModelDims
 
 BACKWARD_FACTOR = 3  # forward + backward ~ 3x forward
 # Peak dense bf16 FLOP/s by card (no sparsity); MFU is reported only for a card found here.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# Dense bf16 peaks from NVIDIA's datasheets, the most specific name first: a PCIe or NVL card is not an SXM one
+# (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3" is SXM, "NVIDIA H100 PCIe", "NVIDIA H100 NVL", ...).
+PEAK_BF16_FLOPS = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H200", "NVL"), 835e12),
+    (("H100",), 989e12),
+    (("H200",), 989e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+)
 
 
 def _transformer_flops(tokens: float, attended: float, width: int, depth: int, mlp_ratio: float) -> float:
@@ -50,7 +60,8 @@ def train_flops_per_image(model: ModelConfig, dims: ModelDims, data: DataSpec, e
 
 
 def peak_flops(device_name: str) -> float | None:
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in device_name:
+    """The card's dense bf16 peak (the MFU denominator), or None for a card not in the table."""
+    for words, value in PEAK_BF16_FLOPS:
+        if all(word in device_name for word in words):
             return value
     return None

@@ -281,3 +281,13 @@ def test_deepspeed_throughput_timer_is_off():
     config = build_deepspeed_config(load_config(RECIPES_DIR / "far_large_in256.yaml"), 8)
     timers = get_timers_config(config)
     assert timers.enabled is False and timers.synchronized is False
+
+
+def test_mfu_peak_matches_the_card_not_its_family():
+    from far_scale.planning.flops import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H200 NVL") == 835e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") is None
