@@ -35,7 +35,7 @@ def test_reduced_demo_runs_every_stage(tmp_path):
         "[1/8] images",
         "[2/8] S3",
         "[3/8] shards on S3",
-        "[4/8] offline",
+        "[4/8] digit benchmark",
         "[5/8] train FAR",
         "[6/8] train MAR",
         "[7/8] sample",

@@ -19,7 +19,9 @@ DATA = DataSpec(seq_len=16, token_dim=8, num_classes=4)
 CASES = {
     "far": dict(steps=300, head=dict(consistency_target="live"), head_steps=8),
     "far_causal": dict(steps=300, head=dict(consistency_target="live"), head_steps=8),
-    "mar": dict(steps=600, head=dict(noise_schedule="linear"), head_steps=50),
+    # 600 steps left one of the four images at 0.66 from its latent (chance 2.0) on an Intel AVX512 Xeon, where
+    # the AMD EPYC that wrote this test got it under 0.5: 1000 steps memorise it on both.
+    "mar": dict(steps=1000, head=dict(noise_schedule="linear"), head_steps=50),
 }
 
 
