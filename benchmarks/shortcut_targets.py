@@ -85,8 +85,14 @@ def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
 def render_docs() -> None:
     parts = ["## Self-consistency targets (`benchmarks/shortcut_targets.py`)", ""]
     for result in load_results(BENCHMARK):
+        data = result.get("data", "synth")
+        label = {
+            "digits": "real digits",
+            "synth": "synthetic shapes with class colours (a benchmark its verdict calls INVALID)",
+            "synth-shape": "synthetic shapes, random colours",
+        }[data]
         parts += result_heading(
-            f"tiny FAR, {result['steps']} steps each,",
+            f"tiny FAR on {label}, {result['steps']} steps each,",
             result,
             f"K={result['num_iter']}, {result['num_images']} images per point",
         )
@@ -135,6 +141,7 @@ def main(argv=None) -> None:
         "num_iter": args.num_iter,
         "num_images": args.num_images,
         "variants": [],
+        "data": args.data,
         "command": command_line("shortcut_targets.py", argv),
     }
     args.eval_interval = max(args.eval_interval, args.steps)
@@ -152,7 +159,8 @@ def main(argv=None) -> None:
             {"name": name, "overrides": overrides, "lag": lag, "train_seconds": seconds, "rows": rows}
         )
     if not args.no_docs:
-        save_result(BENCHMARK, f"cpu_tiny_{args.steps}steps", result)
+        key = f"cpu_tiny_{args.steps}steps" if args.data == "synth" else f"cpu_tiny_{args.data}_{args.steps}steps"
+        save_result(BENCHMARK, key, result)
         render_docs()
         print("results: docs/benchmarks.md")
 
