@@ -55,6 +55,18 @@ SHARES = ("accuracy", "precision", "recall")  # metrics in [0, 1]
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # Student t quantiles for a 95% interval over n seeds
 
 
+DATA_LABELS = {
+    "digits": "real digits (32 px)",
+    "synth": "synthetic shapes, class colours (benchmark INVALID by its verdict)",
+    "synth-shape": "synthetic shapes, random colours",
+}
+
+
+def data_label(result: dict) -> str:
+    """What a stored result was measured on (results from before ``--data`` existed are synthetic)."""
+    return DATA_LABELS[result.get("data", "synth")]
+
+
 def recipes_for(data: str) -> dict[str, str]:
     tag = DATASETS[data][0]
     return {label: f"recipes/{label.lower()}_tiny_{tag}.yaml" for label in ("FAR", "MAR")}
@@ -290,14 +302,8 @@ def plot(result: dict, path: Path) -> None:
 def render_docs() -> None:
     parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
     for result in load_results(BENCHMARK):
-        data = result.get("data", "synth")
-        label = {
-            "digits": "real digits (32 px)",
-            "synth": "synthetic shapes, class colours (benchmark INVALID by its verdict)",
-            "synth-shape": "synthetic shapes, random colours",
-        }[data]
         parts += result_heading(
-            f"tiny on {label}, {result['steps']} training steps each,",
+            f"tiny on {data_label(result)}, {result['steps']} training steps each,",
             result,
             f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds",
         )

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.quality_speed import (
     add_training_arguments,
+    data_label,
     prepare_work,
     recipes_for,
     train_recipe,
@@ -85,14 +86,8 @@ def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
 def render_docs() -> None:
     parts = ["## Self-consistency targets (`benchmarks/shortcut_targets.py`)", ""]
     for result in load_results(BENCHMARK):
-        data = result.get("data", "synth")
-        label = {
-            "digits": "real digits",
-            "synth": "synthetic shapes with class colours (a benchmark its verdict calls INVALID)",
-            "synth-shape": "synthetic shapes, random colours",
-        }[data]
         parts += result_heading(
-            f"tiny FAR on {label}, {result['steps']} steps each,",
+            f"tiny FAR on {data_label(result)}, {result['steps']} steps each,",
             result,
             f"K={result['num_iter']}, {result['num_images']} images per point",
         )

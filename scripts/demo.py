@@ -32,7 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 BUCKET = "far-scale-demo"
 RANKS = 2
-MOTO_START_TIMEOUT_S = 60
 STOP_POLL_S = 0.2
 DEFAULT_STEPS = 1500
 UI_PORT = 5000
@@ -495,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log = demo.stage("S3: a local endpoint (moto server on 127.0.0.1)")
         moto_log = open(log, "a")
         try:
-            moto = LocalS3("demo", "demo", moto_log, MOTO_START_TIMEOUT_S)
+            moto = LocalS3("demo", "demo", moto_log)
         except RuntimeError as exc:
             raise StageFailed(str(exc)) from None
         demo.env.update(moto.env)

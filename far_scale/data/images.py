@@ -88,10 +88,10 @@ def read_dataset_card(root: str | Path) -> Optional[dict]:
     return card
 
 
-def hflip_invariant(root: str | Path) -> bool:
-    """Whether a horizontal flip keeps an image's class (ImageNet: yes; digits: no). Default yes."""
-    card = read_dataset_card(root)
-    return True if card is None else bool(card.get("hflip_invariant", True))
+def hflip_invariant(card: Optional[dict]) -> bool:
+    """Whether a horizontal flip keeps an image's class, by a dataset card (ImageNet: yes; digits: no). A folder
+    without a card, or a card that does not say, counts as yes."""
+    return bool((card or {}).get("hflip_invariant", True))
 
 
 def heldout_images(root: str | Path, classes: list[str]) -> Optional[ImageList]:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
 from far_scale.data.contract import FORMAT_VERSION, MANIFEST_NAME
+from far_scale.data.images import hflip_invariant
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join, write_bytes_atomic
 
@@ -75,13 +76,13 @@ class Manifest:
     @property
     def spec(self) -> DataSpec:
         """The data shape a model and the plan need."""
-        card = self.source.get("dataset") or {}
+        card = self.source.get("dataset")
         return DataSpec(
             seq_len=int(self.codec["seq_len"]),
             token_dim=int(self.codec["token_dim"]),
             num_classes=len(self.classes),
             num_images=self.num_images,
-            hflip_invariant=bool(card.get("hflip_invariant", True)),
+            hflip_invariant=hflip_invariant(card),
         )
 
     @classmethod

@@ -28,7 +28,15 @@ import torch
 from safetensors.torch import load_file, save
 
 from far_scale.codecs.base import sha256_file
-from far_scale.data.images import ImageList, heldout_images, hflip_invariant, list_images, load_image, to_uint8
+from far_scale.data.images import (
+    ImageList,
+    heldout_images,
+    hflip_invariant,
+    list_images,
+    load_image,
+    read_dataset_card,
+    to_uint8,
+)
 from far_scale.data.storage import local_atomic_writer
 from far_scale.eval.classifier import ClassifierSettings, ConvClassifier, classify, train_classifier
 from far_scale.eval.metrics import (
@@ -77,10 +85,8 @@ class BenchmarkSettings:
     def for_folder(cls, images_root: str | Path, image_size: Optional[int] = None, **classifier) -> "BenchmarkSettings":
         """Settings that fit the folder: no flips (and small shifts instead) where its dataset card says a
         flip changes the class; the classifier input at the folder's resolution when the card states one."""
-        from far_scale.data.images import read_dataset_card
-
         card = read_dataset_card(images_root) or {}
-        flips = hflip_invariant(images_root)
+        flips = hflip_invariant(card)
         size = image_size or card.get("resolution") or ClassifierSettings().image_size
         return cls(
             ClassifierSettings(
@@ -241,14 +247,14 @@ class OfflineBenchmark:
             return frechet_distance(FeatureStats.of(feats[rows]), self.reference_stats)
 
         def class_fd(rows):
-            return class_frechet_distance(feats[rows], labels[rows], self.reference_stats, self.reference_by_class)
+            return class_frechet_distance(feats[rows], labels[rows], self.reference_by_class)
 
         everything = np.arange(len(labels))
         precision, recall = precision_recall(self.reference, feats)
         scores = {"precision": precision, "recall": recall}
         for name, statistic in (("accuracy", accuracy), ("fd", fd), ("class_fd", class_fd)):
             scores[name] = statistic(everything)
-            scores[f"{name}_lo"], scores[f"{name}_hi"] = bootstrap_interval(statistic, len(labels))
+            scores[f"{name}_lo"], scores[f"{name}_hi"] = bootstrap_interval(statistic, len(labels), scores[name])
         if "verdict" in self.meta:
             scores["benchmark_valid"] = float(self.verdict.valid)
         return scores
