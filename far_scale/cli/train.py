@@ -11,9 +11,11 @@ def _check_config(args: argparse.Namespace) -> int:
     from far_scale.config.loader import load_config
     from far_scale.planning.plan import resolve_data
     from far_scale.planning.report import render_report
+    from far_scale.planning.scale import ScaleAssumptions
 
     cfg = load_config(args.recipe, args.overrides)
-    print(render_report(cfg, args.world_size, resolve_data(cfg), precision=args.precision))
+    assumptions = ScaleAssumptions(args.images_per_s, args.gpus_per_node, args.network_gbps, args.storage_gbps)
+    print(render_report(cfg, args.world_size, resolve_data(cfg), args.precision, assumptions))
     return 0
 
 
@@ -148,6 +150,8 @@ def add_launch_commands(commands) -> None:
 
 
 def add_check_config(commands) -> None:
+    from far_scale.planning.scale import ScaleAssumptions
+
     check = commands.add_parser(
         "check-config",
         help="validate a recipe without a GPU and print every derived value",
@@ -163,6 +167,18 @@ def add_check_config(commands) -> None:
         choices=["fp32", "bf16"],
         default=None,
         help="override parallel.precision for the memory estimate and DeepSpeed config",
+    )
+    defaults = ScaleAssumptions()
+    scale = check.add_argument_group("at scale", "assumptions for the communication, data and checkpoint lines")
+    scale.add_argument(
+        "--images-per-s", type=float, default=defaults.images_per_s_per_gpu, help="training images/s per GPU"
+    )
+    scale.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node, help="GPUs per node")
+    scale.add_argument(
+        "--network-gbps", type=float, default=defaults.network_gbps_per_gpu, help="inter-node Gbit/s per GPU"
+    )
+    scale.add_argument(
+        "--storage-gbps", type=float, default=defaults.storage_gbps_per_node, help="object-storage Gbit/s per node"
     )
     check.set_defaults(handler=_check_config)
 

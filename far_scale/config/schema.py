@@ -162,6 +162,8 @@ class ParallelConfig(Section):
     """DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over the ranks."""
     precision: Literal["fp32", "bf16"] = "bf16"
     """bf16 autocast on GPU; CPU runs always use fp32."""
+    tf32: bool = True
+    """On GPUs: fp32 matmuls in TF32 (torch's default is full fp32); no effect on CPU."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass (less memory, ~1/3 more compute)."""
     global_batch_size: int = Field(default=256, ge=1)
@@ -174,6 +176,14 @@ class ParallelConfig(Section):
     process_group_timeout_min: float = Field(default=60.0, ge=1.0)
     """How long a collective may wait for the slowest rank before the job fails (NCCL's default is 10 min:
     too short for rank 0's universal-checkpoint conversion or one node's upload of a multi-GB checkpoint)."""
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Gradients are summed over the micro-batches of a step in this type (DeepSpeed ``data_types``); bf16 runs
+    only. auto: fp32 where a step accumulates more than one micro-batch at ZeRO-1-3 (bf16 sums of many
+    micro-gradients lose their low bits), else bf16. DeepSpeed 0.19 has no fp32 accumulation at ZeRO-0 with bf16.
+    Costs one fp32 gradient buffer per rank (its ZeRO share at stage 2-3)."""
+    reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Gradients are reduced over the ranks in this type (DeepSpeed ``communication_data_type``); bf16 runs only.
+    auto: fp32 (torchtitan's default reduce dtype): twice the bytes of bf16 on the wire, exact sums."""
     overlap_comm: bool = True
     """DeepSpeed: overlap gradient reduction with the backward pass."""
     reduce_bucket_size: int = Field(default=500_000_000, ge=1)
@@ -272,7 +282,8 @@ class RunConfig(Section):
     log_interval: int = Field(default=50, ge=1)
     """A console line (loss, speed, data wait, memory, ETA) and MLflow metrics every this many steps."""
     max_nonfinite_steps: int = Field(default=10, ge=0)
-    """Micro-batches with a NaN/inf loss are skipped (on every rank) and counted; the run stops after this many."""
+    """A step with a NaN/inf loss on any rank is skipped on every rank (no update of weights, optimizer states or
+    EMAs; its data is consumed) and counted; the run stops after this many."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else CPU."""
     record_sample_keys: bool = False

@@ -9,7 +9,7 @@ MAR's parameter groups, docs/concepts.md) and the LR schedule are client-side
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from far_scale.config.schema import ParallelConfig
 
@@ -19,6 +19,23 @@ DS_STEPS_PER_PRINT = 1_000_000_000
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
 FP32_BYTES = 4
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
+
+
+@dataclass(frozen=True)
+class GradientDtypes:
+    """The types gradients are accumulated and reduced in: the recipe's ``auto`` resolved, in one place."""
+
+    accumulate: str
+    reduce: str
+
+
+def resolve_gradient_dtypes(par: ParallelConfig, grad_accum_steps: int, precision: str) -> GradientDtypes:
+    if precision == "fp32":
+        return GradientDtypes("fp32", "fp32")
+    accumulate = par.grad_accum_dtype
+    if accumulate == "auto":
+        accumulate = "fp32" if grad_accum_steps > 1 and par.zero_stage >= 1 else "bf16"
+    return GradientDtypes(accumulate, "fp32" if par.reduce_dtype == "auto" else par.reduce_dtype)
 
 
 def build_deepspeed_config(
@@ -41,6 +58,7 @@ def build_deepspeed_config(
         )
     if par.offload_optimizer != "none" and par.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": par.offload_optimizer, "pin_memory": True}
+    dtypes = resolve_gradient_dtypes(par, grad_accum_steps, precision)
     return {
         "train_batch_size": par.global_batch_size,
         "train_micro_batch_size_per_gpu": par.micro_batch_size_per_gpu,
@@ -49,6 +67,8 @@ def build_deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
+        "data_types": {"grad_accum_dtype": dtypes.accumulate},
+        "communication_data_type": dtypes.reduce,
         # The optimizer is a client torch AdamW: ZeRO must be told that is intended.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": DS_STEPS_PER_PRINT,
@@ -75,17 +95,23 @@ class ModelStateMemory:
 
 
 def estimate_model_state_memory(
-    num_params: int, zero_stage: int, world_size: int, precision: str, whole_ema_params: int = 0
+    num_params: int,
+    zero_stage: int,
+    world_size: int,
+    precision: str,
+    whole_ema_params: int = 0,
+    grad_dtype: Optional[str] = None,
 ) -> ModelStateMemory:
     """Per-GPU bytes for params, grads, AdamW states (+ fp32 master copy in bf16) and the fp32 EMAs.
 
     Stage 1 shards optimizer states, stage 2 also gradients, stage 3 also parameters. The evaluation
     EMA is sharded over the ranks at every stage (``far_scale.train.ema``); ``whole_ema_params``
-    counts EMA weights kept whole on every GPU (the shortcut head's target network).
+    counts EMA weights kept whole on every GPU (the shortcut head's target network); gradients take
+    ``grad_dtype`` bytes (the accumulation type; default: the model's).
     """
     width = BYTES_PER_PARAM[precision]
     optimizer_bytes = (ADAM_STATES + (1 if precision != "fp32" else 0)) * FP32_BYTES * num_params
-    params, grads = width * num_params, width * num_params
+    params, grads = width * num_params, BYTES_PER_PARAM[grad_dtype or precision] * num_params
     ema = FP32_BYTES * (num_params / world_size + whole_ema_params)
     if zero_stage >= 1:
         optimizer_bytes /= world_size

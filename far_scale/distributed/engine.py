@@ -55,7 +55,7 @@ def build_engine(
 ):
     """A DeepSpeed engine over ``model`` with a client AdamW; ``ds_config`` is the plan's."""
     deepspeed = configure_deepspeed(device)
-    optimizer = torch.optim.AdamW(
+    optimizer = SkippableAdamW(
         param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda"
     )
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed may edit its config; the plan's stays as planned
@@ -65,6 +65,41 @@ def build_engine(
         model = model.to(device)  # a model built partitioned is already where zero.Init put its shares
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose next ``step`` can be cancelled from outside.
+
+    Every ZeRO stage (and DeepSpeed's bf16 optimizer) ends its boundary step by calling the client optimizer's
+    ``step`` on the fp32 master weights and copying them back, so cancelling that one call skips the update at
+    every stage alike: no parameter, moment or step-count change, and no extra synchronisation.
+    """
+
+    skip_next: bool = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def optimizer_step(engine, apply: bool) -> None:
+    """The step that closes an accumulation (every micro-batch's backward has run): applied, or skipped when
+    ``apply`` is False (a non-finite loss on some rank; every rank passes the same value)."""
+    client = _client_optimizer(engine)
+    client.skip_next = not apply
+    try:
+        engine.step()
+    finally:
+        client.skip_next = False  # DeepSpeed may skip the call itself (a bf16 overflow): never carry it over
+
+
+def _client_optimizer(engine) -> SkippableAdamW:
+    optimizer = engine.optimizer
+    while not isinstance(optimizer, SkippableAdamW):  # ZeRO and bf16 wrappers keep the client as .optimizer
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def build_partitioned(build: Callable[[], nn.Module], ds_config: dict, device: torch.device) -> nn.Module:
@@ -104,6 +139,11 @@ def set_learning_rate(engine, lr: float) -> None:
 def is_partitioned(param: torch.Tensor) -> bool:
     """True for a ZeRO-3 parameter (its data lives in per-rank partitions)."""
     return hasattr(param, "ds_tensor")
+
+
+def partition_bytes(module: nn.Module) -> int:
+    """Bytes of the ZeRO-3 parameter partitions this rank holds of ``module``."""
+    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters() if is_partitioned(p))
 
 
 @contextlib.contextmanager

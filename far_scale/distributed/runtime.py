@@ -44,6 +44,14 @@ def free_port() -> int:
 DEFAULT_TIMEOUT_MIN = 60.0  # parallel.process_group_timeout_min's default, for callers without a recipe
 
 
+def configure_math(tf32: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on Ampere and later GPUs (torch's default is full fp32): the fp32
+    parts of a bf16 autocast run (the loss, the head's fp32 islands, the optimizer's master weights) and every
+    fp32 run use the tensor cores. No effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def init_distributed(device: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
     """Join (or create) the process group: NCCL on GPUs, gloo on CPU; a collective fails after ``timeout_min``."""
     rank = _env_int("RANK", "SLURM_PROCID", default=0)

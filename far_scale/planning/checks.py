@@ -109,6 +109,11 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
             "JIT-compiled op): set parallel.offload_optimizer=none and lower the memory with "
             "parallel.zero_stage=3 or parallel.activation_checkpointing=true"
         )
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "bf16" and cfg.parallel.grad_accum_dtype == "fp32":
+        problems.append(
+            "parallel.grad_accum_dtype=fp32 with parallel.zero_stage=0 and bf16: DeepSpeed 0.19 accumulates bf16 "
+            "gradients in fp32 only at ZeRO-1-3; set parallel.zero_stage=1 (or grad_accum_dtype=auto)"
+        )
     if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
         problems.append(
             f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"

@@ -16,11 +16,13 @@ from far_scale.data.loader import micro_batches_per_epoch
 from far_scale.data.manifest import Manifest, find_manifest
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.deepspeed_config import (
+    GradientDtypes,
     ModelStateMemory,
     build_deepspeed_config,
     builds_partitioned,
     estimate_construction_memory,
     estimate_model_state_memory,
+    resolve_gradient_dtypes,
 )
 from far_scale.models.model import count_parameters, largest_layer_parameters
 from far_scale.models.registry import ModelDims
@@ -97,6 +99,8 @@ class TrainingPlan:
     """ZeRO-3: the model is built partitioned over the ranks (``zero.Init``), never whole on one rank."""
     construction_bytes: float
     """The most fp32 weight bytes one rank holds while the model is built."""
+    gradient_dtypes: GradientDtypes
+    """The types gradients are accumulated and reduced in (the recipe's ``auto`` resolved)."""
     deepspeed_config: dict[str, Any]
 
     def as_dict(self) -> dict:
@@ -105,6 +109,8 @@ class TrainingPlan:
             "world_size": self.world_size,
             "precision": self.precision,
             "grad_accum_steps": self.grad_accum_steps,
+            "grad_accum_dtype": self.gradient_dtypes.accumulate,
+            "grad_reduce_dtype": self.gradient_dtypes.reduce,
             "samples_per_step": self.samples_per_step,
             "latent_tokens_per_step": self.latent_tokens_per_step,
             "lr": self.lr,
@@ -174,12 +180,14 @@ def derive_plan(
     model = build_meta_model(cfg.model, data, dims)
     parameters = count_parameters(model)
     whole_target = dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
+    gradient_dtypes = resolve_gradient_dtypes(par, accum, precision)
     memory = estimate_model_state_memory(
         parameters["total"],
         par.zero_stage,
         world_size,
         precision,
         whole_ema_params=parameters["head"] if whole_target else 0,
+        grad_dtype=gradient_dtypes.accumulate,
     )
     return TrainingPlan(
         world_size=world_size,
@@ -203,6 +211,7 @@ def derive_plan(
         construction_bytes=estimate_construction_memory(
             parameters["total"], largest_layer_parameters(model), par.zero_stage, world_size
         ),
+        gradient_dtypes=gradient_dtypes,
         deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, accum, precision),
     )
 

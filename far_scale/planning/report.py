@@ -8,6 +8,7 @@ from typing import Optional
 from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
 from far_scale.planning.plan import DataSource, plan_for
+from far_scale.planning.scale import ScaleAssumptions, plan_scale, render_scale
 
 GIB = 1024**3
 
@@ -16,10 +17,36 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:,.1f}M ({count:,})"
 
 
-def render_report(cfg: Config, world_size: int, source: DataSource, precision: Optional[str] = None) -> str:
+def render_report(
+    cfg: Config,
+    world_size: int,
+    source: DataSource,
+    precision: Optional[str] = None,
+    assumptions: ScaleAssumptions = ScaleAssumptions(),
+) -> str:
     """Validate ``cfg``, plan it and return the full human-readable report; raises ``ConfigError``."""
     plan = plan_for(cfg, world_size, source, precision)
     data, memory, dims = source.spec, plan.memory, plan.dims
+    manifest = source.manifest
+    stored = (
+        sum(e.num_bytes for e in manifest.shards) / max(1, sum(e.num_samples for e in manifest.shards))
+        if manifest is not None
+        else None
+    )
+    scale = plan_scale(
+        plan.parameters["total"],
+        plan.parameters["head"] if plan.whole_target_network else 0,
+        cfg.parallel.zero_stage,
+        world_size,
+        plan.grad_accum_steps,
+        cfg.parallel.micro_batch_size_per_gpu,
+        plan.precision,
+        plan.gradient_dtypes.reduce,
+        data.seq_len,
+        data.token_dim,
+        assumptions,
+        stored,
+    )
     lines = [
         "# resolved config",
         config_to_yaml(cfg).rstrip(),
@@ -56,6 +83,11 @@ def render_report(cfg: Config, world_size: int, source: DataSource, precision: O
             if plan.built_partitioned
             else "(built whole on every rank; ZeRO-3 builds it partitioned)"
         ),
+        "",
+        f"# gradients: accumulated in {plan.gradient_dtypes.accumulate} over {plan.grad_accum_steps} micro-batch(es), "
+        f"reduced over the ranks in {plan.gradient_dtypes.reduce} (parallel.grad_accum_dtype, parallel.reduce_dtype)",
+        "",
+        *render_scale(scale, assumptions, world_size, cfg.parallel.zero_stage),
         "",
         f"# collectives: a rank waits at most {cfg.parallel.process_group_timeout_min:g} min for the others "
         "(parallel.process_group_timeout_min; universal-checkpoint conversion and checkpoint uploads run inside it)",

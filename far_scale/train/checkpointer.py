@@ -100,6 +100,37 @@ class Checkpointer:
             ds.restore_group_settings(engine, group_settings)
         return client
 
+    def restore(self, engine, resume: Resume, group_settings: list[dict], loader, ema, targets):
+        """Engine and optimizer states, this rank's data position and RNGs, and the EMAs from ``resume``;
+        returns (completed steps, non-finite steps so far, the MLflow run id)."""
+        client = self.load(engine, resume, group_settings)
+        warning = loader.restore(client["loader_positions"], self.env.rank, resume.resized)
+        if not resume.resized:
+            ckpt.restore_rng_state(client["rng_states"][self.env.rank])
+        if warning and self.env.is_main:
+            log.warning(warning)
+        ema.load_full_state_dict(ckpt.load_ema(resume.ref.path))
+        if targets.ema is not None:
+            targets.load_full_state_dict(ckpt.load_ema(resume.ref.path, ckpt.TARGET_EMA_FILE))
+        step = int(client["step"])
+        if self.env.is_main:
+            log.warning("resumed from %s at step %d", resume.ref.path, step)
+        return step, int(client.get("nonfinite", 0)), client.get("mlflow_run_id")
+
+    def client_state(
+        self, step: int, config_yaml: str, loader_position: dict, run_id: Optional[str], nonfinite: int
+    ) -> dict:
+        """Collective: what DeepSpeed saves beside its own states, with every rank's data position and RNGs."""
+        return {
+            "step": step,
+            "config_yaml": config_yaml,
+            "loader_positions": all_gather_objects(loader_position),
+            "rng_states": all_gather_objects(ckpt.full_rng_state()),
+            "mlflow_run_id": all_gather_objects(run_id)[0],
+            "world_size": self.env.world_size,
+            "nonfinite": nonfinite,
+        }
+
     def save(
         self,
         engine,

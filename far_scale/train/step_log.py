@@ -4,11 +4,15 @@ the console (loss, throughput, data wait, memory, ETA, MFU on a GPU)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+from far_scale.planning.flops import peak_flops
 from far_scale.train.memory import GIB, peak_bytes
 
 METRICS_FILE = "metrics.jsonl"
@@ -16,6 +20,9 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class StepTimes:
+    """Host seconds of one step. On a GPU the micro-steps only launch work (nothing waits for the device
+    before the step's one transfer), so the device time shows in ``optimizer_s``; the total is exact."""
+
     data_s: float = 0.0
     compute_s: float = 0.0
     optimizer_s: float = 0.0
@@ -30,15 +37,19 @@ class Window:
     """Accumulates metrics between two log lines."""
 
     steps: int = 0
+    loss_steps: int = 0
+    """Steps with a finite loss: a skipped step (NaN loss on every micro-batch) counts in time, not in loss."""
     loss_sum: float = 0.0
     parts: dict = field(default_factory=dict)
     times: StepTimes = field(default_factory=StepTimes)
 
     def add(self, loss: float, parts: dict, times: StepTimes) -> None:
         self.steps += 1
-        self.loss_sum += loss
-        for key, value in parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + value
+        if math.isfinite(loss):
+            self.loss_steps += 1
+            self.loss_sum += loss
+            for key, value in parts.items():
+                self.parts[key] = self.parts.get(key, 0.0) + value
         self.times.data_s += times.data_s
         self.times.compute_s += times.compute_s
         self.times.optimizer_s += times.optimizer_s
@@ -58,6 +69,23 @@ class StepLog:
     flops_per_image: float
     peak_flops: Optional[float]
     window: Window = field(default_factory=Window)
+
+    @classmethod
+    def for_run(cls, run_dir: Path, env, lr_at: Callable[[int], float], plan, seq_len: int) -> "StepLog":
+        """Rank 0's records of a run with ``plan`` (a ``TrainingPlan``); MFU against this GPU's peak."""
+        cuda = env.device.type == "cuda"
+        peak = peak_flops(torch.cuda.get_device_name(env.device)) if cuda else None
+        return cls(
+            run_dir,
+            env.is_main,
+            env.device,
+            lr_at,
+            plan.samples_per_step,
+            seq_len,
+            env.world_size,
+            plan.flops_per_image,
+            peak,
+        )
 
     def record(self, step: int, loss: float, parts: dict, times: StepTimes) -> None:
         """The per-step line (loss, timing, peak memory) next to the run; MLflow gets interval means."""
@@ -84,8 +112,8 @@ class StepLog:
         t = window.times
         images_per_s = window.steps * self.samples_per_step / t.total_s if t.total_s > 0 else 0.0
         metrics = {
-            "loss": window.loss_sum / window.steps,
-            **{f"loss/{k}": v / window.steps for k, v in window.parts.items()},
+            "loss": window.loss_sum / window.loss_steps if window.loss_steps else math.nan,
+            **{f"loss/{k}": v / window.loss_steps for k, v in window.parts.items()},
             "lr": self.lr_at(step - 1),
             "grad_norm": grad_norm,
             "images_per_s": images_per_s,

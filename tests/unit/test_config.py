@@ -166,6 +166,10 @@ def test_batch_divisibility_names_all_three_numbers():
         ),
         ({"model": {"class_dropout": 0.0, "head": {"guidance_distillation_scale": 2.0}}}, "model.class_dropout > 0"),
         ({"parallel": {"offload_optimizer": "cpu"}}, "parallel.offload_optimizer=cpu: DeepSpeed offloads only its own"),
+        (
+            {"parallel": {"zero_stage": 0, "grad_accum_dtype": "fp32"}},
+            "parallel.grad_accum_dtype=fp32 with parallel.zero_stage=0",
+        ),
     ],
 )
 def test_cross_section_rules_name_their_fields(data, fragment):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
@@ -21,6 +20,7 @@ from far_scale.models.generation import (
 )
 from far_scale.models.heads import DiffusionHead, ShortcutHead
 from far_scale.planning.builder import build_model
+from tests.sync_ops import SyncOps
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_samples.json"
 SMALL = DataSpec(seq_len=16, token_dim=8, num_classes=4)
@@ -191,32 +191,6 @@ def test_fast_ddpm_chain_matches_the_reference_chain():
     mar = build("mar")
     options = dict(num_iter=3, head_steps=10, temperature=0.5)
     torch.testing.assert_close(sample(mar, fast_ddpm=True, **options), sample(mar, **options), rtol=1e-4, atol=1e-3)
-
-
-class SyncOps(TorchDispatchMode):
-    """Records every op that makes the host wait for the device or has a data-dependent output shape."""
-
-    SYNCING = {
-        "aten._local_scalar_dense.default",
-        "aten.nonzero.default",
-        "aten.masked_select.default",
-        "aten.is_nonzero.default",
-        "aten.equal.default",
-        "aten.unique_consecutive.default",
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        boolean_index = name.startswith(("aten.index.", "aten.index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or []
-        )
-        if name in self.SYNCING or boolean_index:
-            self.found.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(

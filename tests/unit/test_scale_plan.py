@@ -1,0 +1,74 @@
+"""check-config's planning past one machine and the gradient types, against numbers computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from far_scale.config.schema import ParallelConfig
+from far_scale.distributed.deepspeed_config import build_deepspeed_config, resolve_gradient_dtypes
+from far_scale.planning.scale import ScaleAssumptions, comm_bytes_per_step, plan_scale
+
+BILLION = 1_000_000_000
+
+
+def test_one_case_by_hand():
+    """FAR-sized: 1e9 parameters, bf16, fp32 reduction, ZeRO-2 on 16 GPUs (2 nodes), 4 x 8 images per step."""
+    plan = plan_scale(
+        BILLION,
+        0,
+        zero_stage=2,
+        world_size=16,
+        grad_accum_steps=4,
+        micro_batch=8,
+        precision="bf16",
+        reduce_dtype="fp32",
+        seq_len=256,
+        token_dim=16,
+        assumptions=ScaleAssumptions(300.0, 8, 400.0, 10.0),
+    )
+    # ring share 15/16; a reduce-scatter of 4e9 fp32 gradient bytes in each of 4 micro-steps + one all-gather of
+    # 2e9 bf16 parameter bytes: 15/16 * 18e9
+    assert plan.comm_bytes_per_step_per_gpu == pytest.approx(16.875e9)
+    assert plan.comm_s_per_step == pytest.approx(16.875e9 / 50e9)  # 400 Gbit/s = 50e9 B/s
+    assert plan.compute_s_per_step == pytest.approx(32 / 300)
+    assert plan.bytes_per_sample == 2 * 256 * 16 * 2  # two views of fp16 latents
+    assert plan.data_bytes_per_s_per_node == pytest.approx(16384 * 300 * 8)
+    # bf16 weights 2 + fp32 master 4 + two AdamW moments 8 + fp32 EMA 4 = 18 bytes per parameter
+    assert plan.checkpoint_bytes == pytest.approx(18e9)
+    assert plan.checkpoint_upload_s == pytest.approx(18e9 / 2 / 1.25e9)  # 2 nodes, 10 Gbit/s each
+
+
+@pytest.mark.parametrize(
+    "stage, expected",
+    [(0, 2 * 4e9), (1, 4e9 + 2e9), (2, 4 * 4e9 + 2e9), (3, 4 * (2 * 2e9 + 4e9))],
+)
+def test_traffic_per_zero_stage(stage, expected):
+    assert comm_bytes_per_step(BILLION, stage, 2, 4, 2, 4) == pytest.approx(expected / 2)  # ring share 1/2
+
+
+def test_one_rank_communicates_nothing():
+    assert comm_bytes_per_step(BILLION, 2, 1, 4, 2, 4) == 0
+
+
+@pytest.mark.parametrize(
+    "stage, accum, precision, expected",
+    [
+        (2, 4, "bf16", ("fp32", "fp32")),
+        (1, 2, "bf16", ("fp32", "fp32")),
+        (2, 1, "bf16", ("bf16", "fp32")),  # nothing to accumulate
+        (0, 4, "bf16", ("bf16", "fp32")),  # DeepSpeed 0.19: no fp32 accumulation at ZeRO-0 with bf16
+        (2, 4, "fp32", ("fp32", "fp32")),
+    ],
+)
+def test_gradient_dtypes_auto(stage, accum, precision, expected):
+    par = ParallelConfig(zero_stage=stage)
+    dtypes = resolve_gradient_dtypes(par, accum, precision)
+    assert (dtypes.accumulate, dtypes.reduce) == expected
+    config = build_deepspeed_config(par, 1.0, accum, precision)
+    assert config["data_types"] == {"grad_accum_dtype": expected[0]}
+    assert config["communication_data_type"] == expected[1]
+
+
+def test_explicit_bf16_reduction_is_kept():
+    dtypes = resolve_gradient_dtypes(ParallelConfig(reduce_dtype="bf16", grad_accum_dtype="bf16"), 8, "bf16")
+    assert (dtypes.accumulate, dtypes.reduce) == ("bf16", "bf16")
