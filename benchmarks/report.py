@@ -46,8 +46,19 @@ def describe_machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": _version("deepspeed"),
         "python": platform.python_version(),
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def synchronize(device: torch.device) -> None:

@@ -45,13 +45,18 @@ IMG_DIR = REPO_ROOT / "docs" / "img"
 
 
 class HeadTimer:
-    """Accumulates wall time spent in ``model.head.sample`` (wraps this instance only)."""
+    """Accumulates wall time spent in ``model.head.sample`` (wraps this instance only) while ``enabled``: its
+    device synchronisations would slow the run it times, so speed is measured with it off and the head's
+    share in one more run with it on."""
 
     def __init__(self, model: ARModel, device: torch.device):
         self.seconds = 0.0
+        self.enabled = False
         inner = model.head.sample
 
         def timed(*args, **kwargs):
+            if not self.enabled:
+                return inner(*args, **kwargs)
             synchronize(device)
             start = time.perf_counter()
             out = inner(*args, **kwargs)
@@ -76,13 +81,14 @@ def measure(
             generate(model, labels, options, torch.Generator(device=device).manual_seed(0))
 
     run()  # warm-up
-    timer.seconds = 0.0
     seconds = median_seconds(run, device, repeats, warmup=0)
-    head_seconds = timer.seconds / repeats
+    timer.seconds, timer.enabled = 0.0, True
+    instrumented = median_seconds(run, device, 1, warmup=0)
+    timer.enabled = False
     return {
         "seconds": seconds,
         "images_per_s": labels.shape[0] / seconds,
-        "head_share": min(1.0, head_seconds / seconds),
+        "head_share": min(1.0, timer.seconds / instrumented),
     }
 
 
@@ -248,11 +254,6 @@ def parse_args(argv=None):
         help="speed of every sampling acceleration against MAR 100 steps (faithful, tuned)",
     )
     parser.add_argument(
-        "--train-step",
-        action="store_true",
-        help="forward+backward time of FAR vs MAR training steps (same backbone weights)",
-    )
-    parser.add_argument(
         "--pareto",
         action="store_true",
         help="quality and speed of every acceleration on the trained tiny models in --runs",
@@ -291,12 +292,6 @@ def main(argv=None) -> None:
         return
     # Modes measured per size and batch: (selected, run, save, result key).
     grid_modes = [
-        (
-            args.train_step,
-            sampling_study.run_train_step,
-            sampling_study.save_train_step,
-            lambda r: f"{r['size']}_b{r['batch']}",
-        ),
         (
             args.techniques,
             sampling_study.run_speed,

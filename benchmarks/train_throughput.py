@@ -1,10 +1,15 @@
 """Training throughput: step time, latents/s and data-wait share of `far-scale train`, and loader-only speed.
 
-Trains tiny/base FAR on the machine's CPUs (or GPU) for a few steps per configuration (1 or 2 ranks, ZeRO
-0/2/3) on a synthetic latent dataset it builds, and reads rank 0's per-step records (metrics.jsonl) after
-a warm-up, and every rank's peak memory and model-build memory (the run's memory.json) beside check-config's
-estimates. Loader-only latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
-Results: benchmarks/results/train_throughput__*.json and docs/benchmarks.md.
+Three modes, results in benchmarks/results/*.json and docs/benchmarks.md:
+- default: trains FAR or MAR (``--configs``) on the machine's CPUs or GPU for a few steps per configuration
+  (ranks, ZeRO stage, micro batch) on a synthetic latent dataset it builds, large enough that no epoch ends
+  inside the measured steps, and reads rank 0's per-step records (metrics.jsonl) after a warm-up and every
+  rank's peak memory and model-build memory (the run's memory.json) beside check-config's estimates. Loader-only
+  latents/s is measured from local disk and from S3 (moto on 127.0.0.1).
+- ``--fit``: the largest micro batch per rank that trains without running out of memory.
+- ``--step-only``: forward + backward of one training step, FAR against MAR on the same backbone weights, one
+  process, no optimizer and no data (the GPU command: ``--step-only --device cuda --precision bf16
+  --sizes base,large --batch 64``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from typing import Callable
 
 import torch
 
+from benchmarks.bench_models import build_pair, model_config
 from benchmarks.report import (
     REPO_ROOT,
     command_line,
     describe_machine,
     load_results,
     markdown_table,
+    median_seconds,
     result_heading,
     save_result,
     write_doc_section,
@@ -36,28 +43,68 @@ from benchmarks.report import (
 from data_prep.pca_latents import encode_with_pca
 from data_prep.synth import SynthSpec, write_dataset
 from far_scale.data.loader import LatentLoader
+from far_scale.data.spec import DataSpec
 from far_scale.local_s3 import LocalS3
+from far_scale.planning.builder import resolve_dims
+from far_scale.planning.flops import peak_flops, train_flops_per_image
 from far_scale.train.memory import GIB
 
 BENCHMARK = "train_throughput"
 FIT_BENCHMARK = "largest_micro_batch"
 FIT_STEPS = 3  # steps per trial of --fit (the peak is reached in the first optimizer step)
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
-RECIPE = REPO_ROOT / "recipes" / "far_tiny_synth64.yaml"
+RECIPE = REPO_ROOT / "recipes" / "{arch}_tiny_synth64.yaml"  # model.size replaces tiny
+
+
+STEP_BENCHMARK = "train_step_far_vs_mar"
+IMAGES_PER_SHARD = 50
+NUM_CLASSES = 10
+
+
+def images_needed(configs: list[dict], steps: int, requested: int) -> int:
+    """Enough images that no configuration's run reaches the end of an epoch (the loader's restart would be
+    measured as data wait): every config's global batch x steps, rounded up to whole shards of every class."""
+    largest = max(c["micro"] * c["ranks"] for c in configs) * (steps + 1)
+    unit = IMAGES_PER_SHARD * NUM_CLASSES
+    return max(requested, -(-largest // unit) * unit)
+
+
+def parse_configs(text: str) -> list[dict]:
+    """``size:ranks:zero:micro[:arch]``, comma-separated (arch: far, the default, or mar)."""
+    configs = []
+    for spec in text.split(","):
+        size, ranks, zero, micro, *arch = spec.split(":")
+        configs.append(
+            {"size": size, "ranks": int(ranks), "zero": int(zero), "micro": int(micro), "arch": (arch or ["far"])[0]}
+        )
+    return configs
 
 
 def build_data(tmp: Path, images: int) -> Path:
-    src = write_dataset(tmp / "images", SynthSpec(10, images // 10, 64), progress=False)
+    src = write_dataset(tmp / "images", SynthSpec(NUM_CLASSES, images // NUM_CLASSES, 64), progress=False)
     # 256 tokens x 16, as ImageNet-256 through KL-16.
     _, shards = encode_with_pca(
-        src, tmp, 64, 4, 16, images_per_shard=50, max_images=256, max_patches=100_000, loader_workers=1
+        src, tmp, 64, 4, 16, images_per_shard=IMAGES_PER_SHARD, max_images=256, max_patches=100_000, loader_workers=1
     )
     return shards
 
 
-def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, steps: int) -> dict:
-    name = f"{size}_n{nproc}_z{zero}_m{micro}"  # a fresh run directory per trial (no resume)
+def train(
+    data: Path,
+    out: Path,
+    size: str,
+    nproc: int,
+    zero: int,
+    micro: int,
+    steps: int,
+    arch: str = "far",
+    device: str = "auto",
+    precision: str = "bf16",
+) -> dict:
+    name = f"{arch}_{size}_n{nproc}_z{zero}_m{micro}"  # a fresh run directory per trial (no resume)
     overrides = [
+        f"run.device={device}",
+        f"parallel.precision={precision}",  # CPU runs use fp32 whatever this says
         f"data.url={data}",
         f"run.output_dir={out}",
         f"run.name={name}",
@@ -82,7 +129,15 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     subprocess.run(
-        [*launcher, "-m", "far_scale.cli", "train", str(RECIPE), *overrides, "checkpoint.keep_last=1"],
+        [
+            *launcher,
+            "-m",
+            "far_scale.cli",
+            "train",
+            str(RECIPE).format(arch=arch),
+            *overrides,
+            "checkpoint.keep_last=1",
+        ],
         check=True,
         env=env,
         capture_output=True,
@@ -96,10 +151,12 @@ def train(data: Path, out: Path, size: str, nproc: int, zero: int, micro: int, s
     # the run's own plan (check-config's estimates for exactly this run).
     memory = json.loads((out / name / "memory.json").read_text())
     return {
+        "arch": arch,
         "size": size,
         "ranks": nproc,
         "zero": zero,
         "batch": images,
+        "precision": precision if device != "cpu" and torch.cuda.is_available() else "fp32",
         "step_s": step_s,
         "images_per_s": images / step_s,
         "latents_per_s": images * 256 / step_s,
@@ -173,12 +230,29 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--configs",
         default="tiny:1:0:32,tiny:2:2:16,tiny:2:3:16,base:1:0:2,base:2:2:1,base:2:3:1",
-        help="size:ranks:zero:micro_batch, comma-separated",
+        help="size:ranks:zero:micro_batch[:arch], comma-separated (arch far or mar; default far)",
     )
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument(
+        "--images", type=int, default=1000, help="at least this many (raised so that no epoch ends in a run)"
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="bf16", help="on a GPU (CPU runs are fp32 whatever this says)"
+    )
+    parser.add_argument(
+        "--step-only",
+        action="store_true",
+        help="forward+backward time of FAR vs MAR training steps (same backbone weights, no optimizer, no data)",
+    )
+    parser.add_argument("--sizes", default="tiny,mid", help="--step-only: model sizes, comma-separated")
+    parser.add_argument("--batch", type=int, default=16, help="--step-only: images per step")
+    parser.add_argument("--repeats", type=int, default=3, help="--step-only: timed steps (median)")
+    parser.add_argument("--seq-len", type=int, default=256, help="--step-only: tokens per image")
+    parser.add_argument("--token-dim", type=int, default=16, help="--step-only: channels per token")
+    parser.add_argument("--compile", action="store_true", help="--step-only: also time torch.compile'd models")
+    parser.add_argument("--no-docs", action="store_true", help="do not write results into docs/")
     parser.add_argument("--no-s3", action="store_true")
-    parser.add_argument("--no-docs", action="store_true")
     parser.add_argument(
         "--fit",
         action="store_true",
@@ -191,17 +265,33 @@ def main(argv=None) -> None:
         help="peak memory allowed per rank for --fit (default on a GPU: the card's memory)",
     )
     args = parser.parse_args(argv)
+    enable_tf32()
     if args.fit:
         fit_main(args, argv)
         return
+    if args.step_only:
+        step_main(args, argv)
+        return
+    configs = parse_configs(args.configs)
     tmp = Path(tempfile.mkdtemp(prefix="far-scale-train-bench-"))
     results, loader_rows = [], []
     moto = None
     try:
-        data = build_data(tmp, args.images)
-        for spec in args.configs.split(","):
-            size, nproc, zero, micro = spec.split(":")
-            results.append(train(data, tmp / "runs", size, int(nproc), int(zero), int(micro), args.steps))
+        data = build_data(tmp, images_needed(configs, args.steps, args.images))
+        for c in configs:
+            row = train(
+                data,
+                tmp / "runs",
+                c["size"],
+                c["ranks"],
+                c["zero"],
+                c["micro"],
+                args.steps,
+                c["arch"],
+                args.device,
+                args.precision,
+            )
+            results.append(row)
             print(results[-1], flush=True)
         loader_rows.append(["local disk", f"{loader_only(str(data), 30):.0f}"])
         if not args.no_s3:
@@ -219,7 +309,7 @@ def main(argv=None) -> None:
         if moto is not None:
             moto.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     result = {
         "machine": describe_machine(device),
         "runs": results,
@@ -233,11 +323,13 @@ def main(argv=None) -> None:
     for res in load_results(BENCHMARK):
         m = res["machine"]
         parts += [
-            f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), FAR on 256 tokens x 16, fp32",
+            f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), 256 tokens x 16, "
+            f"{res['runs'][0].get('precision', 'fp32')}",
             f"Date: {res['date']}. Command: `{res['command']}`",
             "",
             markdown_table(
                 [
+                    "model",
                     "size",
                     "ranks",
                     "ZeRO",
@@ -253,6 +345,7 @@ def main(argv=None) -> None:
                 ],
                 [
                     [
+                        r.get("arch", "far").upper(),
                         r["size"],
                         r["ranks"],
                         r["zero"],
@@ -283,6 +376,122 @@ def main(argv=None) -> None:
             "",
         ]
     write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+def enable_tf32() -> None:
+    """What the trainer does on a GPU (``far_scale.distributed.runtime.configure_math``): TF32 matmuls."""
+    from far_scale.distributed.runtime import configure_math
+
+    configure_math(tf32=True)
+
+
+def run_step_only(args, size: str, batch: int, device: torch.device) -> dict:
+    """Forward + backward time of one training step, FAR and MAR on the same backbone weights (no optimizer):
+    seconds, images/s, MFU against the card's peak (GPU), peak memory; eager, and compiled with ``--compile``."""
+    data = DataSpec(seq_len=args.seq_len, token_dim=args.token_dim, num_classes=1000)
+    mar, far, _ = build_pair(size, data, device)
+    latents = torch.randn(batch, data.seq_len, data.token_dim, device=device)
+    labels = torch.arange(batch, device=device) % data.num_classes
+    bf16 = device.type == "cuda" and args.precision == "bf16"
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    rows, details = {}, {}
+    for label, arch, model in (("FAR", "far", far), ("MAR", "mar", mar)):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        cfg = model_config(arch, size)
+        flops = train_flops_per_image(cfg, resolve_dims(cfg), data, model.expected_mask_ratio)
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            forward = torch.compile(model, dynamic=True) if mode == "compiled" else model
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = forward(latents, labels)["loss"]
+                torch.autograd.grad(loss, params)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = median_seconds(step, device, args.repeats, warmup=2 if mode == "compiled" else 1)
+            name = label if mode == "eager" else f"{label} compiled"
+            rows[name] = seconds
+            images_per_s = batch / seconds
+            details[name] = {
+                "images_per_s": images_per_s,
+                "mfu": images_per_s * flops / peak if peak else None,
+                "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+            }
+            print(f"[{size} b{batch}] {name} train step: {seconds:.4f} s, {images_per_s:.1f} img/s", flush=True)
+    return {
+        "size": size,
+        "batch": batch,
+        "seq_len": data.seq_len,
+        "precision": "bf16" if bf16 else "fp32",
+        "seconds": rows,
+        "details": details,
+        "ratio": rows["FAR"] / rows["MAR"],
+    }
+
+
+def _throughput(detail) -> str:
+    if not detail:
+        return "-"
+    mfu = f", {100 * detail['mfu']:.1f}%" if detail.get("mfu") else ""
+    return f"{detail['images_per_s']:.1f}{mfu}"
+
+
+def render_step_docs() -> None:
+    parts = [
+        "## Training step: FAR vs MAR (`benchmarks/train_throughput.py --step-only`)",
+        "",
+        "Forward and backward of one step (no optimizer), same backbone weights, one process "
+        "(rows before 2026-12-02 were measured with `benchmarks/sampling_speed.py --train-step`, the same code).",
+        "",
+    ]
+    results = load_results(STEP_BENCHMARK)
+    if results:
+        parts += [
+            markdown_table(
+                [
+                    "size",
+                    "batch",
+                    "precision",
+                    "machine",
+                    "FAR step (s)",
+                    "MAR step (s)",
+                    "FAR / MAR",
+                    "date",
+                    "command",
+                ],
+                [
+                    [
+                        r["size"],
+                        r["batch"],
+                        r.get("precision", "fp32"),
+                        f"{r['machine']['name']} ({r['machine']['torch_threads']} threads)",
+                        f"{r['seconds']['FAR']:.4f}",
+                        f"{r['seconds']['MAR']:.4f}",
+                        f"{r['ratio']:.2f}",
+                        _throughput(r.get("details", {}).get("FAR")),
+                        r["date"],
+                        f"`{r['command']}`",
+                    ]
+                    for r in results
+                ],
+            ),
+            "",
+        ]
+    write_doc_section(STEP_BENCHMARK, "\n".join(parts))
+
+
+def step_main(args, argv) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    machine = describe_machine(device)
+    for size in args.sizes.split(","):
+        result = run_step_only(args, size, args.batch, device)
+        result.update(machine=machine, command=command_line("train_throughput.py", argv))
+        if not args.no_docs:
+            save_result(STEP_BENCHMARK, f"{machine['device']}_{size}_b{args.batch}_{result['precision']}", result)
+    if not args.no_docs:
+        render_step_docs()
 
 
 def fit_main(args, argv) -> None:
