@@ -39,6 +39,20 @@ def encode_with_pca(
         max_patches=max_patches,
         seed=FIT_SEED,
     )
+    encode_with_codec(images, codec, shards, image_size, images_per_shard, batch_size, loader_workers)
+    return codec, shards
+
+
+def encode_with_codec(
+    images: str | Path,
+    codec: str | Path,
+    shards: str | Path,
+    image_size: int,
+    images_per_shard: int,
+    batch_size: int = 64,
+    loader_workers: int = 0,
+) -> Path:
+    """Encode ``images`` with an existing PCA codec into ``shards`` (quietly); returns ``shards``."""
     run_encode(
         EncodeJob(
             src=str(images),
@@ -52,4 +66,4 @@ def encode_with_pca(
             progress=False,
         )
     )
-    return codec, shards
+    return Path(shards)

@@ -53,25 +53,6 @@ def _cli(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
     return result
 
 
-def _encode(images: Path, codec: Path, out: Path) -> Path:
-    from data_prep.encode import EncodeJob, run_encode
-
-    run_encode(
-        EncodeJob(
-            src=str(images),
-            dst=str(out),
-            codec="pca",
-            codec_weights=str(codec),
-            image_size=64,
-            images_per_shard=100,
-            batch_size=50,
-            loader_workers=0,
-            progress=False,
-        )
-    )
-    return out
-
-
 @pytest.fixture(scope="session")
 def synth64(tmp_path_factory) -> SynthData:
     """The demo's data at a smaller count: 10 classes x 60 synthetic 64 px images, PCA codec, shards."""
@@ -290,6 +271,8 @@ def test_killed_sampling_resumes_with_only_the_missing_images(trained_far, one_r
 @pytest.mark.slow
 def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, bench, tmp_path):
     """The same images under random class folders: the model learns no class, so its class accuracy is chance."""
+    from data_prep.pca_latents import encode_with_codec
+
     shuffled = tmp_path / "shuffled"
     files = sorted((synth64.images / "train").rglob("*.JPEG"))
     classes = sorted(p.name for p in (synth64.images / "train").iterdir())
@@ -298,7 +281,7 @@ def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, benc
         folder = shuffled / "train" / classes[target]
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, folder / f"{index:05d}.JPEG")
-    shards = _encode(shuffled, synth64.codec, tmp_path / "shards")
+    shards = encode_with_codec(shuffled, synth64.codec, tmp_path / "shards", 64, 100, batch_size=50)
     run_dir = _train(shards, tmp_path / "runs", bench[0], "far_shuffled", SHUFFLED_STEPS)
     final = {name: points[-1].value for name, points in _final_eval(run_dir).items()}
     assert final["accuracy"] < 0.3, final  # chance is 0.1
