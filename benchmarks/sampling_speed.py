@@ -263,11 +263,23 @@ def parse_args(argv=None):
         default="runs/bench-quality",
         help="--pareto: quality_speed.py's work directory (data, offline benchmark, trained runs)",
     )
+    floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     parser.add_argument("--pareto-far-k", type=ints, default=[4, 8, 16], help="--pareto: K values of FAR")
-    parser.add_argument("--pareto-mar-k", type=ints, default=[16], help="--pareto: K values of MAR")
-    parser.add_argument("--pareto-cfg", type=float, default=2.0, help="--pareto: CFG scale")
-    parser.add_argument("--pareto-images", type=int, default=500, help="--pareto: images per point")
+    parser.add_argument("--pareto-mar-k", type=ints, default=[4, 8, 16], help="--pareto: K values of MAR")
+    parser.add_argument("--pareto-cfgs", type=floats, default=[1.5, 2.5, 4.0, 6.0], help="--pareto: CFG sweep")
+    parser.add_argument(
+        "--pareto-schedules",
+        type=lambda t: t.split(","),
+        default=["linear", "constant"],
+        help="--pareto: CFG schedules",
+    )
+    parser.add_argument("--pareto-select-images", type=int, default=100, help="--pareto: images per sweep point")
+    parser.add_argument("--pareto-images", type=int, default=200, help="--pareto: images per seed at the best CFG")
+    parser.add_argument("--pareto-seeds", type=int, default=3, help="--pareto: held-out sampling seeds (2-11)")
     parser.add_argument("--pareto-batch", type=int, default=100, help="--pareto: sampling batch")
+    parser.add_argument("--pareto-benchmark", default=None, help="--pareto: an offline benchmark file to score with")
+    parser.add_argument("--pareto-far-run", default=None, help="--pareto: a trained FAR run directory")
+    parser.add_argument("--pareto-mar-run", default=None, help="--pareto: a trained MAR run directory")
     args = parser.parse_args(argv)
     if args.num_iter is None:
         args.num_iter = [64] if args.techniques else [32, 64, 256]

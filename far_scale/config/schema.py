@@ -243,11 +243,18 @@ class EvalConfig(Section):
     """Masked share after iteration k is cos(pi/2 (k/K)^p); 1 is MAR's cosine, > 1 generates the first
     (structure) tokens over more iterations and the last (detail) ones over fewer (after GtR)."""
     backbone_refresh_every: int = Field(default=1, ge=1)
-    """Token caching (after LazyMAR): a full backbone pass every R iterations, lazy passes in between;
-    1 turns it off."""
+    """Token caching (after LazyMAR): a full backbone pass every R iterations, lazy passes in between (they
+    recompute the buffer and the tokens revealed since); 1 turns it off."""
+    backbone_refresh_share: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    """Token caching by revealed share instead of iteration count: a full pass once this share of the tokens
+    was revealed since the last one, lazy passes in between; None uses ``backbone_refresh_every``."""
     guidance_refresh_every: int = Field(default=1, ge=1)
     """Guidance caching (after LazyMAR): the unconditional backbone pass every G iterations, the cached
-    conditional-unconditional difference in between; 1 turns it off."""
+    conditional-unconditional difference in between; 1 turns it off. A difference from a pass that knew no
+    tokens (a context-free class prototype) is never reused: the next iteration computes both halves."""
+    guidance_refresh_share: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    """Guidance caching by revealed share instead of iteration count: both halves once this share of the tokens
+    was revealed since the cached difference was computed; None uses ``guidance_refresh_every``."""
     fast_ddpm: bool = False
     """Diffusion head: the DDPM chain's coefficients as host scalars (tuned MAR sampler)."""
     num_images: int = Field(default=50_000, ge=1)

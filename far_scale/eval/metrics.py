@@ -142,3 +142,17 @@ def bootstrap_interval(
     low, median, high = np.percentile(values, [tail, 50, 100 - tail])
     floor = 0.0 if values.min() >= 0 else -np.inf
     return float(max(estimate - (median - low), floor)), float(estimate + (high - median))
+
+
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (repeats of a measurement, e.g. seeds).
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def repeat_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean of 2-11 independent repeats (sampling seeds)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not 2 <= len(values) <= len(T_95) + 1:
+        raise ValueError(f"repeat_interval takes 2 to {len(T_95) + 1} repeats, got {len(values)}")
+    mean = float(values.mean())
+    half = T_95[len(values) - 2] * float(values.std(ddof=1)) / np.sqrt(len(values))
+    return mean, mean - half, mean + half

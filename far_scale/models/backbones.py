@@ -231,27 +231,33 @@ class MaskedBackbone(TokenBackbone):
         new: torch.Tensor,
         query: torch.Tensor,
         visible_keys: torch.Tensor,
+        cond: torch.Tensor,
         caches: tuple[TokenCache, TokenCache],
     ) -> torch.Tensor:
         """``z`` [B, n, W] at positions ``query`` [B, n], reusing cached keys and values (token caching).
 
-        Only the tokens revealed since the last pass (``new`` [B, m]) go through the encoder, attending
-        to the cached encoder keys where ``visible_keys`` [B, buffer + L]; the decoder recomputes those
-        positions (their input changed from the mask token) and the queried ones, attending to every
-        cached decoder position. Every other position keeps its features from an earlier pass.
+        The buffer (class condition ``cond`` [B, W]) and the tokens revealed since the last pass (``new``
+        [B, m]) go through the encoder, attending to the cached encoder keys where ``visible_keys``
+        [B, buffer + L]; the decoder recomputes those positions (the buffer's encoding changed with the context,
+        the new tokens' input changed from the mask token) and the queried ones, attending to every cached
+        decoder position. Every other position keeps its features from an earlier pass (after LazyMAR, which
+        also recomputes the buffer).
         """
         encoder_cache, decoder_cache = caches
         nb = self.num_buffer_tokens
+        batch = tokens.shape[0]
         x = self.token_proj(gather_positions(tokens, new))
-        x = self.token_proj_norm(x + self.encoder_pos[0, new + nb])
-        encoder_cache.set_pass(new + nb, lazy=True, key_mask=visible_keys)
+        buffer = cond[:, None, :].to(x.dtype).expand(batch, nb, self.width)
+        rows = self.sequence_positions(new)  # the buffer, then the new tokens
+        x = self.token_proj_norm(torch.cat([buffer, x], dim=1) + self.encoder_pos[0, rows])
+        encoder_cache.set_pass(rows, lazy=True, key_mask=visible_keys)
         x = self.decoder_embed(self.encoder_norm(self.encoder(x, cache=encoder_cache)))
         x = torch.cat(
-            [x + self.decoder_pos[0, new + nb], self.mask_token.to(x.dtype) + self.decoder_pos[0, query + nb]], dim=1
+            [x + self.decoder_pos[0, rows], self.mask_token.to(x.dtype) + self.decoder_pos[0, query + nb]], dim=1
         )
-        decoder_cache.set_pass(torch.cat([new, query], dim=1) + nb, lazy=True)
+        decoder_cache.set_pass(torch.cat([rows, query + nb], dim=1), lazy=True)
         x = self.decoder_norm(self.decoder(x, cache=decoder_cache))
-        return x[:, new.shape[1] :] + self.head_pos[0, query]
+        return x[:, rows.shape[1] :] + self.head_pos[0, query]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, unconditional: bool = False) -> TrainingPass:
         """Training pass: ``z`` and the masked positions [B, n] (ascending) the loss is computed on; with

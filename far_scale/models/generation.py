@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -41,11 +41,16 @@ class SamplingOptions:
     """Masked share after iteration k is cos(pi/2 * (k/K)^p): p = 1 is MAR's cosine; p > 1 spends more
     iterations on the first (structure) tokens and fewer on the last (detail) ones (after GtR)."""
     backbone_refresh_every: int = 1
-    """Token caching (after LazyMAR): a full backbone pass every R iterations; in between only the tokens
-    revealed since the last pass and the ones generated now are recomputed, against cached keys/values."""
+    """Token caching (after LazyMAR): a full backbone pass every R iterations; in between only the buffer, the
+    tokens revealed since the last pass and the ones generated now are recomputed, against cached keys/values."""
+    backbone_refresh_share: Optional[float] = None
+    """Token caching refreshed by the share of tokens revealed since the last full pass (instead of every R)."""
     guidance_refresh_every: int = 1
     """Guidance caching (after LazyMAR): the conditional and unconditional backbone passes every G
-    iterations; in between one conditional pass, with the cached difference standing in for the other."""
+    iterations; in between one conditional pass, with the cached difference standing in for the other. A
+    difference from a pass with no known token is never reused (the next iteration runs both halves)."""
+    guidance_refresh_share: Optional[float] = None
+    """Guidance caching refreshed by the share of tokens revealed since the cached difference (instead of every G)."""
     fast_ddpm: bool = False
     """Diffusion head: step coefficients as host scalars (no per-step schedule gathers or copies)."""
 
@@ -57,6 +62,18 @@ class SamplingOptions:
             raise ValueError(f"sampling option head_steps_end must be >= 1, got {self.head_steps_end}")
         if not self.mask_schedule_power > 0:
             raise ValueError(f"sampling option mask_schedule_power must be > 0, got {self.mask_schedule_power}")
+        for name in ("backbone_refresh_share", "guidance_refresh_share"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"sampling option {name} must be in (0, 1], got {value}")
+
+    @property
+    def caching_tokens(self) -> bool:
+        return self.backbone_refresh_every > 1 or self.backbone_refresh_share is not None
+
+    @property
+    def caching_guidance(self) -> bool:
+        return self.guided and (self.guidance_refresh_every > 1 or self.guidance_refresh_share is not None)
 
     @property
     def guided(self) -> bool:
@@ -152,8 +169,9 @@ def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_st
     ``kind`` is the backbone's (``masked``: K iterations on MAR's schedule; ``causal``: one per token);
     ``anneal_steps(first, last, progress)`` is the head's head-step schedule.
     """
-    caching_guidance = options.guided and options.guidance_refresh_every > 1
+    caching_guidance = options.caching_guidance
     plan, start = [], 0
+    last_full, source = 0, None  # tokens known at the last full pass / at the cached difference's pass
     problem = num_iter_problem(options.num_iter, seq_len) if kind == "masked" else None
     if problem:
         raise ValueError(problem)
@@ -175,12 +193,37 @@ def plan_generation(options: SamplingOptions, seq_len: int, kind: str, anneal_st
             if options.head_steps_end is None
             else anneal_steps(options.head_steps, options.head_steps_end, step / max(num_iter - 1, 1))
         )
-        both = options.guided and (not caching_guidance or step % options.guidance_refresh_every == 0)
+        # A difference computed with no known token is a context-free class prototype: never reused.
+        both = options.guided and (
+            not caching_guidance
+            or source is None
+            or _refresh_due(
+                step, start - source, seq_len, options.guidance_refresh_every, options.guidance_refresh_share
+            )
+        )
         # Cached guidance differences need every position: a pass of both halves is a full one.
-        full = step % options.backbone_refresh_every == 0 or (caching_guidance and both)
+        full = (
+            step == 0
+            or _refresh_due(
+                step, start - last_full, seq_len, options.backbone_refresh_every, options.backbone_refresh_share
+            )
+            or (caching_guidance and both)
+        )
         plan.append(Iteration(start, end, steps, guidance_scale(options, end, seq_len), full, both))
+        if full:
+            last_full = start
+        if both and start > 0:
+            source = start
         start = end
     return plan
+
+
+def _refresh_due(step: int, revealed: int, seq_len: int, every: int, share: Optional[float]) -> bool:
+    """A cache refresh: by share of the tokens revealed since the last one when ``share`` is set, else every
+    ``every`` iterations."""
+    if share is not None:
+        return revealed >= share * seq_len
+    return step % every == 0
 
 
 def _conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -211,10 +254,13 @@ class _MaskedBackbonePasses:
     def __init__(self, model: ARModel, options: SamplingOptions, cond: torch.Tensor, batch: int):
         self.backbone, self.options, self.cond, self.batch = model.backbone, options, cond, batch
         self.guided = options.guided
-        self.caching_guidance = self.guided and options.guidance_refresh_every > 1
+        self.caching_guidance = options.caching_guidance
         self.difference: Optional[torch.Tensor] = None  # z_cond - z_uncond at every position, last both-halves pass
         self.caches = None
-        if options.backbone_refresh_every > 1:
+        self.probe: Optional[Callable] = None
+        """Diagnostics only: called on each iteration that reuses a cache, with what it reused (see
+        ``far_scale.models.cache_diagnostics``); never changes a sample."""
+        if options.caching_tokens:
             # The cache follows the conditional rows only when the unconditional ones are not computed every time.
             rows = batch if self.caching_guidance or not self.guided else 2 * batch
             self.caches = self.backbone.new_token_caches(
@@ -248,21 +294,30 @@ class _MaskedBackbonePasses:
             visible_keys = torch.cat([buffer, visible_keys], dim=1)
             if doubled:
                 z = self.backbone.predict_lazy(
-                    _twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys), self.caches
+                    _twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys), self.cond, self.caches
                 )
             else:
-                z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.caches)
+                z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.cond[:batch], self.caches)
         if self.guided and not doubled:
             z = torch.cat([z, z - gather_positions(self.difference, chosen).to(z.dtype)])
+        if self.probe is not None and not (it.full_backbone and (doubled or not self.guided)):
+            self.probe(it, tokens, orders, chosen, z)
         return z
 
 
 @torch.no_grad()
-def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: SamplingNoise) -> torch.Tensor:
+def sample_masked(
+    model: ARModel,
+    labels: torch.Tensor,
+    options: SamplingOptions,
+    noise: SamplingNoise,
+    probe: Optional[Callable] = None,
+) -> torch.Tensor:
     """MAR/FAR generation: K iterations, each a backbone pass and a head pass on the tokens it reveals.
 
     Tokens are revealed in each image's random order (``noise.orders``); the counts per iteration
-    are planned on the host, so the loop selects tokens by gather/scatter and never syncs.
+    are planned on the host, so the loop selects tokens by gather/scatter and never syncs. ``probe``
+    (diagnostics: ``far_scale.models.cache_diagnostics``) sees every iteration that reuses a cache.
     """
     backbone, head = model.backbone, model.head
     batch, seq_len = labels.shape[0], backbone.seq_len
@@ -270,6 +325,7 @@ def sample_masked(model: ARModel, labels: torch.Tensor, options: SamplingOptions
     tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=labels.device, dtype=dtype)
     orders = noise.orders
     passes = _MaskedBackbonePasses(model, options, _conditions(model, labels, options.guided), batch)
+    passes.probe = probe
     previous = None
     for it in plan_generation(options, seq_len, backbone.kind, head.anneal_steps):
         # Ascending positions: the rows reach the head in the order boolean-mask indexing gave them.

@@ -221,3 +221,37 @@ def test_verdict_needs_controls_clearly_worse_and_shape():
     overlap = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.98, 1.05)], 10)
     assert not overlap.valid and "intervals overlap" in overlap.reason
     assert not judge([real], 10).valid  # no controls: nothing to judge by
+
+
+def test_repeat_interval_is_the_t_interval_of_the_mean():
+    from far_scale.eval.metrics import repeat_interval
+
+    mean, low, high = repeat_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert high - mean == pytest.approx(4.303 * 1.0 / 3**0.5)  # t(0.975, 2) x sd / sqrt(n)
+    assert mean - low == pytest.approx(high - mean)
+    with pytest.raises(ValueError, match="2 to 11 repeats"):
+        repeat_interval([1.0])
+
+
+def test_offline_scores_without_resamples_skip_the_intervals():
+    import numpy as np
+
+    from far_scale.eval.offline import OfflineBenchmark
+
+    bench = OfflineBenchmark.__new__(OfflineBenchmark)
+    rng = np.random.default_rng(0)
+    bench.reference = rng.normal(size=(40, 4))
+    bench.reference_labels = np.arange(40) % 2
+    from far_scale.eval.metrics import FeatureStats
+
+    bench.reference_stats = FeatureStats.of(bench.reference)
+    bench.reference_by_class = {c: FeatureStats.of(bench.reference[bench.reference_labels == c]) for c in (0, 1)}
+    bench.meta = {}
+    bench.resamples = 0
+    features = {"features": rng.normal(size=(20, 4)), "predicted": np.arange(20) % 2}
+    scores = bench.score(features, np.arange(20) % 2)
+    assert scores["accuracy"] == 1.0 and np.isnan(scores["accuracy_lo"]) and np.isfinite(scores["fd"])
+    bench.resamples = 20
+    scores = bench.score(features, np.arange(20) % 2)
+    assert scores["fd_lo"] <= scores["fd"] <= scores["fd_hi"]

@@ -33,7 +33,13 @@ GOLDEN_CASES = {
     "mar_plain": ("mar", dict(num_iter=3, head_steps=25, temperature=0.9)),
     "causal_cfg": ("far_causal", dict(head_steps=2, cfg_scale=2.5)),
 }
-NO_OP_OPTIONS = dict(backbone_refresh_every=1, guidance_refresh_every=1, mask_schedule_power=1.0)
+NO_OP_OPTIONS = dict(
+    backbone_refresh_every=1,
+    guidance_refresh_every=1,
+    mask_schedule_power=1.0,
+    backbone_refresh_share=None,
+    guidance_refresh_share=None,
+)
 
 
 def build(arch: str):
@@ -89,7 +95,8 @@ def test_every_option_off_is_bit_identical_to_the_reference_sampler(case):
 
 @pytest.mark.parametrize("guided", [False, True])
 def test_lazy_pass_equals_a_full_pass_when_the_cache_is_current(guided):
-    """With keys/values recorded by a full pass over the same known tokens, a lazy pass recomputes the same z."""
+    """With keys/values recorded by a full pass over the same known tokens, a lazy pass recomputes the same z,
+    and the keys it writes back (the buffer's included: lazy passes recompute it) equal the recorded ones."""
     model = build("far")
     backbone = model.backbone
     labels, batch = torch.tensor([0, 1, 3]), 3
@@ -105,9 +112,32 @@ def test_lazy_pass_equals_a_full_pass_when_the_cache_is_current(guided):
         visible_keys = torch.zeros(rows, 2 + 16, dtype=torch.bool)
         visible_keys[:, :2] = True
         visible_keys.scatter_(1, known + 2, True)
-        lazy = backbone.predict_lazy(tokens, new, query, visible_keys, caches)
+        recorded = [layer.keys.clone() for cache in caches for layer in cache.layers]
+        lazy = backbone.predict_lazy(tokens, new, query, visible_keys, cond, caches)
     expected = full.gather(1, query[..., None].expand(-1, -1, full.shape[-1]))
     torch.testing.assert_close(lazy, expected, atol=2e-5, rtol=1e-5)
+    rewritten = [layer.keys for cache in caches for layer in cache.layers]
+    for before, after in zip(recorded, rewritten):
+        torch.testing.assert_close(after[:, :, :2], before[:, :, :2], atol=2e-5, rtol=1e-5)  # the 2 buffer slots
+
+
+def test_lazy_passes_recompute_the_buffer_from_the_context():
+    """After new tokens are revealed, a lazy pass's buffer keys move (they see the new context)."""
+    model = build("far")
+    backbone = model.backbone
+    labels = torch.tensor([0, 1, 3])
+    cond = _conditions(model, labels, False)
+    tokens = torch.randn(3, 16, 8)
+    orders = torch.argsort(torch.rand(3, 16), dim=1)
+    with torch.no_grad():
+        caches = backbone.new_token_caches(3, device="cpu", dtype=torch.float32)
+        backbone.predict(tokens, orders[:, :2].sort(1).values, cond, caches)
+        before = caches[0].layers[-1].keys[:, :, :2].clone()
+        visible_keys = torch.zeros(3, 2 + 16, dtype=torch.bool)
+        visible_keys[:, :2] = True
+        visible_keys.scatter_(1, orders[:, :8] + 2, True)
+        backbone.predict_lazy(tokens, orders[:, 2:8], orders[:, 8:10].sort(1).values, visible_keys, cond, caches)
+    assert not torch.allclose(caches[0].layers[-1].keys[:, :, :2], before, atol=1e-4)
 
 
 def test_token_caching_changes_samples_only_between_refreshes():
@@ -129,18 +159,10 @@ def test_token_caching_changes_samples_only_between_refreshes():
 def test_guidance_caching_keeps_the_conditional_rows_intact():
     """At w = 1 guidance returns the conditional output whatever the unconditional one: caching it changes nothing."""
     model = build("far")
-    # Same backbone refresh pattern in both (passes of both halves are full ones); only rounding differs.
-    for token_refresh, guidance_refresh in ((1, 3), (2, 2)):
-        conditional = sample(model, num_iter=6, head_steps=2, backbone_refresh_every=token_refresh)
-        cached = sample(
-            model,
-            num_iter=6,
-            head_steps=2,
-            cfg_scale=1.0,
-            use_cfg=True,
-            backbone_refresh_every=token_refresh,
-            guidance_refresh_every=guidance_refresh,
-        )
+    # Every backbone pass full in both (a lazy pattern would differ: passes of both halves are full ones).
+    conditional = sample(model, num_iter=6, head_steps=2)
+    for guidance in (dict(guidance_refresh_every=3), dict(guidance_refresh_share=0.3)):
+        cached = sample(model, num_iter=6, head_steps=2, cfg_scale=1.0, use_cfg=True, **guidance)
         torch.testing.assert_close(cached, conditional, atol=1e-4, rtol=1e-4)
     guided = sample(model, num_iter=6, head_steps=2, cfg_scale=3.0)
     assert not torch.equal(sample(model, num_iter=6, head_steps=2, cfg_scale=3.0, guidance_refresh_every=3), guided)
@@ -182,9 +204,36 @@ def test_head_step_schedules():
 def test_plan_refreshes():
     options = SamplingOptions(num_iter=8, cfg_scale=2.0, backbone_refresh_every=4, guidance_refresh_every=3)
     plan = plan_generation(options, 64, "masked", ShortcutHead.anneal_steps)
-    assert [it.both_halves for it in plan] == [i % 3 == 0 for i in range(8)]
+    # Iteration 0 knows no token: its difference is not reused, iteration 1 computes both halves again.
+    assert [it.both_halves for it in plan] == [True, True, False, True, False, False, True, False]
     # Passes of both halves refresh the backbone too (the cached difference needs every position).
-    assert [it.full_backbone for it in plan] == [i % 4 == 0 or i % 3 == 0 for i in range(8)]
+    assert [it.full_backbone for it in plan] == [True, True, False, True, True, False, True, False]
+
+
+def test_plan_refreshes_by_revealed_share():
+    options = SamplingOptions(num_iter=8, backbone_refresh_every=1000, backbone_refresh_share=0.25)
+    plan = plan_generation(options, 64, "masked", ShortcutHead.anneal_steps)
+    last = 0
+    for it in plan:
+        assert it.full_backbone == (it.start == 0 or it.start - last >= 16), [(i.start, i.full_backbone) for i in plan]
+        last = it.start if it.full_backbone else last
+
+
+@pytest.mark.parametrize("num_iter", [2, 4, 8, 16, 64])
+@pytest.mark.parametrize(
+    "caching",
+    [dict(guidance_refresh_every=g) for g in (2, 4, 64)] + [dict(guidance_refresh_share=s) for s in (0.1, 0.5)],
+)
+def test_a_cached_difference_never_comes_from_a_pass_without_known_tokens(num_iter, caching):
+    for token_cache in (dict(), dict(backbone_refresh_every=4)):
+        options = SamplingOptions(num_iter=num_iter, cfg_scale=3.0, **caching, **token_cache)
+        plan = plan_generation(options, 64, "masked", ShortcutHead.anneal_steps)
+        source = None
+        for it in plan:
+            if it.both_halves:
+                source = it.start
+            else:
+                assert source is not None and source > 0, [(i.start, i.both_halves) for i in plan]
 
 
 def test_fast_ddpm_chain_matches_the_reference_chain():
@@ -255,3 +304,28 @@ def test_head_steps_above_the_shortcut_levels_are_refused_naming_the_field():
         sample(model, num_iter=2, head_steps=2 * levels)
     with pytest.raises(ValueError, match=r"head_steps_end=3 \(eval.head_steps_end\)"):
         sample(model, num_iter=2, head_steps=4, head_steps_end=3)
+
+
+def test_cache_diagnostics_measure_without_changing_samples():
+    from far_scale.models.cache_diagnostics import diagnose_caches, summarize
+    from far_scale.models.generation import SamplingNoise, sample_masked
+
+    model = build("far")
+    labels = torch.tensor([0, 1, 3])
+    off = SamplingOptions(num_iter=6, head_steps=2, cfg_scale=3.0)
+    cached = SamplingOptions(
+        num_iter=6, head_steps=2, cfg_scale=3.0, guidance_refresh_every=6, backbone_refresh_every=6
+    )
+
+    def noise(options):
+        return SamplingNoise.from_generator(model, options, 3, torch.Generator().manual_seed(0), "cpu")
+
+    assert diagnose_caches(model, labels, off, noise(off))[1] == []  # nothing reused, nothing recorded
+    tokens, records = diagnose_caches(model, labels, cached, noise(cached))
+    # Iterations 0 and 1 compute both halves (iteration 0 knew no token); the other 4 reuse both caches.
+    assert [r.iteration for r in records] == [2, 3, 4, 5]
+    assert all(r.lazy and r.cached_guidance and r.z_error > 0 and r.effective_cfg is not None for r in records)
+    summary = summarize(records, 16)
+    assert 0 < summary["cached_token_share"] < 1 and summary["nominal_cfg"] > 1
+    with torch.no_grad():
+        assert torch.equal(tokens, sample_masked(model, labels, cached, noise(cached)))
