@@ -23,6 +23,7 @@ META_FILE = "meta.json"
 EMA_FILE = "ema.safetensors"
 RAW_FILE = "model.safetensors"  # exports only (DeepSpeed's consolidated fp32 weights)
 TARGET_EMA_FILE = "target_ema.safetensors"
+POSTHOC_EMA_FILE = "posthoc_ema.safetensors"  # the tracked power-function EMAs, fp32 (ema.posthoc)
 FILES_FILE = "files.json"  # size and sha256 of every file of the checkpoint, checked before loading
 LATEST = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"

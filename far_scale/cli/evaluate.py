@@ -96,7 +96,12 @@ def _eval_sweep(args: argparse.Namespace) -> int:
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     result = run_sweep(
         args.source,
-        sweep_points(ints(args.num_iter), ints(args.head_steps), floats),
+        sweep_points(
+            ints(args.num_iter),
+            ints(args.head_steps),
+            floats,
+            [float(v) for v in args.ema_sigma_rel.split(",")] if args.ema_sigma_rel else [None],
+        ),
         scorer,
         args.out,
         num_images=args.num_images,
@@ -208,6 +213,12 @@ def add_commands(commands) -> None:
     sweep.add_argument("--num-iter", default="16,32,64", help="K values")
     sweep.add_argument("--head-steps", default="1,2,4,8", help="O for FAR, DDPM steps for MAR (e.g. 25,50,100)")
     sweep.add_argument("--cfg-scale", default="1,2,3")
+    sweep.add_argument(
+        "--ema-sigma-rel",
+        default=None,
+        help="EMA lengths to compare, e.g. 0.02,0.05,0.1,0.2: each reconstructed from the run's post-hoc snapshots "
+        "(ema.posthoc) and scored at every sampling point",
+    )
     sweep.add_argument("--num-images", type=int, default=200)
     sweep.add_argument("--batch-size", type=int, default=100)
     sweep.add_argument("--seed", type=int, default=0)
@@ -278,7 +289,7 @@ def add_sample(commands) -> None:
         "overrides",
         nargs="*",
         metavar="eval.KEY=VALUE",
-        help="sampling settings of the recipe's eval section, e.g. eval.backbone_refresh_every=4 "
-        "eval.guidance_refresh_every=2 eval.head_steps_end=1 (see docs/sampling.md)",
+        help="sampling settings of the recipe's eval section, e.g. eval.backbone_refresh_share=0.25 "
+        "eval.guidance_refresh_share=0.25 eval.head_steps_end=1 (see docs/sampling.md)",
     )
     sample.set_defaults(handler=_sample)

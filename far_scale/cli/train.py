@@ -28,7 +28,13 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from far_scale.train.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, include_raw=not args.ema_only)
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        include_raw=not args.ema_only,
+        ema_sigma_rel=args.ema_sigma_rel,
+        ema_decay=args.ema_decay,
+    )
     print(f"exported {args.checkpoint} to {out}")
     return 0
 
@@ -198,4 +204,13 @@ def add_train_and_export(commands) -> None:
     export.add_argument("checkpoint", help="run directory, checkpoints directory or step_* directory")
     export.add_argument("out")
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
+    length = export.add_mutually_exclusive_group()
+    length.add_argument(
+        "--ema-sigma-rel",
+        type=float,
+        help="reconstruct the EMA of this relative width from the post-hoc snapshots (runs with ema.posthoc.enabled)",
+    )
+    length.add_argument(
+        "--ema-decay", type=float, help="as --ema-sigma-rel, for the width a classic EMA of this decay has at the step"
+    )
     export.set_defaults(handler=_export)

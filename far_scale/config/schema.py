@@ -297,12 +297,30 @@ class RunConfig(Section):
     """Audit trail: each rank appends the sample keys of every step to <run_dir>/sample_keys.rank<r>.jsonl."""
 
 
+class PosthocEMAConfig(Section):
+    enabled: bool = False
+    """Track power-function EMAs and store their snapshots, to choose the EMA length after training
+    (``far-scale export --ema-sigma-rel``, ``eval sweep --ema-sigma-rel``; docs/operations.md)."""
+    sigma_rels: tuple[float, ...] = Field(default=(0.05, 0.10), strict=False, min_length=1)
+    """Relative widths of the tracked profiles (EDM2's); lengths between and near them can be reconstructed."""
+    snapshot_interval_steps: int = Field(default=1000, ge=1)
+    """A snapshot of every tracked EMA each this many steps (and at the end); more snapshots match more profiles."""
+    snapshot_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """Storage type of the snapshots (the tracked EMAs themselves stay fp32, sharded over the ranks)."""
+
+
+class EMAConfig(Section):
+    posthoc: PosthocEMAConfig = PosthocEMAConfig()
+    """Post-hoc EMA (EDM2); the evaluation EMA of ``optim.ema_decay`` stays as it is."""
+
+
 class Config(Section):
     """A whole run: one recipe, fully resolved."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    ema: EMAConfig = EMAConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

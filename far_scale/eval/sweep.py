@@ -19,6 +19,7 @@ import torch
 from far_scale.eval.evaluation import SPEED, evaluate_on_ranks
 from far_scale.eval.image_generator import ImageGenerator, SamplingJob
 from far_scale.eval.scoring import Scorer
+from far_scale.posthoc_ema import POSTHOC_DIR, list_snapshots, reconstruct
 from far_scale.tracking.compare import higher_is_better
 from far_scale.tracking.plots import new_axes, save_axes
 
@@ -31,14 +32,56 @@ class SweepPoint:
     num_iter: int
     head_steps: int
     cfg_scale: float
+    ema_sigma_rel: Optional[float] = None
+    """The EMA length (post-hoc reconstruction from the run's snapshots); None: the checkpoint's own EMA."""
 
     @property
     def key(self) -> str:
-        return f"K{self.num_iter}-steps{self.head_steps}-cfg{self.cfg_scale:g}"
+        key = f"K{self.num_iter}-steps{self.head_steps}-cfg{self.cfg_scale:g}"
+        return key if self.ema_sigma_rel is None else f"{key}-ema{self.ema_sigma_rel:g}"
 
 
-def sweep_points(num_iter: Sequence[int], head_steps: Sequence[int], cfg_scale: Sequence[float]) -> list[SweepPoint]:
-    return [SweepPoint(k, o, w) for k, o, w in itertools.product(num_iter, head_steps, cfg_scale)]
+def sweep_points(
+    num_iter: Sequence[int],
+    head_steps: Sequence[int],
+    cfg_scale: Sequence[float],
+    ema_sigma_rel: Sequence[Optional[float]] = (None,),
+) -> list[SweepPoint]:
+    return [SweepPoint(k, o, w, e) for k, o, w, e in itertools.product(num_iter, head_steps, cfg_scale, ema_sigma_rel)]
+
+
+class PosthocWeights:
+    """The weights a point samples with: the checkpoint's EMA, or an EMA length reconstructed from the run's
+    post-hoc snapshots up to the checkpoint's step (each once)."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.own = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+        self.residuals: dict[float, float] = {}
+        self._current: Optional[float] = None
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return Path(self.loaded.weights).parent.parent / POSTHOC_DIR  # <run>/checkpoints/<step>/ema.safetensors
+
+    def use(self, sigma_rel: Optional[float]) -> Optional[float]:
+        """Load the weights of ``sigma_rel`` into the model; returns the reconstruction's residual (or None)."""
+        if sigma_rel == self._current:
+            return self.residuals.get(sigma_rel)
+        if sigma_rel is None:
+            self.loaded.model.load_state_dict(self.own)
+        else:
+            snapshots = list_snapshots(self.snapshot_dir, self.loaded.meta.step)
+            if not snapshots:
+                raise ValueError(
+                    f"--ema-sigma-rel needs post-hoc EMA snapshots in {self.snapshot_dir} (train with "
+                    "ema.posthoc.enabled=true; export folders carry none: sweep the run directory)"
+                )
+            result = reconstruct(snapshots, sigma_rel, self.loaded.meta.step)
+            self.loaded.model.load_state_dict(result.state)
+            self.residuals[sigma_rel] = result.residual
+        self._current = sigma_rel
+        return self.residuals.get(sigma_rel)
 
 
 def evaluate_point(
@@ -84,6 +127,28 @@ def pareto_front(rows: Sequence[dict], metric: str) -> list[dict]:
         if not dominated:
             front.append(row)
     return sorted(front, key=lambda r: r[SPEED])
+
+
+def plot_ema_lengths(rows: Sequence[dict], metric: str, out: Path, title: str) -> Path:
+    """Quality vs the EMA's relative width, one line per sampling setting (post-hoc EMA)."""
+    fig, ax = new_axes()
+    for k, o, w in sorted({(r["num_iter"], r["head_steps"], r["cfg_scale"]) for r in rows}):
+        line = sorted(
+            (r["ema_sigma_rel"], r[metric])
+            for r in rows
+            if (r["num_iter"], r["head_steps"], r["cfg_scale"]) == (k, o, w)
+        )
+        ax.plot([s for s, _ in line], [v for _, v in line], marker="o", label=f"K={k}, steps={o}, CFG {w:g}")
+    ylabel = f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)"
+    return save_axes(
+        fig,
+        ax,
+        out / f"sweep_{metric}_vs_ema_sigma_rel.png",
+        f"{title}: {metric} vs EMA length (post-hoc)",
+        "EMA relative width sigma_rel (log scale)",
+        ylabel,
+        log_x=True,
+    )
 
 
 def plot_sweep(rows: Sequence[dict], metric: str, out: Path, title: str) -> list[Path]:
@@ -164,13 +229,17 @@ def run_sweep(
         for run in client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
         if POINT_TAG in run.data.tags
     }
+    weights = PosthocWeights(loaded)
     rows, created = [], 0
     for point in points:
         if point.key in existing:
             metrics = dict(existing[point.key].data.metrics)
             print(f"{point.key}: already logged (run {existing[point.key].info.run_id[:8]}), skipped", flush=True)
         else:
+            residual = weights.use(point.ema_sigma_rel)
             metrics = evaluate_point(loaded, point, scorer, num_images, batch_size, seed, torch_device, precision)
+            if residual is not None:
+                metrics["ema_residual"] = residual
             child = client.create_run(
                 parent.info.experiment_id, run_name=point.key, tags={PARENT_TAG: parent_id, POINT_TAG: point.key}
             )
@@ -192,7 +261,10 @@ def run_sweep(
             print(f"{point.key}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         rows.append({**asdict(point), **metrics})
     metric = primary_metric or next(m for m in ("fid", "fd", "accuracy") if m in rows[0])
-    plots = plot_sweep(rows, metric, Path(out), f"{loaded.cfg.model.arch} step {loaded.meta.step}")
+    title = f"{loaded.cfg.model.arch} step {loaded.meta.step}"
+    plots = plot_sweep([r for r in rows if r["ema_sigma_rel"] is None] or rows, metric, Path(out), title)
+    if any(r["ema_sigma_rel"] is not None for r in rows):
+        plots.append(plot_ema_lengths([r for r in rows if r["ema_sigma_rel"] is not None], metric, Path(out), title))
     for path in plots:
         client.log_artifact(parent_id, str(path), "sweep")
     return SweepResult(rows, created, len(points) - created, plots)

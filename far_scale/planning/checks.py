@@ -14,6 +14,7 @@ from far_scale.config.schema import Config
 from far_scale.data.spec import DataSpec
 from far_scale.models.generation import num_iter_problem
 from far_scale.planning.builder import resolve_dims
+from far_scale.posthoc_ema import gamma_to_sigma_rel
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -114,6 +115,14 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
             "parallel.grad_accum_dtype=fp32 with parallel.zero_stage=0 and bf16: DeepSpeed 0.19 accumulates bf16 "
             "gradients in fp32 only at ZeRO-1-3; set parallel.zero_stage=1 (or grad_accum_dtype=auto)"
         )
+    if cfg.ema.posthoc.enabled:
+        widest = gamma_to_sigma_rel(0.0)
+        for sigma in cfg.ema.posthoc.sigma_rels:
+            if not 0 < sigma < widest:
+                problems.append(
+                    f"ema.posthoc.sigma_rels: {sigma} is outside (0, {widest:.4f}) (the widest power-function profile "
+                    "is the plain average of all steps); EDM2 tracks 0.05 and 0.10"
+                )
     if cfg.model.mask_ratio_min > cfg.model.mask_ratio_mean:
         problems.append(
             f"model.mask_ratio_min={cfg.model.mask_ratio_min} is above model.mask_ratio_mean={cfg.model.mask_ratio_mean}"

@@ -9,12 +9,35 @@ from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
 from far_scale.planning.plan import DataSource, plan_for
 from far_scale.planning.scale import ScaleAssumptions, plan_scale, render_scale
+from far_scale.posthoc_ema import storage_costs
 
 GIB = 1024**3
 
 
 def _millions(count: int) -> str:
     return f"{count / 1e6:,.1f}M ({count:,})"
+
+
+def _posthoc_lines(cfg: Config, plan, world_size: int) -> list[str]:
+    posthoc = cfg.ema.posthoc
+    if not posthoc.enabled:
+        return []
+    storage, per_gpu = storage_costs(
+        plan.parameters["total"],
+        len(posthoc.sigma_rels),
+        posthoc.snapshot_dtype,
+        posthoc.snapshot_interval_steps,
+        plan.total_steps,
+        world_size,
+    )
+    total = f"{storage / GIB:,.2f} GiB" if storage is not None else "unknown (no step count)"
+    return [
+        f"# post-hoc EMA: {len(posthoc.sigma_rels)} tracked profile(s) (sigma_rel "
+        f"{', '.join(f'{s:g}' for s in posthoc.sigma_rels)}), a {posthoc.snapshot_dtype} snapshot every "
+        f"{posthoc.snapshot_interval_steps} steps: {total} of snapshots for the run (never pruned), "
+        f"{per_gpu / GIB:.2f} GiB of fp32 EMAs per GPU",
+        "",
+    ]
 
 
 def render_report(
@@ -89,6 +112,7 @@ def render_report(
         "",
         *render_scale(scale, assumptions, world_size, cfg.parallel.zero_stage),
         "",
+        *_posthoc_lines(cfg, plan, world_size),
         f"# collectives: a rank waits at most {cfg.parallel.process_group_timeout_min:g} min for the others "
         "(parallel.process_group_timeout_min; universal-checkpoint conversion and checkpoint uploads run inside it)",
         "",

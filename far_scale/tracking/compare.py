@@ -52,6 +52,8 @@ class RunRecord:
     start_ms: int
     history: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
     """metric -> [(step, timestamp ms, value)] sorted by step."""
+    best_ema_length: Optional[str] = None
+    """From its post-hoc EMA sweep (``eval sweep --ema-sigma-rel`` child runs): the best sigma_rel and score."""
 
     @property
     def label(self) -> str:
@@ -77,6 +79,25 @@ def _record(client, uri: str, run, metrics: Sequence[str]) -> RunRecord:
             points = client.get_metric_history(run.info.run_id, metric)
             record.history[metric] = sorted((m.step, m.timestamp, m.value) for m in points)
     return record
+
+
+EMA_SWEEP_PARAM = "ema_sigma_rel"  # far_scale.eval.sweep.SweepPoint's field, logged as a child-run param
+EMA_SWEEP_METRICS = ("accuracy", "fid", "fd")  # the first a sweep logged decides the best length
+
+
+def _best_ema_length(client, experiment_id: str, run_id: str) -> Optional[str]:
+    children = [
+        c
+        for c in client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+        if c.data.params.get(EMA_SWEEP_PARAM) not in (None, "None")
+    ]
+    metric = next((m for m in EMA_SWEEP_METRICS if any(m in c.data.metrics for c in children)), None)
+    if metric is None:
+        return None
+    scored = [c for c in children if metric in c.data.metrics]
+    pick = max if higher_is_better(metric) else min
+    best = pick(scored, key=lambda c: c.data.metrics[metric])
+    return f"{float(best.data.params[EMA_SWEEP_PARAM]):g} ({metric} {best.data.metrics[metric]:.4g}, of {len(scored)} points)"
 
 
 def store_uri(run_dir: Path) -> str:
@@ -121,7 +142,10 @@ def collect_runs(
             missing = wanted - {r.info.run_id for r in runs} - {r.info.run_name for r in runs}
             if missing:
                 raise ValueError(f"no run named {', '.join(sorted(missing))} in experiment {experiment!r} at {uri}")
-        records += [_record(client, uri, run, metrics) for run in runs]
+        for run in runs:
+            record = _record(client, uri, run, metrics)
+            record.best_ema_length = _best_ema_length(client, found.experiment_id, run.info.run_id)
+            records.append(record)
     if len(records) < 1:
         raise ValueError(
             f"no runs matched in experiment {experiment!r}"
@@ -197,6 +221,9 @@ def comparison_rows(
     for summary in summaries:
         direction = "max" if higher_is_better(summary.metric) else "min"
         header += [f"{summary.metric} last", f"{summary.metric} {direction}"]
+    lengths = any(r.best_ema_length for r in records)
+    if lengths:
+        header.append("best EMA sigma_rel (post-hoc sweep)")
     rows = []
     for record in records:
         row = [record.label, *[_short(record.params.get(p)) for p in params]]
@@ -204,6 +231,8 @@ def comparison_rows(
             value, best = summary.last[record.run_id], summary.best[record.run_id]
             mark = " *" if summary.winner == record.run_id else ""
             row += ["-" if value is None else f"{value:.4g}{mark}", "-" if best is None else f"{best:.4g}"]
+        if lengths:
+            row.append(record.best_ema_length or "-")
         rows.append(row)
     return header, rows
 

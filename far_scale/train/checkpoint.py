@@ -21,6 +21,7 @@ from far_scale.artifacts import (  # noqa: F401  (the layout's names, used as ck
     FILES_FILE,
     LATEST,
     META_FILE,
+    POSTHOC_EMA_FILE,
     TAG_PATTERN,
     TARGET_EMA_FILE,
     UNIVERSAL_DIR,
@@ -52,10 +53,12 @@ def check_writable(directory: Path) -> None:
         ) from None
 
 
-def file_digests(directory: Path) -> dict[str, dict]:
-    """Size and sha256 of every file under a checkpoint directory (relative names), except the list itself."""
+def file_digests(directory: Path, only: Optional[list[str]] = None) -> dict[str, dict]:
+    """Size and sha256 of every file under a checkpoint directory (relative names), except the list itself;
+    ``only``: just these (relative names)."""
     digests = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != FILES_FILE):
+    paths = [directory / name for name in only] if only is not None else directory.rglob("*")
+    for path in sorted(p for p in paths if p.is_file() and p.name != FILES_FILE):
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(HASH_BLOCK_BYTES):
@@ -109,12 +112,14 @@ def write_sidecars(
     meta: dict,
     ema_state: dict[str, torch.Tensor],
     target_ema_state: Optional[dict[str, torch.Tensor]] = None,
+    posthoc_state: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Files read without unpickling: resolved config, metadata, full EMA weights (and the target EMA's)."""
+    """Files read without unpickling: resolved config, metadata, full EMA weights (and the target EMA's, and
+    the tracked post-hoc EMAs')."""
     ref.path.mkdir(parents=True, exist_ok=True)
     write_atomic(ref.path / CONFIG_FILE, config_yaml)
     write_atomic(ref.path / META_FILE, json.dumps(meta, indent=2))
-    states = {EMA_FILE: ema_state, TARGET_EMA_FILE: target_ema_state}
+    states = {EMA_FILE: ema_state, TARGET_EMA_FILE: target_ema_state, POSTHOC_EMA_FILE: posthoc_state}
     for name, state in states.items():
         if state is None:
             continue

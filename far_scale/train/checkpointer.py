@@ -13,14 +13,19 @@ A failing disk during a save leaves no pointer at the partial checkpoint and say
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from safetensors.torch import save
+
+from far_scale.data.storage import write_atomic
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier
+from far_scale.posthoc_ema import POSTHOC_DIR, SNAPSHOT_FILE
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.remote_checkpoints import RemoteCheckpoints, is_remote, local_directory
 
@@ -100,9 +105,9 @@ class Checkpointer:
             ds.restore_group_settings(engine, group_settings)
         return client
 
-    def restore(self, engine, resume: Resume, group_settings: list[dict], loader, ema, targets):
-        """Engine and optimizer states, this rank's data position and RNGs, and the EMAs from ``resume``;
-        returns (completed steps, non-finite steps so far, the MLflow run id)."""
+    def restore(self, engine, resume: Resume, group_settings: list[dict], loader, ema, targets, posthoc=None):
+        """Engine and optimizer states, this rank's data position and RNGs, and the EMAs (the post-hoc ones too)
+        from ``resume``; returns (completed steps, non-finite steps so far, the MLflow run id)."""
         client = self.load(engine, resume, group_settings)
         warning = loader.restore(client["loader_positions"], self.env.rank, resume.resized)
         if not resume.resized:
@@ -112,6 +117,13 @@ class Checkpointer:
         ema.load_full_state_dict(ckpt.load_ema(resume.ref.path))
         if targets.ema is not None:
             targets.load_full_state_dict(ckpt.load_ema(resume.ref.path, ckpt.TARGET_EMA_FILE))
+        if posthoc is not None:
+            if not (resume.ref.path / ckpt.POSTHOC_EMA_FILE).is_file():
+                raise ckpt.CheckpointError(
+                    f"{resume.ref.path} has no {ckpt.POSTHOC_EMA_FILE}: it was written with ema.posthoc.enabled=false; "
+                    "resume with ema.posthoc.enabled=false, or start a new run to track post-hoc EMAs"
+                )
+            posthoc.load_checkpoint_state(ckpt.load_ema(resume.ref.path, ckpt.POSTHOC_EMA_FILE))
         step = int(client["step"])
         if self.env.is_main:
             log.warning("resumed from %s at step %d", resume.ref.path, step)
@@ -140,13 +152,14 @@ class Checkpointer:
         meta: dict,
         ema_state: dict,
         target_ema_state: Optional[dict],
+        posthoc_state: Optional[dict] = None,
     ) -> str:
         """Collective: write, digest, upload and point at checkpoint ``step``; returns where it is."""
         ref = ckpt.CheckpointRef(self.directory, ckpt.tag_for(step), step, self.env.world_size)
         try:
             ds.save_checkpoint(engine, str(self.directory), ref.tag, client)
             if self.env.is_main:
-                ckpt.write_sidecars(ref, config_yaml, meta, ema_state, target_ema_state)
+                ckpt.write_sidecars(ref, config_yaml, meta, ema_state, target_ema_state, posthoc_state)
         except (OSError, RuntimeError) as exc:
             # A full or failing disk: nothing points at this checkpoint; remove what was written of it.
             shutil.rmtree(ref.path, ignore_errors=True)
@@ -179,3 +192,23 @@ class Checkpointer:
             removed = ckpt.prune(self.directory, self.keep_last, ref.tag)
             print(f"checkpoint {location} (removed {len(removed)} old)", flush=True)
         return location
+
+    def save_snapshot(self, step: int, tensors: dict, metadata: dict) -> None:
+        """Rank 0: a post-hoc EMA snapshot into ``posthoc/`` beside the checkpoints (atomic; its size and sha256
+        into ``posthoc/files.json``; on an object store uploaded with the list). Never pruned."""
+        if not self.env.is_main:
+            return
+        directory = self.directory / POSTHOC_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        name = SNAPSHOT_FILE.format(step=step)
+        write_atomic(directory / name, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+        listing = directory / ckpt.FILES_FILE
+        if listing.is_file():
+            files = json.loads(listing.read_text())
+        else:  # a resumed run on a new machine: the store's list holds the earlier snapshots
+            remote = self.remote.read_file(f"{POSTHOC_DIR}/{ckpt.FILES_FILE}") if self.remote else None
+            files = json.loads(remote) if remote else {}
+        files.update(ckpt.file_digests(directory, only=[name]))
+        write_atomic(listing, json.dumps(files, indent=1, sort_keys=True))
+        if self.remote is not None:
+            self.remote.upload_files([f"{POSTHOC_DIR}/{name}", f"{POSTHOC_DIR}/{ckpt.FILES_FILE}"])

@@ -120,6 +120,21 @@ class RemoteCheckpoints:
             target = join(self.root, relative)
             _retry("upload", f"{self.url}/{relative}", lambda: self.fs.put_file(str(path), target))
 
+    def upload_files(self, relative: list[str]) -> None:
+        """Upload files of the staging directory (paths relative to it) as they are."""
+        for name in relative:
+            target = join(self.root, name)
+            _retry("upload", f"{self.url}/{name}", lambda: self.fs.put_file(str(self.staging / name), target))
+
+    def read_file(self, relative: str) -> Optional[bytes]:
+        path = join(self.root, relative)
+
+        def read() -> Optional[bytes]:
+            self.fs.invalidate_cache()
+            return self.fs.cat_file(path) if self.fs.exists(path) else None
+
+        return _retry("read", f"{self.url}/{relative}", read)
+
     def write_latest(self, ref: CheckpointRef) -> None:
         url = f"{self.url}/{LATEST}"
         _retry("write", url, lambda: write_atomic(url, latest_text(ref)))

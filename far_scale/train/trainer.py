@@ -36,6 +36,7 @@ from far_scale.train.ema import EMA
 from far_scale.train.evaluator import TrainingEvaluator
 from far_scale.train.memory import peak_growth, report_memory
 from far_scale.train.optim import parameter_groups, schedule_for
+from far_scale.train.posthoc import PosthocEMAs
 from far_scale.train.preemption import EXIT_PREEMPTED
 from far_scale.train.run_banner import run_banner
 from far_scale.train.run_tracking import RunTracking
@@ -128,10 +129,11 @@ class Trainer:
         # Sharded over the ranks; whole only where a network runs on it (the target network).
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay, whole_prefix=self.targets.eval_ema_whole_prefix)
         self.targets.attach(self.engine.module, self.ema)
+        self.posthoc = PosthocEMAs.build(self.engine.module, cfg.ema.posthoc)  # None unless ema.posthoc.enabled
         run_id = None
         if resume is not None:
             self.step, self.nonfinite, run_id = self.checkpointer.restore(
-                self.engine, resume, self.group_settings, self.loader, self.ema, self.targets
+                self.engine, resume, self.group_settings, self.loader, self.ema, self.targets, self.posthoc
             )
         self.tracking.start(
             run_id,
@@ -199,6 +201,8 @@ class Trainer:
         if nonfinite == 0:
             self.ema.update()
             self.targets.update(self.step)  # self.step counts the completed steps before this one
+            if self.posthoc is not None:
+                self.posthoc.update(self.step + 1)
         else:
             self._count_nonfinite(int(nonfinite), keys)
         times.optimizer_s += time.perf_counter() - start
@@ -249,6 +253,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.step % self.cfg.run.log_interval == 0 or self.step == self.total_steps:
                     self._log_interval(bar)
+                if self.posthoc is not None and self.posthoc.due(self.step, self.total_steps):
+                    self.checkpointer.save_snapshot(self.step, *self.posthoc.snapshot(self.step))
                 if self.step % self.cfg.eval.interval_steps == 0:
                     self.evaluate()
                 if self.stops.requested:
@@ -302,8 +308,9 @@ class Trainer:
         meta = RunMeta(self.step, self.env.world_size, client["mlflow_run_id"], self.data_info).as_dict()
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         target_ema_state = self.targets.full_state_dict()
+        posthoc_state = self.posthoc.checkpoint_state() if self.posthoc is not None else None
         location = self.checkpointer.save(
-            self.engine, self.step, client, self.config_yaml, meta, ema_state, target_ema_state
+            self.engine, self.step, client, self.config_yaml, meta, ema_state, target_ema_state, posthoc_state
         )
         self.tracking.set_tags({"checkpoint/latest": location, "checkpoint/step": self.step})
 

@@ -32,6 +32,10 @@ TARGET_EMA = [
     "model.head.consistency_target=ema",
     "model.head.target_ema_decay=0.5",
     "model.head.target_ema_warmup_steps=2",
+    # Post-hoc EMA: two power-function EMAs, an fp32 snapshot every 2 steps (compared exactly below).
+    "ema.posthoc.enabled=true",
+    "ema.posthoc.snapshot_interval_steps=2",
+    "ema.posthoc.snapshot_dtype=fp32",
 ]
 
 
@@ -113,6 +117,19 @@ def _target_ema(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return _ema(run_dir, step, "target_ema.safetensors")
 
 
+def _posthoc_ema(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The tracked power-function EMAs saved with checkpoint ``step`` (fp32, keys ``<profile>/<param>``)."""
+    return _ema(run_dir, step, "posthoc_ema.safetensors")
+
+
+def _snapshots(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    directory = run_dir / "checkpoints" / "posthoc"
+    return {
+        int(p.stem.removeprefix("phema_step")): load_file(str(p))
+        for p in sorted(directory.glob("phema_step*.safetensors"))
+    }
+
+
 @pytest.fixture(scope="module")
 def parity_runs(latent_dataset, tmp_path_factory):
     """One 1-rank reference (accumulation 2) and 2-rank runs with ZeRO 1, 2, 3 on the same global batches."""
@@ -164,13 +181,27 @@ def _assert_close_states(
         torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("load", [_ema, _target_ema], ids=["ema", "target_ema"])
+@pytest.mark.parametrize("load", [_ema, _target_ema, _posthoc_ema], ids=["ema", "target_ema", "posthoc_ema"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_emas_under_zero_equal_unsharded_ones(parity_runs, stage, load):
     _assert_close_states(load(parity_runs / f"zero{stage}", 6), load(parity_runs / "ref", 6))
     # Each EMA differs from its step-3 value (decay 0.9 / 0.5 over 6 steps), so this compares real averages.
     earlier, reference = load(parity_runs / "ref", 3), load(parity_runs / "ref", 6)
     assert any(not torch.equal(earlier[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_posthoc_snapshots_on_two_ranks_equal_one_rank_snapshots(parity_runs, stage):
+    reference, sharded = _snapshots(parity_runs / "ref"), _snapshots(parity_runs / f"zero{stage}")
+    assert sorted(reference) == sorted(sharded) == [2, 4, 6]
+    for step in reference:
+        _assert_close_states(sharded[step], reference[step])
+    listing = json.loads((parity_runs / f"zero{stage}" / "checkpoints" / "posthoc" / "files.json").read_text())
+    assert sorted(listing) == [f"phema_step{s:08d}.safetensors" for s in (2, 4, 6)]
+    # The two profiles are distinct averages, and a snapshot is the checkpoint's tracked state at its step.
+    last = reference[6]
+    assert any(not torch.equal(last[f"0/{n}"], last[f"1/{n}"]) for n in _ema(parity_runs / "ref", 6))
+    _assert_close_states(last, _posthoc_ema(parity_runs / "ref", 6), rtol=0, atol=0)
 
 
 def test_target_ema_is_an_average_of_its_own(parity_runs):
@@ -234,7 +265,7 @@ def test_checkpoints_resume_from_two_to_one_to_two_ranks(parity_runs, latent_dat
     for step in (5, 6):
         assert resumed[step] == pytest.approx(reference[step], rel=rtol), step
     # The EMAs after 3 more steps follow those steps' weights (and their drift under ZeRO-3).
-    for load in (_ema, _target_ema):
+    for load in (_ema, _target_ema, _posthoc_ema):
         _assert_close_states(load(run_dir, 6), load(parity_runs / "ref", 6), rtol, atol)
 
 
@@ -244,7 +275,7 @@ def test_both_emas_are_restored_exactly_at_another_world_size(parity_runs, laten
     run_dir = _resume_from(parity_runs, stage, tmp_path, "restored")
     overrides = _parity_overrides(latent_dataset, tmp_path, "restored", stage)
     _train(1, [o for o in overrides if not o.startswith("run.max_steps=")] + ["run.max_steps=3"])
-    for load in (_ema, _target_ema):
+    for load in (_ema, _target_ema, _posthoc_ema):
         expected, got = load(parity_runs / f"zero{stage}", 3), load(run_dir, 3)
         assert expected.keys() == got.keys()
         for name in expected:
@@ -327,10 +358,16 @@ def test_resume_after_sigkill_is_bit_identical(resume_runs):
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == straight[step], step  # exact: same data, same draws, same optimizer state
-    for load in (_ema, _target_ema):
+    for load in (_ema, _target_ema, _posthoc_ema):
         expected, got = load(resume_runs / "straight", 8), load(resume_runs / "killed", 8)
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
+    # Every post-hoc snapshot is kept, and those written after the resume equal the uninterrupted run's.
+    expected, got = _snapshots(resume_runs / "straight"), _snapshots(resume_runs / "killed")
+    assert sorted(got) == sorted(expected) == [2, 4, 6, 8]
+    for step in expected:
+        for name in expected[step]:
+            assert torch.equal(got[step][name], expected[step][name]), (step, name)
 
 
 def test_resume_neither_repeats_nor_skips_samples(resume_runs):
@@ -380,6 +417,32 @@ def test_export_writes_safetensors_and_config(resume_runs, tmp_path):
     assert ema.keys() == raw.keys() and "head.net.final.linear.weight" in ema
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert "arch: far" in (tmp_path / "export" / "config.yaml").read_text()
+    # A post-hoc EMA length chosen now, from the run's snapshots: a tracked width is the tracked EMA itself.
+    for sigma, out in (("0.1", "tracked"), ("0.07", "between")):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "far_scale.cli",
+                "export",
+                str(resume_runs / "straight"),
+                str(tmp_path / out),
+                "--ema-only",
+                "--ema-sigma-rel",
+                sigma,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "profile residual" in result.stdout
+    tracked = _posthoc_ema(resume_runs / "straight", 8)
+    got = load_file(str(tmp_path / "tracked" / "ema.safetensors"))
+    _assert_close_states(got, {k.removeprefix("1/"): v for k, v in tracked.items() if k.startswith("1/")}, 1e-5, 1e-6)
+    info = json.loads((tmp_path / "between" / "posthoc.json").read_text())
+    assert info["step"] == 8 and info["snapshots"] == 4 and info["residual"] < 0.05
     # Sampling reads only the export (safetensors + config) and the dataset's codec.
     result = subprocess.run(
         [

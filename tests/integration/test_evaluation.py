@@ -148,7 +148,7 @@ def test_real_images_with_shuffled_labels_score_chance_accuracy(bench, synth64):
     assert row.accuracy < 0.25 and row.fd < 1.0  # the images are real; only the labels are wrong
 
 
-def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAIN_STEPS) -> Path:
+def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAIN_STEPS, *extra: str) -> Path:
     # One rank with both cores: tests run one at a time.
     _cli(
         "train",
@@ -163,6 +163,7 @@ def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAI
         f"eval.benchmark={bench_path}",
         f"checkpoint.interval_steps={steps}",
         "run.log_interval=50",
+        *extra,
         threads=2,
     )
     return out / name
@@ -170,7 +171,9 @@ def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAI
 
 @pytest.fixture(scope="session")
 def trained_far(synth64, bench, tmp_path_factory) -> Path:
-    return _train(synth64.shards, tmp_path_factory.mktemp("runs"), bench[0], "far")
+    # With post-hoc EMA snapshots (8 over the run), for the EMA-length sweep.
+    posthoc = ("ema.posthoc.enabled=true", f"ema.posthoc.snapshot_interval_steps={TRAIN_STEPS // 8}")
+    return _train(synth64.shards, tmp_path_factory.mktemp("runs"), bench[0], "far", TRAIN_STEPS, *posthoc)
 
 
 def _final_eval(run_dir: Path) -> dict[str, list]:
@@ -341,3 +344,46 @@ def test_sweep_logs_one_child_run_per_point_and_skips_them_when_rerun(trained_fa
         == 4
     )
     assert (tmp_path / "sweep_fd_vs_cfg.png").is_file() and (tmp_path / "sweep_fd_vs_speed.png").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_over_ema_lengths_makes_one_child_run_per_length(trained_far, bench, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    args = [
+        "eval",
+        "sweep",
+        str(trained_far),
+        "--num-iter=4",
+        "--head-steps=2",
+        "--cfg-scale=2",
+        "--ema-sigma-rel=0.05,0.07,0.1",
+        "--num-images=20",
+        "--batch-size=10",
+        f"--bench={bench[0]}",
+        f"--out={tmp_path}",
+    ]
+    assert "3 points evaluated, 0 already logged" in _cli(*args).stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_far / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("far-scale")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "far")
+    children = {
+        c.info.run_name: c
+        for c in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        if "-ema" in c.info.run_name
+    }
+    assert sorted(children) == ["K4-steps2-cfg2-ema0.05", "K4-steps2-cfg2-ema0.07", "K4-steps2-cfg2-ema0.1"]
+    for child in children.values():
+        assert child.data.metrics["ema_residual"] < 0.05 and "accuracy" in child.data.metrics
+    # The tracked widths reconstruct exactly; the one between them only approximately.
+    assert children["K4-steps2-cfg2-ema0.1"].data.metrics["ema_residual"] < 1e-6
+    assert "0 points evaluated, 3 already logged" in _cli(*args).stdout
+    assert (tmp_path / "sweep_fd_vs_ema_sigma_rel.png").is_file()
+    # far-scale compare shows each run's best length from its sweep.
+    _cli("compare", str(trained_far), "--out", str(tmp_path / "compare"), "--no-log")
+    table = (tmp_path / "compare" / "comparison.md").read_text()
+    best = max(c.data.metrics["accuracy"] for c in children.values())
+    assert "best EMA sigma_rel (post-hoc sweep)" in table
+    assert f"(accuracy {best:.4g}, of 3 points)" in table
