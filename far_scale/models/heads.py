@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from far_scale.diffusion.gaussian import GaussianDiffusion
@@ -57,8 +58,9 @@ class AdaLNResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, activated_cond: torch.Tensor) -> torch.Tensor:
+        """``activated_cond`` is SiLU(cond), computed once for every block (the modulation's first layer)."""
+        shift, scale, gate = self.modulation[-1](activated_cond).chunk(3, dim=-1)
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
 
@@ -69,8 +71,8 @@ class AdaLNFinal(nn.Module):
         self.linear = nn.Linear(width, out_channels)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, activated_cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation[-1](activated_cond).chunk(2, dim=-1)
         return self.linear(_modulate(self.norm(x), shift, scale))
 
 
@@ -104,9 +106,12 @@ class AdaLNMLP(nn.Module):
     def apply_condition(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The body given the summed condition (``cond_proj(z)`` plus the scalar embeddings)."""
         x = self.input_proj(x)
+        # Every modulation starts with SiLU(cond) (kept as modulation[0], so the weights' names stay MAR's):
+        # computed once here instead of once per block.
+        activated = F.silu(cond)
         for block in self.blocks:
-            x = block(x, cond)
-        return self.final(x, cond)
+            x = block(x, activated)
+        return self.final(x, activated)
 
 
 def _guided(output: torch.Tensor, cfg_scale: Optional[CfgScale]) -> torch.Tensor:
