@@ -70,7 +70,7 @@ def _worker(rank: int, world_size: int, port: int, models: list[str], out_dir: s
         global_batch_size=MICRO_BATCH * world_size,
         micro_batch_size_per_gpu=MICRO_BATCH,
     )
-    ds_config = build_deepspeed_config(par, grad_clip=1.0, grad_accum_steps=1, precision=precision)
+    ds_config = build_deepspeed_config(par, 1.0, MICRO_BATCH, grad_accum_steps=1, precision=precision)
     ds.configure_deepspeed(env.device)
     try:
         rows = []

@@ -24,15 +24,32 @@ A recipe may start with `base: other.yaml`; unknown keys and wrong types are err
 """
 
 
+def _bounds(meta) -> list[tuple[str, Any]]:
+    """(operator, value) of a Field's numeric bounds kept in ``Annotated`` metadata."""
+    names = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    found = []
+    for item in getattr(meta, "metadata", [meta]):
+        for attr, op in names.items():
+            value = getattr(item, attr, None)
+            if value is not None:
+                found.append((op, value))
+    return found
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        constraints = ", ".join(f"{k} {v}" for m in args[1:] for k, v in _bounds(m))
+        return _type_name(args[0]) + (f" ({constraints})" if constraints else "")
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is typing.Union:
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
         return f"[{', '.join(_type_name(a) for a in args)}]"
     return getattr(annotation, "__name__", str(annotation))
 

@@ -7,7 +7,7 @@ unknown keys and wrong types are errors naming the dotted path.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -168,8 +168,15 @@ class ParallelConfig(Section):
     """Recompute each transformer block's activations in the backward pass (less memory, ~1/3 more compute)."""
     global_batch_size: int = Field(default=256, ge=1)
     """Images per optimizer step over all ranks; gradient accumulation is derived from it."""
-    micro_batch_size_per_gpu: int = Field(default=64, ge=1)
-    """Images per forward/backward on one rank; global_batch_size must be a multiple of it x world size."""
+    micro_batch_size_per_gpu: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 64
+    """Images per forward/backward on one rank; global_batch_size must be a multiple of it x world size. ``auto``:
+    the largest divisor of global_batch_size / world size whose estimated memory (model states + activations,
+    check-config prints both) fits ``auto_memory_fraction`` of ``device_memory_gib``."""
+    device_memory_gib: float = Field(default=80.0, gt=0.0)
+    """Memory of one GPU that ``micro_batch_size_per_gpu: auto`` plans for (an 80 GB H100; 141 for an H200)."""
+    auto_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
+    """Share of ``device_memory_gib`` the estimate may fill (the rest: allocator fragmentation, NCCL buffers,
+    the error of the estimate)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """ZeRO-Offload of the optimizer states to host memory (stage >= 1). Refused by check-config for now:
     DeepSpeed offloads only its own CPU Adam (a JIT-compiled op), not the client torch AdamW far-scale uses."""

@@ -39,10 +39,10 @@ def resolve_gradient_dtypes(par: ParallelConfig, grad_accum_steps: int, precisio
 
 
 def build_deepspeed_config(
-    par: ParallelConfig, grad_clip: float, grad_accum_steps: int, precision: str
+    par: ParallelConfig, grad_clip: float, micro_batch: int, grad_accum_steps: int, precision: str
 ) -> dict[str, Any]:
-    """DeepSpeed config for a validated ``parallel`` section; the plan supplies the accumulation and the
-    precision it runs in (fp32 on CPU)."""
+    """DeepSpeed config for a validated ``parallel`` section; the plan supplies the micro batch (``auto``
+    resolved), the accumulation and the precision it runs in (fp32 on CPU)."""
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.zero_stage >= 1:
         zero.update(reduce_bucket_size=par.reduce_bucket_size, overlap_comm=par.overlap_comm)
@@ -61,7 +61,7 @@ def build_deepspeed_config(
     dtypes = resolve_gradient_dtypes(par, grad_accum_steps, precision)
     return {
         "train_batch_size": par.global_batch_size,
-        "train_micro_batch_size_per_gpu": par.micro_batch_size_per_gpu,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,

@@ -49,7 +49,7 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
         problems.append(f"world size must be >= 1, got {world_size}")
         world_size = 1
     par = cfg.parallel
-    per_step = par.micro_batch_size_per_gpu * world_size
+    per_step = (1 if par.micro_batch_size_per_gpu == "auto" else par.micro_batch_size_per_gpu) * world_size
     if par.global_batch_size % per_step:
         problems.append(
             f"parallel.global_batch_size={par.global_batch_size} is not divisible by "

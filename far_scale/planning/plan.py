@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from far_scale.config.loader import ConfigError
 from far_scale.config.schema import Config
@@ -26,6 +26,7 @@ from far_scale.distributed.deepspeed_config import (
 )
 from far_scale.models.model import count_parameters, largest_layer_parameters
 from far_scale.models.registry import ModelDims
+from far_scale.planning.activations import activation_bytes_per_image
 from far_scale.planning.builder import build_meta_model, resolve_dims
 from far_scale.planning.checks import validate
 from far_scale.planning.flops import train_flops_per_image
@@ -33,6 +34,9 @@ from far_scale.planning.flops import train_flops_per_image
 # Sampling steps of each head kind when the recipe leaves eval.head_steps unset: O for the shortcut
 # head (the paper's 8), DDPM steps for the diffusion head (MAR's 100).
 DEFAULT_HEAD_STEPS = {"shortcut": 8, "diffusion": 100}
+
+
+GIB = 1024**3
 
 
 def resolve_head_steps(head_steps: Optional[int], head_kind: str) -> int:
@@ -78,6 +82,12 @@ class TrainingPlan:
     world_size: int
     precision: str
     dims: ModelDims
+    micro_batch: int
+    """Images per forward/backward on one rank: the recipe's, or what ``auto`` resolved to."""
+    micro_batch_reason: str
+    """Why (``auto``: the estimate that chose it)."""
+    activation_bytes_per_image: float
+    """Estimated activation memory of one training image (``planning.activations``)."""
     grad_accum_steps: int
     samples_per_step: int
     latent_tokens_per_step: int
@@ -108,6 +118,7 @@ class TrainingPlan:
         return {
             "world_size": self.world_size,
             "precision": self.precision,
+            "micro_batch_size_per_gpu": self.micro_batch,
             "grad_accum_steps": self.grad_accum_steps,
             "grad_accum_dtype": self.gradient_dtypes.accumulate,
             "grad_reduce_dtype": self.gradient_dtypes.reduce,
@@ -123,8 +134,35 @@ class TrainingPlan:
         }
 
 
+def resolve_micro_batch(
+    par, world_size: int, activation_bytes: float, states_bytes: Callable[[int], float]
+) -> tuple[int, str]:
+    """The recipe's micro batch, or for ``auto`` the largest divisor of the per-rank batch whose model states
+    (``states_bytes(micro)``: accumulation changes the gradients' type) plus activations fit the budget."""
+    if par.micro_batch_size_per_gpu != "auto":
+        return par.micro_batch_size_per_gpu, "set in the recipe"
+    per_rank = par.global_batch_size // world_size
+    budget = par.auto_memory_fraction * par.device_memory_gib * GIB
+    for micro in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        need = states_bytes(micro) + micro * activation_bytes
+        if need <= budget:
+            return micro, (
+                f"auto: the largest divisor of {per_rank} images per rank whose estimate fits "
+                f"{par.auto_memory_fraction:g} x {par.device_memory_gib:g} GiB: {need / GIB:.3g} GiB = model states "
+                f"{states_bytes(micro) / GIB:.3g} + {micro} x {activation_bytes / GIB:.3g} GiB of activations"
+            )
+    raise ConfigError(
+        [
+            f"parallel.micro_batch_size_per_gpu=auto: not even 1 image per rank fits {par.auto_memory_fraction:g} x "
+            f"parallel.device_memory_gib={par.device_memory_gib:g} (model states {states_bytes(1) / GIB:.3g} GiB + "
+            f"{activation_bytes / GIB:.3g} GiB of activations per image); raise parallel.zero_stage, turn on "
+            "parallel.activation_checkpointing, or use more GPUs"
+        ]
+    )
+
+
 def _steps_per_epoch(
-    cfg: Config, world_size: int, accum: int, data: DataSpec, shard_sizes: Optional[Sequence[int]]
+    cfg: Config, world_size: int, micro_batch: int, accum: int, data: DataSpec, shard_sizes: Optional[Sequence[int]]
 ) -> tuple[Optional[int], bool]:
     par = cfg.parallel
     if shard_sizes is not None:
@@ -135,7 +173,7 @@ def _steps_per_epoch(
             0,
             world_size,
             cfg.data.num_workers,
-            par.micro_batch_size_per_gpu,
+            micro_batch,
             accum,
         )
         return micro // accum, True
@@ -160,13 +198,34 @@ def derive_plan(
     par = cfg.parallel
     precision = precision or par.precision
     dims = resolve_dims(cfg.model)
-    accum = par.global_batch_size // (par.micro_batch_size_per_gpu * world_size)
+    model = build_meta_model(cfg.model, data, dims)
+    parameters = count_parameters(model)
+    whole_target = dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
+    activations = activation_bytes_per_image(
+        cfg.model, dims, data, model.expected_mask_ratio, precision, par.activation_checkpointing
+    )
+
+    def states_for(micro: int) -> tuple[int, GradientDtypes, ModelStateMemory]:
+        accum = par.global_batch_size // (micro * world_size)
+        dtypes = resolve_gradient_dtypes(par, accum, precision)
+        memory = estimate_model_state_memory(
+            parameters["total"],
+            par.zero_stage,
+            world_size,
+            precision,
+            whole_ema_params=parameters["head"] if whole_target else 0,
+            grad_dtype=dtypes.accumulate,
+        )
+        return accum, dtypes, memory
+
+    micro, micro_reason = resolve_micro_batch(par, world_size, activations, lambda m: states_for(m)[2].total)
+    accum, gradient_dtypes, memory = states_for(micro)
     lr = (
         cfg.optim.lr
         if cfg.optim.lr is not None
         else cfg.optim.base_lr * par.global_batch_size / cfg.optim.lr_reference_batch
     )
-    steps_per_epoch, exact = _steps_per_epoch(cfg, world_size, accum, data, shard_sizes)
+    steps_per_epoch, exact = _steps_per_epoch(cfg, world_size, micro, accum, data, shard_sizes)
     if cfg.run.max_steps is not None:
         total = cfg.run.max_steps
     else:
@@ -177,22 +236,13 @@ def derive_plan(
         warmup = math.ceil(cfg.schedule.warmup_epochs * steps_per_epoch) if steps_per_epoch else None
     else:
         warmup = 0
-    model = build_meta_model(cfg.model, data, dims)
-    parameters = count_parameters(model)
-    whole_target = dims.head_kind == "shortcut" and cfg.model.head.consistency_target != "live"
-    gradient_dtypes = resolve_gradient_dtypes(par, accum, precision)
-    memory = estimate_model_state_memory(
-        parameters["total"],
-        par.zero_stage,
-        world_size,
-        precision,
-        whole_ema_params=parameters["head"] if whole_target else 0,
-        grad_dtype=gradient_dtypes.accumulate,
-    )
     return TrainingPlan(
         world_size=world_size,
         precision=precision,
         dims=dims,
+        micro_batch=micro,
+        micro_batch_reason=micro_reason,
+        activation_bytes_per_image=activations,
         grad_accum_steps=accum,
         samples_per_step=par.global_batch_size,
         latent_tokens_per_step=par.global_batch_size * data.seq_len,
@@ -212,7 +262,7 @@ def derive_plan(
             parameters["total"], largest_layer_parameters(model), par.zero_stage, world_size
         ),
         gradient_dtypes=gradient_dtypes,
-        deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, accum, precision),
+        deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, micro, accum, precision),
     )
 
 

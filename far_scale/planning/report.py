@@ -62,7 +62,7 @@ def render_report(
         cfg.parallel.zero_stage,
         world_size,
         plan.grad_accum_steps,
-        cfg.parallel.micro_batch_size_per_gpu,
+        plan.micro_batch,
         plan.precision,
         plan.gradient_dtypes.reduce,
         data.seq_len,
@@ -100,6 +100,9 @@ def render_report(
         f"optimizer: {memory.optimizer / GIB:.2f} GiB, ema: {memory.ema / GIB:.2f} GiB "
         f"({'sharded evaluation EMA + whole target network' if plan.whole_target_network else 'sharded'}), "
         f"total: {memory.total / GIB:.2f} GiB",
+        f"activations (estimated): {plan.activation_bytes_per_image / GIB:.3f} GiB per image x micro batch "
+        f"{plan.micro_batch} = {plan.micro_batch * plan.activation_bytes_per_image / GIB:.2f} GiB",
+        f"micro batch {plan.micro_batch}: {plan.micro_batch_reason}",
         f"model construction: {plan.construction_bytes / GIB:.2f} GiB of fp32 weights per rank at most "
         + (
             "(built partitioned with zero.Init: its share plus the layer being built)"

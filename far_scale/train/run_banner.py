@@ -31,7 +31,7 @@ def run_banner(
     lines = [
         f"far-scale train: {cfg.model.arch} ({cfg.model.size}) on {plan.world_size} x {device_type}, "
         f"{plan.precision}, ZeRO-{par.zero_stage}; {plan.samples_per_step} images/step = "
-        f"{par.micro_batch_size_per_gpu} x {plan.world_size} ranks x {plan.grad_accum_steps} accumulation; "
+        f"{plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum_steps} accumulation; "
         f"{plan.total_steps} steps; peak lr {plan.lr:g}; data {cfg.data.url} ({data.seq_len} x {data.token_dim} "
         f"tokens, scale {scale:.4f})" + (f"; resumed at step {resumed_step}" if resumed_step is not None else "")
     ]

@@ -82,7 +82,7 @@ class Trainer:
             rank=env.rank,
             world_size=env.world_size,
             num_workers=cfg.data.num_workers,
-            batch_size=par.micro_batch_size_per_gpu,
+            batch_size=self.plan.micro_batch,
             seed=cfg.run.seed,
             shuffle=cfg.data.shuffle,
             split=cfg.data.split,

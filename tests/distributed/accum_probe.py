@@ -34,7 +34,7 @@ def _step(stage: int, precision: str, accum_dtype: str, accum: int, x, y):
         grad_accum_dtype=accum_dtype,
         precision=precision,
     )
-    config = build_deepspeed_config(par, 0.0, accum, precision)
+    config = build_deepspeed_config(par, 0.0, IMAGES // accum, accum, precision)
     model = _model()
     groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
     engine = ds.build_engine(model, config, OptimConfig(), torch.device("cpu"), groups, lr=1e-2)

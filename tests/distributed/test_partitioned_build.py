@@ -52,7 +52,9 @@ def _ds_config(precision: str) -> dict:
         global_batch_size=MICRO_BATCH * WORLD_SIZE,
         micro_batch_size_per_gpu=MICRO_BATCH,
     )
-    return build_deepspeed_config(par, grad_clip=1.0, grad_accum_steps=1, precision=precision)
+    return build_deepspeed_config(
+        par, grad_clip=1.0, micro_batch=par.micro_batch_size_per_gpu, grad_accum_steps=1, precision=precision
+    )
 
 
 def _gathered_state(model) -> dict[str, torch.Tensor]:

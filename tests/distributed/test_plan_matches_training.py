@@ -46,6 +46,21 @@ CASES = {
             "parallel.global_batch_size=16",
         ],
     ),
+    # micro_batch_size_per_gpu: auto on a (pretend) 50 MB card resolves to 4 of the 8 images per rank: the same
+    # number in check-config and in train.
+    "far-2ranks-auto-micro": (
+        "far_tiny_synth64.yaml",
+        2,
+        [
+            "run.max_steps=3",
+            "schedule.warmup_steps=1",
+            "data.split=samples",
+            "data.num_workers=0",
+            "parallel.global_batch_size=16",
+            "parallel.micro_batch_size_per_gpu=auto",
+            "parallel.device_memory_gib=0.05",
+        ],
+    ),
     "mar-2ranks-samples-accum3": (
         "mar_tiny_synth64.yaml",
         2,
@@ -83,7 +98,7 @@ def _printed(recipe: Path, world_size: int, overrides: list[str]) -> dict[str, i
     derived = result.stdout.split("# derived", 1)[1]
     return {
         key: int(re.search(rf"^{key}: (\d+)$", derived, re.M).group(1))
-        for key in ("total_steps", "warmup_steps", "grad_accum_steps")
+        for key in ("total_steps", "warmup_steps", "grad_accum_steps", "micro_batch_size_per_gpu")
     }
 
 
@@ -94,9 +109,9 @@ def test_check_config_numbers_are_what_train_runs(latent_dataset, tmp_path, case
         latent_dataset,
         tmp_path,
         case,
-        "run.max_steps=null",
         "tracking.enabled=false",
         "run.record_sample_keys=true",
+        "run.max_steps=null",
         f"parallel.micro_batch_size_per_gpu={MICRO}",
         "schedule.kind=constant",
         "optim.lr=1e-3",
@@ -117,4 +132,6 @@ def test_check_config_numbers_are_what_train_runs(latent_dataset, tmp_path, case
         keys = [
             json.loads(line)["keys"] for line in (run_dir / f"sample_keys.rank{rank}.jsonl").read_text().splitlines()
         ]
-        assert {len(k) for k in keys} == {MICRO * printed["grad_accum_steps"]}
+        assert {len(k) for k in keys} == {printed["micro_batch_size_per_gpu"] * printed["grad_accum_steps"]}
+    if "auto" in case:
+        assert (printed["micro_batch_size_per_gpu"], printed["grad_accum_steps"]) == (4, 2)

@@ -64,7 +64,7 @@ def test_gradient_dtypes_auto(stage, accum, precision, expected):
     par = ParallelConfig(zero_stage=stage)
     dtypes = resolve_gradient_dtypes(par, accum, precision)
     assert (dtypes.accumulate, dtypes.reduce) == expected
-    config = build_deepspeed_config(par, 1.0, accum, precision)
+    config = build_deepspeed_config(par, 1.0, par.micro_batch_size_per_gpu, accum, precision)
     assert config["data_types"] == {"grad_accum_dtype": expected[0]}
     assert config["communication_data_type"] == expected[1]
 
@@ -72,3 +72,28 @@ def test_gradient_dtypes_auto(stage, accum, precision, expected):
 def test_explicit_bf16_reduction_is_kept():
     dtypes = resolve_gradient_dtypes(ParallelConfig(reduce_dtype="bf16", grad_accum_dtype="bf16"), 8, "bf16")
     assert (dtypes.accumulate, dtypes.reduce) == ("bf16", "bf16")
+
+
+def test_auto_micro_batch_is_the_largest_divisor_that_fits():
+    from far_scale.config.loader import ConfigError
+    from far_scale.planning.plan import GIB, resolve_micro_batch
+
+    par = ParallelConfig(global_batch_size=96, micro_batch_size_per_gpu="auto", device_memory_gib=10.0)
+    # 8 ranks: 12 images per rank, divisors 12, 6, 4, 3, 2, 1; budget 8.5 GiB, states 2 GiB, 1 GiB per image
+    micro, reason = resolve_micro_batch(par, 8, 1.0 * GIB, lambda m: 2.0 * GIB)
+    assert micro == 6 and "largest divisor of 12" in reason
+    with pytest.raises(ConfigError, match="parallel.device_memory_gib=10"):
+        resolve_micro_batch(par, 8, 9.0 * GIB, lambda m: 2.0 * GIB)
+    fixed = ParallelConfig(micro_batch_size_per_gpu=16)
+    assert resolve_micro_batch(fixed, 8, 1.0, lambda m: 0.0) == (16, "set in the recipe")
+
+
+def test_auto_micro_batch_in_check_config_for_far_large():
+    from far_scale.config.loader import load_config
+    from far_scale.planning.plan import plan_for, resolve_data
+    from tests.conftest import RECIPES
+
+    cfg = load_config(RECIPES / "far_large_in256.yaml", ["parallel.micro_batch_size_per_gpu=auto", "data.url="])
+    plan = plan_for(cfg, 8, resolve_data(cfg))
+    assert plan.micro_batch >= 8 and cfg.parallel.global_batch_size % (plan.micro_batch * 8) == 0
+    assert plan.deepspeed_config["train_micro_batch_size_per_gpu"] == plan.micro_batch
