@@ -193,14 +193,18 @@ class ParallelConfig(Section):
     auto: fp32 (torchtitan's default reduce dtype): twice the bytes of bf16 on the wire, exact sums."""
     overlap_comm: bool = True
     """DeepSpeed: overlap gradient reduction with the backward pass."""
-    reduce_bucket_size: int = Field(default=500_000_000, ge=1)
-    """DeepSpeed: elements per gradient-reduction bucket."""
-    allgather_bucket_size: int = Field(default=500_000_000, ge=1)
-    """DeepSpeed ZeRO-1/2: elements per parameter all-gather bucket."""
-    stage3_prefetch_bucket_size: int = Field(default=50_000_000, ge=1)
-    """DeepSpeed ZeRO-3: elements of parameters prefetched ahead of use."""
-    stage3_param_persistence_threshold: int = Field(default=100_000, ge=0)
-    """DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank."""
+    reduce_bucket_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    """DeepSpeed: elements per gradient-reduction bucket. auto: a quarter of the parameters (at least 1M, at most
+    DeepSpeed's 5e8), so that backward overlaps the reduction of earlier buckets (one bucket larger than the model
+    overlaps nothing)."""
+    allgather_bucket_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    """DeepSpeed ZeRO-1/2: elements per parameter all-gather bucket; auto: as ``reduce_bucket_size``."""
+    stage3_prefetch_bucket_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    """DeepSpeed ZeRO-3: elements of parameters prefetched ahead of use; auto: 0.9 x width^2 (about one block's
+    attention weights, the rule of Hugging Face's DeepSpeed integration)."""
+    stage3_param_persistence_threshold: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = "auto"
+    """DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank; auto: 10 x width (biases and
+    norms stay, matrices are partitioned)."""
 
 
 class CheckpointConfig(Section):

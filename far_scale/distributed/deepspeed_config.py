@@ -17,6 +17,7 @@ from far_scale.config.schema import ParallelConfig
 DS_STEPS_PER_PRINT = 1_000_000_000
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+DS_PREFETCH_DEFAULT, DS_PERSISTENCE_DEFAULT = 50_000_000, 100_000  # DeepSpeed's own ZeRO-3 defaults
 FP32_BYTES = 4
 ADAM_STATES = 2  # exp_avg, exp_avg_sq
 
@@ -38,22 +39,64 @@ def resolve_gradient_dtypes(par: ParallelConfig, grad_accum_steps: int, precisio
     return GradientDtypes(accumulate, "fp32" if par.reduce_dtype == "auto" else par.reduce_dtype)
 
 
+BUCKET_SHARE = 4  # auto buckets: a quarter of the parameters each
+MIN_BUCKET, MAX_BUCKET = 1_000_000, 500_000_000  # elements; the upper bound is DeepSpeed's default
+PREFETCH_PER_WIDTH_SQUARED = 0.9
+PERSISTENCE_PER_WIDTH = 10
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """DeepSpeed's bucket sizes (elements), the recipe's ``auto`` resolved for the model, in one place."""
+
+    reduce: int
+    allgather: int
+    prefetch: int
+    persistence: int
+
+
+def resolve_buckets(par: ParallelConfig, num_params: Optional[int] = None, width: Optional[int] = None) -> Buckets:
+    """``auto`` sized for a model of ``num_params`` and ``width``; without a model, DeepSpeed's own defaults."""
+    if num_params is None or width is None:
+        share, prefetch, persistence = MAX_BUCKET, DS_PREFETCH_DEFAULT, DS_PERSISTENCE_DEFAULT
+    else:
+        share = min(MAX_BUCKET, max(MIN_BUCKET, num_params // BUCKET_SHARE))
+        prefetch, persistence = int(PREFETCH_PER_WIDTH_SQUARED * width * width), PERSISTENCE_PER_WIDTH * width
+
+    def pick(value, auto: int) -> int:
+        return auto if value == "auto" else value
+
+    return Buckets(
+        pick(par.reduce_bucket_size, share),
+        pick(par.allgather_bucket_size, share),
+        pick(par.stage3_prefetch_bucket_size, prefetch),
+        pick(par.stage3_param_persistence_threshold, persistence),
+    )
+
+
 def build_deepspeed_config(
-    par: ParallelConfig, grad_clip: float, micro_batch: int, grad_accum_steps: int, precision: str
+    par: ParallelConfig,
+    grad_clip: float,
+    micro_batch: int,
+    grad_accum_steps: int,
+    precision: str,
+    buckets: Optional[Buckets] = None,
 ) -> dict[str, Any]:
     """DeepSpeed config for a validated ``parallel`` section; the plan supplies the micro batch (``auto``
-    resolved), the accumulation and the precision it runs in (fp32 on CPU)."""
+    resolved), the accumulation, the precision it runs in (fp32 on CPU) and the bucket sizes (``auto``
+    resolved for the model; without them, ``auto`` fields fall back to DeepSpeed's defaults)."""
+    buckets = buckets or resolve_buckets(par)
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.zero_stage >= 1:
-        zero.update(reduce_bucket_size=par.reduce_bucket_size, overlap_comm=par.overlap_comm)
+        zero.update(reduce_bucket_size=buckets.reduce, overlap_comm=par.overlap_comm)
     if par.zero_stage in (1, 2):
-        zero.update(allgather_bucket_size=par.allgather_bucket_size)
+        zero.update(allgather_bucket_size=buckets.allgather)
     if par.zero_stage >= 2:
         zero.update(contiguous_gradients=True)
     if par.zero_stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size=par.stage3_prefetch_bucket_size,
-            stage3_param_persistence_threshold=par.stage3_param_persistence_threshold,
+            stage3_prefetch_bucket_size=buckets.prefetch,
+            stage3_param_persistence_threshold=buckets.persistence,
             stage3_gather_16bit_weights_on_model_save=True,
         )
     if par.offload_optimizer != "none" and par.zero_stage >= 1:

@@ -22,6 +22,7 @@ from far_scale.distributed.deepspeed_config import (
     builds_partitioned,
     estimate_construction_memory,
     estimate_model_state_memory,
+    resolve_buckets,
     resolve_gradient_dtypes,
 )
 from far_scale.models.model import count_parameters, largest_layer_parameters
@@ -262,7 +263,9 @@ def derive_plan(
             parameters["total"], largest_layer_parameters(model), par.zero_stage, world_size
         ),
         gradient_dtypes=gradient_dtypes,
-        deepspeed_config=build_deepspeed_config(par, cfg.optim.grad_clip, micro, accum, precision),
+        deepspeed_config=build_deepspeed_config(
+            par, cfg.optim.grad_clip, micro, accum, precision, resolve_buckets(par, parameters["total"], dims.width)
+        ),
     )
 
 

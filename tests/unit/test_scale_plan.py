@@ -97,3 +97,14 @@ def test_auto_micro_batch_in_check_config_for_far_large():
     plan = plan_for(cfg, 8, resolve_data(cfg))
     assert plan.micro_batch >= 8 and cfg.parallel.global_batch_size % (plan.micro_batch * 8) == 0
     assert plan.deepspeed_config["train_micro_batch_size_per_gpu"] == plan.micro_batch
+
+
+def test_auto_buckets_are_sized_to_the_model():
+    from far_scale.distributed.deepspeed_config import resolve_buckets
+
+    auto = resolve_buckets(ParallelConfig(), 480_000_000, 1024)  # FAR-L-sized
+    assert auto.reduce == auto.allgather == 120_000_000  # a quarter: backward overlaps three earlier buckets
+    assert (auto.prefetch, auto.persistence) == (int(0.9 * 1024**2), 10_240)
+    assert resolve_buckets(ParallelConfig(), 400_000, 128).reduce == 1_000_000  # at least 1M elements
+    assert resolve_buckets(ParallelConfig(), 10**10, 8192).reduce == 500_000_000  # at most DeepSpeed's default
+    assert resolve_buckets(ParallelConfig(reduce_bucket_size=7), 480_000_000, 1024).reduce == 7
