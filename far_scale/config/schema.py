@@ -164,6 +164,9 @@ class ParallelConfig(Section):
     """bf16 autocast on GPU; CPU runs always use fp32."""
     tf32: bool = True
     """On GPUs: fp32 matmuls in TF32 (torch's default is full fp32); no effect on CPU."""
+    compile: bool = False
+    """torch.compile every transformer block and the head's body, with dynamic shapes (the masked-token count
+    changes every step: one graph serves all). ZeRO-0-2 (ZeRO-3's parameter hooks break the graphs)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass (less memory, ~1/3 more compute)."""
     global_batch_size: int = Field(default=256, ge=1)

@@ -115,6 +115,12 @@ def check_config(cfg: Config, world_size: int, data: Optional[DataSpec] = None) 
             "parallel.grad_accum_dtype=fp32 with parallel.zero_stage=0 and bf16: DeepSpeed 0.19 accumulates bf16 "
             "gradients in fp32 only at ZeRO-1-3; set parallel.zero_stage=1 (or grad_accum_dtype=auto)"
         )
+    if cfg.parallel.compile and cfg.parallel.zero_stage == 3:
+        problems.append(
+            "parallel.compile=true with parallel.zero_stage=3: ZeRO-3 gathers each parameter in module hooks that "
+            "torch.compile'd blocks break on; compile at ZeRO-0-2 (set parallel.zero_stage=2), or set "
+            "parallel.compile=false"
+        )
     if cfg.ema.posthoc.enabled:
         widest = gamma_to_sigma_rel(0.0)
         for sigma in cfg.ema.posthoc.sigma_rels:

@@ -28,6 +28,7 @@ from far_scale.data.manifest import read_manifest
 from far_scale.data.storage import write_atomic
 from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, barrier, configure_math
+from far_scale.models.compile import compile_model
 from far_scale.planning.builder import build_model
 from far_scale.planning.plan import derive_plan
 from far_scale.train import checkpoint as ckpt
@@ -114,6 +115,8 @@ class Trainer:
         self.targets = TargetNetwork.prepare(cfg.model, self.data, self.plan.dims.head_kind, env.device)
         if par.activation_checkpointing:
             ds.apply_activation_checkpointing(model)
+        if par.compile:
+            compile_model(model)
         resume = self.checkpointer.locate(par.zero_stage)
         groups = parameter_groups(model, cfg.optim.weight_decay)
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]

@@ -46,7 +46,7 @@ CASES = {
             "parallel.global_batch_size=16",
         ],
     ),
-    # micro_batch_size_per_gpu: auto on a (pretend) 50 MB card resolves to 4 of the 8 images per rank: the same
+    # micro_batch_size_per_gpu: auto on a (pretend) 25 MB card resolves to 4 of the 8 images per rank: the same
     # number in check-config and in train.
     "far-2ranks-auto-micro": (
         "far_tiny_synth64.yaml",
@@ -58,7 +58,7 @@ CASES = {
             "data.num_workers=0",
             "parallel.global_batch_size=16",
             "parallel.micro_batch_size_per_gpu=auto",
-            "parallel.device_memory_gib=0.05",
+            "parallel.device_memory_gib=0.025",
         ],
     ),
     "mar-2ranks-samples-accum3": (

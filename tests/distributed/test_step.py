@@ -19,7 +19,7 @@ RECIPE = str(REPO_ROOT / "recipes" / "far_tiny_synth64.yaml")
 PROBE_TIMEOUT_S = 300
 
 
-def _probe(data_url, out, zero_stage: int, accum: int, *flags: str) -> dict:
+def _probe(data_url, out, zero_stage: int, accum: int, *flags: str, extra: tuple = ()) -> dict:
     overrides = [
         f"data.url={data_url}",
         f"run.output_dir={out}",
@@ -34,6 +34,7 @@ def _probe(data_url, out, zero_stage: int, accum: int, *flags: str) -> dict:
         f"parallel.zero_stage={zero_stage}",
         f"parallel.global_batch_size={4 * accum}",
         "parallel.micro_batch_size_per_gpu=4",
+        *extra,
     ]
     result = subprocess.run(
         [sys.executable, "-m", "tests.distributed.step_probe", *flags, RECIPE, *overrides],
@@ -54,6 +55,14 @@ def test_a_step_syncs_once_and_a_nan_step_changes_nothing(latent_dataset, tmp_pa
     # CPU, so nothing of ours may show up at all.
     assert probe["our_syncs"] == [], probe["our_syncs"]
     assert probe["nonfinite"] == 1
+    assert probe["unchanged_by_nan_step"] == {"weights": True, "moments": True, "ema": True}
+    assert probe["changed_by_next_step"] == {"weights": True, "moments": True, "ema": True}
+
+
+def test_a_compiled_step_under_deepspeed_syncs_once_and_skips_nan_steps(latent_dataset, tmp_path):
+    """parallel.compile (blocks and head body through torch.compile, CPU inductor) inside a ZeRO-2 engine."""
+    probe = _probe(latent_dataset, tmp_path, 2, 2, extra=("parallel.compile=true",))
+    assert probe["our_syncs"] == [], probe["our_syncs"]
     assert probe["unchanged_by_nan_step"] == {"weights": True, "moments": True, "ema": True}
     assert probe["changed_by_next_step"] == {"weights": True, "moments": True, "ema": True}
 
