@@ -35,6 +35,7 @@ from benchmarks.report import (
     save_result,
     write_doc_section,
 )
+from far_scale.eval.metrics import repeat_interval
 from far_scale.eval.offline import (
     CALIBRATION_RANDOM,
     CALIBRATION_REAL,
@@ -52,7 +53,6 @@ DATASETS = {
     "synth-shape": ("synth64", 64, 8, 100),
 }
 SHARES = ("accuracy", "precision", "recall")  # metrics in [0, 1]
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # Student t quantiles for a 95% interval over n seeds
 
 
 DATA_LABELS = {
@@ -105,15 +105,11 @@ def prepare_work(work: Path, images_per_class: int, data: str = "synth"):
 
 
 def mean_interval(values: list[float], low: float = 0.0, high: float = float("inf")) -> tuple[float, float, float]:
-    """(mean, low, high): a 95% t-interval of the mean over sampling seeds, clipped to the metric's range."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
+    """(mean, low, high): a 95% t-interval of the mean over sampling seeds (``repeat_interval``), clipped to the
+    metric's range; one seed has no interval."""
     if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = T_975.get(len(values), 1.96) * float(values.std(ddof=1)) / len(values) ** 0.5
-    return mean, max(mean - half, low), min(mean + half, high)
+        return float(values[0]), float("nan"), float("nan")
+    return repeat_interval(values, low, high)
 
 
 def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:

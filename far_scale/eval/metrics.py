@@ -148,11 +148,12 @@ def bootstrap_interval(
 T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def repeat_interval(values) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t-interval of the mean of 2-11 independent repeats (sampling seeds)."""
+def repeat_interval(values, low: float = -np.inf, high: float = np.inf) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean of 2-11 independent repeats (sampling seeds), clipped
+    to the metric's range [``low``, ``high``]."""
     values = np.asarray(values, dtype=np.float64)
     if not 2 <= len(values) <= len(T_95) + 1:
         raise ValueError(f"repeat_interval takes 2 to {len(T_95) + 1} repeats, got {len(values)}")
     mean = float(values.mean())
     half = T_95[len(values) - 2] * float(values.std(ddof=1)) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
+    return mean, float(max(mean - half, low)), float(min(mean + half, high))
