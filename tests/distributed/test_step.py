@@ -36,12 +36,13 @@ def _probe(data_url, out, zero_stage: int, accum: int, *flags: str, extra: tuple
         "parallel.micro_batch_size_per_gpu=4",
         *extra,
     ]
+    return _run_probe("tests.distributed.step_probe", *flags, RECIPE, *overrides)
+
+
+def _run_probe(module: str, *args: str) -> dict:
+    """A probe script in its own process (its own process group); its PROBE line's JSON."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.step_probe", *flags, RECIPE, *overrides],
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        cwd=REPO_ROOT,
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, cwd=REPO_ROOT
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
@@ -83,16 +84,7 @@ ACCUM_CASES = [f"{stage}:fp32:fp32" for stage in (0, 2, 3)] + [
 @pytest.fixture(scope="module")
 def accumulation():
     """Every case in one process (DeepSpeed's import is most of the cost)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.accum_probe", *ACCUM_CASES],
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        cwd=REPO_ROOT,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
-    assert result.returncode == 0 and lines, result.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("PROBE "))
+    return _run_probe("tests.distributed.accum_probe", *ACCUM_CASES)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
