@@ -4,6 +4,7 @@ the console (loss, throughput, data wait, memory, ETA, MFU on a GPU)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from far_scale.planning.flops import peak_flops
 from far_scale.train.memory import GIB, peak_bytes
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("far_scale.train")
 
 
 @dataclass
@@ -146,3 +148,29 @@ class StepLog:
 def write_line(bar, line: str) -> None:
     (bar.write if not bar.disable else print)(line)
     sys.stdout.flush()
+
+
+class NonfiniteSteps:
+    """Steps skipped for a NaN/inf loss on some rank: counted (saved with checkpoints), warned about on rank 0,
+    and the run stopped once there are more than ``run.max_nonfinite_steps``."""
+
+    def __init__(self, limit: int, is_main: bool, count: int = 0):
+        self.limit, self.is_main, self.count = limit, is_main, count
+
+    def record(self, step: int, micro_batches: int, keys: list) -> None:
+        self.count += 1
+        if self.is_main:
+            log.warning(
+                "non-finite loss at step %d (%d micro-batch(es) over all ranks; rank 0's keys %s...); step skipped "
+                "(%d so far, limit %d)",
+                step,
+                micro_batches,
+                keys[:2],
+                self.count,
+                self.limit,
+            )
+        if self.count > self.limit:
+            raise FloatingPointError(
+                f"{self.count} non-finite losses exceed run.max_nonfinite_steps={self.limit}: look for NaN/inf "
+                "latents (`far-scale data inspect` prints their statistics) or lower optim.lr"
+            )

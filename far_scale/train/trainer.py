@@ -41,7 +41,7 @@ from far_scale.train.posthoc import PosthocEMAs
 from far_scale.train.preemption import EXIT_PREEMPTED
 from far_scale.train.run_banner import run_banner
 from far_scale.train.run_tracking import RunTracking
-from far_scale.train.step_log import StepLog, StepTimes, write_line
+from far_scale.train.step_log import NonfiniteSteps, StepLog, StepTimes, write_line
 from far_scale.train.stop_requests import StopRequests
 from far_scale.train.target_network import TargetNetwork
 
@@ -64,7 +64,7 @@ class Trainer:
         self.config_yaml = config_to_yaml(cfg)
         self.precision = cfg.parallel.precision if env.device.type == "cuda" else "fp32"
         self.step = 0
-        self.nonfinite = 0
+        self.nonfinite = NonfiniteSteps(cfg.run.max_nonfinite_steps, env.is_main)
         self.stops = StopRequests(self.run_dir, env)
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class Trainer:
         self.posthoc = PosthocEMAs.build(self.engine.module, cfg.ema.posthoc)  # None unless ema.posthoc.enabled
         run_id = None
         if resume is not None:
-            self.step, self.nonfinite, run_id = self.checkpointer.restore(
+            self.step, self.nonfinite.count, run_id = self.checkpointer.restore(
                 self.engine, resume, self.group_settings, self.loader, self.ema, self.targets, self.posthoc
             )
         self.tracking.start(
@@ -207,7 +207,7 @@ class Trainer:
             if self.posthoc is not None:
                 self.posthoc.update(self.step + 1)
         else:
-            self._count_nonfinite(int(nonfinite), keys)
+            self.nonfinite.record(self.step, int(nonfinite), keys)
         times.optimizer_s += time.perf_counter() - start
         if self.cfg.run.record_sample_keys:
             with open(self.run_dir / f"sample_keys.rank{self.env.rank}.jsonl", "a") as handle:
@@ -216,25 +216,6 @@ class Trainer:
         if counted == 0:  # every micro-batch on every rank was non-finite
             return math.nan, {}, times
         return values[0] / counted, {n: values[1 + i] / counted for i, n in enumerate(names)}, times
-
-    def _count_nonfinite(self, micro_batches: int, keys: list) -> None:
-        self.nonfinite += 1
-        limit = self.cfg.run.max_nonfinite_steps
-        if self.env.is_main:
-            log.warning(
-                "non-finite loss at step %d (%d micro-batch(es) over all ranks; rank 0's keys %s...); step skipped "
-                "(%d so far, limit %d)",
-                self.step,
-                micro_batches,
-                keys[:2],
-                self.nonfinite,
-                limit,
-            )
-        if self.nonfinite > limit:
-            raise FloatingPointError(
-                f"{self.nonfinite} non-finite losses exceed run.max_nonfinite_steps={limit}: look for NaN/inf latents "
-                "(`far-scale data inspect` prints their statistics) or lower optim.lr"
-            )
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
@@ -277,7 +258,7 @@ class Trainer:
 
     def _log_interval(self, bar) -> None:
         grad_norm = _grad_norm(self.engine) if self.env.is_main else None
-        metrics = self.step_log.interval_metrics(self.step, grad_norm, self.nonfinite)
+        metrics = self.step_log.interval_metrics(self.step, grad_norm, self.nonfinite.count)
         if metrics is not None:
             self.tracking.log_metrics(metrics, self.step, flush=True)
             write_line(bar, self.step_log.line(metrics, self.step, self.total_steps))
@@ -306,7 +287,7 @@ class Trainer:
     def save(self) -> None:
         """Collective checkpoint of engine, EMAs, data positions, RNGs and run id; then the latest pointer."""
         client = self.checkpointer.client_state(
-            self.step, self.config_yaml, self.loader.position.as_dict(), self.tracking.run_id, self.nonfinite
+            self.step, self.config_yaml, self.loader.position.as_dict(), self.tracking.run_id, self.nonfinite.count
         )
         meta = RunMeta(self.step, self.env.world_size, client["mlflow_run_id"], self.data_info).as_dict()
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3

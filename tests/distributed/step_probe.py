@@ -80,7 +80,7 @@ def main(recipe: str, overrides: list[str]) -> dict:
             "steps_traced": 2,
             "our_syncs": ours,
             "deepspeed_syncs": len(ops.by_deepspeed),
-            "nonfinite": trainer.nonfinite,
+            "nonfinite": trainer.nonfinite.count,
             "unchanged_by_nan_step": _same(before, after_nan),
             "changed_by_next_step": {k: not v for k, v in _same(after_nan, _snapshot(trainer)).items()},
             "loss_of_nan_step": loss,
