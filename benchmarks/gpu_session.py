@@ -137,7 +137,7 @@ PARTS = [
         240,
         _module("train_throughput", "--fit", "--device=cuda", "--precision=bf16", "--configs=large:1:2:512"),
         _module(
-            "train_throughput", "--fit", "--device=cpu", "--configs=tiny:1:2:2", "--memory-budget-gib=64", "--no-docs"
+            "train_throughput", "--fit", "--device=cpu", "--configs=tiny:1:2:1", "--memory-budget-gib=64", "--no-docs"
         ),
     ),
     Part(
