@@ -24,6 +24,7 @@ from benchmarks.report import (
     REPO_ROOT,
     command_line,
     describe_machine,
+    interval_cell,
     load_results,
     markdown_table,
     result_heading,
@@ -140,10 +141,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _ci(row: dict, name: str, digits: int) -> str:
-    return f"{row[name]:.{digits}f} [{row[name + '_lo']:.{digits}f}, {row[name + '_hi']:.{digits}f}]"
-
-
 def render_docs() -> None:
     parts = ["## Post-hoc EMA: quality against the EMA length (`benchmarks/posthoc_ema.py`)", ""]
     for result in load_results(BENCHMARK):
@@ -168,9 +165,9 @@ def render_docs() -> None:
                     name,
                     f"{r['sigma_rel']:.3g}",
                     residual,
-                    _ci(r, "accuracy", 3),
-                    _ci(r, "class_fd", 1),
-                    _ci(r, "fd", 2),
+                    interval_cell(r, "accuracy", 3),
+                    interval_cell(r, "class_fd", 1),
+                    interval_cell(r, "fd", 2),
                 ]
             )
         parts += [

@@ -29,6 +29,7 @@ from benchmarks.report import (
     REPO_ROOT,
     command_line,
     describe_machine,
+    interval_cell,
     load_results,
     markdown_table,
     result_heading,
@@ -185,18 +186,11 @@ def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed], 0.0, ceiling)
         rows.append(row)
         print(
-            f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {_ci(row, 'accuracy', 3)}, "
-            f"FD {_ci(row, 'fd', 2)}",
+            f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {interval_cell(row, 'accuracy', 3)}, "
+            f"FD {interval_cell(row, 'fd', 2)}",
             flush=True,
         )
     return rows
-
-
-def _ci(row: dict, name: str, digits: int) -> str:
-    low, high = row.get(f"{name}_lo"), row.get(f"{name}_hi")
-    if low is None or low != low:
-        return f"{row[name]:.{digits}f}"
-    return f"{row[name]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _at_least_as_good(far: dict, mar: dict) -> bool:
@@ -356,8 +350,8 @@ def render_docs() -> None:
                         r["head_steps"],
                         r["cfg"],
                         f"{r['images_per_s']:.2f}",
-                        _ci(r, "accuracy", 3),
-                        _ci(r, "fd", 2),
+                        interval_cell(r, "accuracy", 3),
+                        interval_cell(r, "fd", 2),
                         f"{r['precision']:.3f}",
                         f"{r['recall']:.3f}",
                     ]

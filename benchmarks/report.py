@@ -127,3 +127,11 @@ def result_heading(what: str, result: dict, details: str = "") -> list[str]:
         f"Date: {result['date']}. Command: `{result['command']}`",
         "",
     ]
+
+
+def interval_cell(row: dict, name: str, digits: int) -> str:
+    """``row[name]`` with its interval (``*_lo``, ``*_hi``) when it has one, for the docs tables."""
+    low, high = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if low is None or low != low:
+        return f"{row[name]:.{digits}f}"
+    return f"{row[name]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

@@ -16,6 +16,7 @@ import torch
 from benchmarks.bench_models import build_pair
 from benchmarks.report import (
     REPO_ROOT,
+    interval_cell,
     load_results,
     markdown_table,
     median_seconds,
@@ -299,10 +300,6 @@ def plot_pareto(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _interval(row: dict, metric: str, fmt: str) -> str:
-    return f"{row[metric]:{fmt}} [{row[metric + '_lo']:{fmt}}, {row[metric + '_hi']:{fmt}}]"
-
-
 def _cache_cell(row: dict) -> str:
     cache = row.get("cache")
     if not cache:
@@ -346,10 +343,10 @@ def render_pareto_docs() -> None:
                         r["technique"],
                         r["K"],
                         f"{r['cfg']:g} ({r['cfg_schedule']})",
-                        _interval(r, "images_per_s", ".1f"),
-                        _interval(r, "accuracy", ".3f"),
-                        _interval(r, "class_fd", ".1f"),
-                        _interval(r, "fd", ".2f"),
+                        interval_cell(r, "images_per_s", 1),
+                        interval_cell(r, "accuracy", 3),
+                        interval_cell(r, "class_fd", 1),
+                        interval_cell(r, "fd", 2),
                         _cache_cell(r),
                     ]
                     for r in result["rows"]
