@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from far_scale.artifacts import CONFIG_FILE, EMA_FILE, META_FILE, RAW_FILE, resolve_checkpoint
+from far_scale.data.storage import write_atomic
 from far_scale.posthoc_ema import POSTHOC_DIR, decay_to_sigma_rel, list_snapshots, reconstruct
 
 POSTHOC_INFO_FILE = "posthoc.json"  # how the exported EMA was reconstructed (with --ema-sigma-rel)
@@ -39,7 +40,7 @@ def export_checkpoint(
         if ema_sigma_rel is None:
             ema_sigma_rel = decay_to_sigma_rel(ema_decay, ref.step)
         result = reconstruct(list_snapshots(ref.directory / POSTHOC_DIR, ref.step), ema_sigma_rel, ref.step)
-        save_file({k: v.contiguous() for k, v in result.state.items()}, str(out / EMA_FILE))
+        write_atomic(out / EMA_FILE, save({k: v.contiguous() for k, v in result.state.items()}))
         info = {
             "sigma_rel": ema_sigma_rel,
             "ema_decay": ema_decay,
@@ -47,7 +48,7 @@ def export_checkpoint(
             "residual": result.residual,
             "snapshots": result.snapshots,
         }
-        (out / POSTHOC_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_atomic(out / POSTHOC_INFO_FILE, json.dumps(info, indent=2) + "\n")
         print(
             f"EMA reconstructed at sigma_rel {ema_sigma_rel:.4g} (step {result.step}) from {result.snapshots} "
             f"snapshot(s); profile residual {result.residual:.4f}",
