@@ -452,6 +452,29 @@ def summary(
     return "\n".join(lines)
 
 
+# What a previous demo leaves besides the reusable images, codec and benchmark cache.
+PER_RUN_OUTPUTS = (
+    "runs",
+    "mlflow.db",
+    "mlartifacts",
+    "samples",
+    "compare",
+    "logs",
+    "summary.md",
+    "far_vs_mar_samples.png",
+    "data_grid.png",
+)
+
+
+def clear_previous(out: Path) -> bool:
+    """Remove a previous demo's per-run outputs from ``out`` (S3, training and MLflow start clean); whether
+    there were any."""
+    stale = [out / name for name in PER_RUN_OUTPUTS if (out / name).exists()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return bool(stale)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
@@ -459,24 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--eval-images", type=int, default=500, help="images sampled and scored per model")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    # What a previous demo left besides the reusable images, codec and benchmark cache.
-    stale = [
-        out / name
-        for name in (
-            "runs",
-            "mlflow.db",
-            "samples",
-            "compare",
-            "logs",
-            "summary.md",
-            "far_vs_mar_samples.png",
-            "data_grid.png",
-        )
-        if (out / name).exists()
-    ]
-    previous = bool(stale)
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    previous = clear_previous(out)
     demo = Demo(out, args.steps, args.eval_images)
     print(
         f"far-scale demo in {out}: "
