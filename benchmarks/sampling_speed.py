@@ -7,6 +7,8 @@ Three modes, one process each, results in benchmarks/results/*.json, docs/benchm
 - ``--techniques``: images/s of every sampling acceleration (benchmarks/techniques.py) against MAR 100
   steps, faithful and tuned, same backbone weights (random), any size; the GPU command is
   ``--techniques --device cuda --dtype bf16 --sizes base,large --batch 64,256``.
+- ``--graphs``: FAR O=4, MAR 100 tuned and FAR-Causal eager, compiled and as CUDA graphs (``eval.compile``);
+  the GPU command is ``--graphs --device cuda --dtype bf16 --sizes base,large --batch 64,256``.
 - ``--pareto``: the same techniques on trained tiny FAR and MAR models (``benchmarks/quality_speed.py``
   trains them), each point scored on the offline benchmark: quality vs images/s with the Pareto front.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import sampling_study
+from benchmarks import sampling_graphs, sampling_study
 from benchmarks.bench_models import build_pair
 from benchmarks.report import (
     REPO_ROOT,
@@ -254,6 +256,17 @@ def parse_args(argv=None):
         help="speed of every sampling acceleration against MAR 100 steps (faithful, tuned)",
     )
     parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="FAR O=4, MAR 100 tuned and FAR-Causal (static KV cache) eager, compiled and as CUDA graphs",
+    )
+    parser.add_argument(
+        "--graph-modes",
+        type=lambda t: t.split(","),
+        default=None,
+        help="--graphs: modes among eager,default,cudagraphs (default: all three on CUDA, eager,default on CPU)",
+    )
+    parser.add_argument(
         "--pareto",
         action="store_true",
         help="quality and speed of every acceleration on the trained tiny models in --runs",
@@ -282,7 +295,7 @@ def parse_args(argv=None):
     parser.add_argument("--pareto-mar-run", default=None, help="--pareto: a trained MAR run directory")
     args = parser.parse_args(argv)
     if args.num_iter is None:
-        args.num_iter = [64] if args.techniques else [32, 64, 256]
+        args.num_iter = [64] if args.techniques or args.graphs else [32, 64, 256]
     if args.quick:
         args.num_iter, args.far_steps, args.mar_steps, args.causal_steps = [32], [8], [25], [8]
         args.causal_no_cache = False
@@ -308,6 +321,12 @@ def main(argv=None) -> None:
             args.techniques,
             sampling_study.run_speed,
             sampling_study.save_speed,
+            lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}",
+        ),
+        (
+            args.graphs,
+            sampling_graphs.run_graphs,
+            sampling_graphs.save_graphs,
             lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}",
         ),
     ]

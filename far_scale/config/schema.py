@@ -271,6 +271,13 @@ class EvalConfig(Section):
     was revealed since the cached difference was computed; None uses ``guidance_refresh_every``."""
     fast_ddpm: bool = False
     """Diffusion head: the DDPM chain's coefficients as host scalars (tuned MAR sampler)."""
+    static_kv_cache: bool = False
+    """FAR-Causal: decode against the whole preallocated KV cache under a position mask, so every step has the
+    same shapes (on whenever ``compile`` is); equal to the growing cache within float rounding."""
+    compile: Literal["off", "default", "cudagraphs"] = "off"
+    """Sampling (``far-scale sample``, ``eval sweep``): torch.compile the blocks and the head's body
+    (``default``), or also replay them as CUDA graphs (``cudagraphs``, CUDA only: each iteration's shapes are
+    recorded once). Not used by the trainer's periodic evaluation (``parallel.compile`` is training's)."""
     num_images: int = Field(default=50_000, ge=1)
     """Images sampled (class-balanced, over all ranks) at each evaluation when a quality metric is set."""
     batch_size: int = Field(default=64, ge=1)

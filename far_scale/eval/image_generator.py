@@ -13,7 +13,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from far_scale.codecs.base import Codec
 from far_scale.config.schema import EvalConfig
 from far_scale.data.images import to_uint8
 from far_scale.eval.image_sets import ImageBatch
-from far_scale.models.generation import SamplingNoise, SamplingOptions, generate
+from far_scale.models.generation import GraphReplay, SamplingNoise, SamplingOptions, generate
 from far_scale.models.model import ARModel
 from far_scale.planning.plan import resolve_head_steps
 
@@ -81,20 +81,27 @@ class ImageGenerator:
         options: SamplingOptions,
         device: torch.device,
         precision: str = "fp32",
+        replay: Optional[GraphReplay] = None,
     ):
         self.model, self.codec, self.scale, self.options = model, codec, scale, options
         self.device, self.precision = device, precision
+        self.replay = replay
+        """A CUDA-graph compiled model's step marker and cache buffers (``compile_for_sampling``)."""
         codec.to(device)
 
     def with_options(self, options: SamplingOptions) -> "ImageGenerator":
         """The same model and codec sampling with other settings."""
-        return ImageGenerator(self.model, self.codec, self.scale, options, self.device, self.precision)
+        return ImageGenerator(
+            self.model, self.codec, self.scale, options, self.device, self.precision, self.replay
+        )
 
     def images(self, job: SamplingJob, indices: np.ndarray) -> ImageBatch:
         labels = job.labels(indices)
         noise = SamplingNoise.per_image(self.model, self.options, job.image_seeds(indices), self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            tokens = generate(self.model, torch.from_numpy(labels).to(self.device), self.options, noise).float()
+            tokens = generate(
+                self.model, torch.from_numpy(labels).to(self.device), self.options, noise, self.replay
+            ).float()
         with torch.no_grad():
             pixels = to_uint8(self.codec.decode(tokens / self.scale))
         return ImageBatch(pixels, labels)

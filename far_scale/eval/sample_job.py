@@ -9,7 +9,7 @@ assembles the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +28,7 @@ from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, 
 from far_scale.eval.grid import save_grid
 from far_scale.eval.image_generator import ImageGenerator, SamplingJob, iter_rank_batches, sampling_options
 from far_scale.eval.image_sets import IMAGES_KEY, LABELS_KEY, load_npz_images, save_npz
+from far_scale.models.compile import compile_for_sampling
 from far_scale.models.model import ARModel
 from far_scale.planning.builder import build_model, resolve_dims
 from far_scale.planning.checks import check_config
@@ -94,11 +95,18 @@ def load_sampling_model(
 def build_generator(
     loaded: LoadedModel, device: torch.device, precision: str = "fp32", ev: Optional[EvalConfig] = None
 ) -> ImageGenerator:
-    """The loaded model sampling with ``ev`` (default: its recipe's eval settings, overrides applied)."""
-    options = sampling_options(ev or loaded.cfg.eval, resolve_dims(loaded.cfg.model).head_kind)
+    """The loaded model sampling with ``ev`` (default: its recipe's eval settings, overrides applied), compiled
+    as ``ev.compile`` says (once per loaded model; a compiled FAR-Causal decodes with the static KV cache)."""
+    ev = ev or loaded.cfg.eval
+    options = sampling_options(ev, resolve_dims(loaded.cfg.model).head_kind)
+    if ev.compile != "off" and loaded.model.backbone.kind == "causal":
+        options = replace(options, static_kv_cache=True)  # one set of shapes for every decoding step
+    replay = compile_for_sampling(loaded.model, ev.compile, device)
     data = loaded.meta.data
     precision = precision if device.type == "cuda" else "fp32"
-    return ImageGenerator(loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision)
+    return ImageGenerator(
+        loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision, replay
+    )
 
 
 class SampleStore:
@@ -168,6 +176,7 @@ def run_sampling(request: SampleRequest) -> dict:
         "job": asdict(job),
         "options": asdict(generator.options),
         "precision": generator.precision,
+        "compile": loaded.cfg.eval.compile,
     }
     if env.is_main:
         store.claim(settings)

@@ -8,13 +8,13 @@ tokens. Shapes come from the caller (``DataSpec``), never from constants here.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from far_scale.models.init import embedding_normal, init_backbone_weights, init_embedding_normal
-from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, TokenCache
+from far_scale.models.transformer import LAYER_NORM_EPS, BlockStack, KVCache, StaticKVCache, TokenCache
 
 
 class TrainingPass(NamedTuple):
@@ -307,8 +307,9 @@ class CausalBackbone(TokenBackbone):
         for module in (self.token_proj, self.blocks, self.norm):
             module.apply(init_backbone_weights)
 
-    def new_cache(self, batch: int, *, device, dtype) -> KVCache:
-        return KVCache(
+    def new_cache(self, batch: int, *, device, dtype, static: bool = False) -> Union[KVCache, StaticKVCache]:
+        """The decoding KV cache: growing (``KVCache``) or of fixed length with a position mask (``static``)."""
+        return (StaticKVCache if static else KVCache)(
             len(self.blocks.blocks),
             batch,
             self.num_heads,
@@ -322,7 +323,9 @@ class CausalBackbone(TokenBackbone):
         """Input sequence ``[cond, tokens...]`` (no positions yet)."""
         return torch.cat([cond[:, None, :].to(tokens.dtype), self.token_proj(tokens)], dim=1)
 
-    def hidden(self, inputs: torch.Tensor, start: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden(
+        self, inputs: torch.Tensor, start: int = 0, cache: Optional[Union[KVCache, StaticKVCache]] = None
+    ) -> torch.Tensor:
         """``z`` for input positions ``start .. start + n``; with a cache, appends to it."""
         end = start + inputs.shape[1]
         x = self.blocks(inputs + self.pos[:, start:end], causal=True, cache=cache)

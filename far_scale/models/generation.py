@@ -34,6 +34,10 @@ class SamplingOptions:
     use_cfg: Optional[bool] = None
     """Double the batch for guidance; None means ``cfg_scale != 1``."""
     use_kv_cache: bool = True
+    static_kv_cache: bool = False
+    """FAR-Causal: attend over the whole preallocated KV cache under a position mask, so every decoding step has
+    the same shapes (one compiled graph, capturable as a CUDA graph); equal to the growing cache within float
+    rounding."""
     head_steps_end: Optional[int] = None
     """Head-step schedule (after DiSA): head steps annealed from ``head_steps`` to this value as the share
     of known tokens grows (geometric in powers of two for the shortcut head, linear for DDPM)."""
@@ -123,6 +127,30 @@ class SamplingNoise:
 
 
 NoiseSource = Union[SamplingNoise, torch.Generator, None]
+
+
+class GraphReplay:
+    """What a model compiled into CUDA graphs (``eval.compile=cudagraphs``, ``far_scale.models.compile``) needs
+    from the sampler: the step marker before each iteration (the previous replay's outputs are dead), and the
+    same cache buffers on every call, so a generation writes the addresses the graphs were recorded with and
+    replays them instead of recording again."""
+
+    def __init__(self, step_begin: Callable[[], None]):
+        self.step_begin = step_begin
+        self._caches: dict = {}
+
+    def cache(self, key: tuple, make: Callable[[], object]):
+        """The cache for ``key`` (its rows, dtype, device and kind), made once; a static KV cache restarts at 0."""
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = self._caches[key] = make()
+        elif hasattr(cache, "restart"):
+            cache.restart()
+        return cache
+
+
+def _make_cache(replay: Optional[GraphReplay], key: tuple, make: Callable[[], object]):
+    return make() if replay is None else replay.cache(key, make)
 
 
 def guidance_scale(options: SamplingOptions, num_generated: int, seq_len: int) -> Optional[float]:
@@ -251,7 +279,14 @@ class _MaskedBackbonePasses:
     ([conditional; unconditional]) under guidance.
     """
 
-    def __init__(self, model: ARModel, options: SamplingOptions, cond: torch.Tensor, batch: int):
+    def __init__(
+        self,
+        model: ARModel,
+        options: SamplingOptions,
+        cond: torch.Tensor,
+        batch: int,
+        replay: Optional[GraphReplay] = None,
+    ):
         self.backbone, self.options, self.cond, self.batch = model.backbone, options, cond, batch
         self.guided = options.guided
         self.caching_guidance = options.caching_guidance
@@ -263,8 +298,11 @@ class _MaskedBackbonePasses:
         if options.caching_tokens:
             # The cache follows the conditional rows only when the unconditional ones are not computed every time.
             rows = batch if self.caching_guidance or not self.guided else 2 * batch
-            self.caches = self.backbone.new_token_caches(
-                rows, device=cond.device, dtype=_compute_dtype(cond.device, self.backbone.head_pos.dtype)
+            dtype = _compute_dtype(cond.device, self.backbone.head_pos.dtype)
+            self.caches = _make_cache(
+                replay,
+                ("tokens", rows, dtype, cond.device),
+                lambda: self.backbone.new_token_caches(rows, device=cond.device, dtype=dtype),
             )
 
     def __call__(
@@ -312,22 +350,26 @@ def sample_masked(
     options: SamplingOptions,
     noise: SamplingNoise,
     probe: Optional[Callable] = None,
+    replay: Optional[GraphReplay] = None,
 ) -> torch.Tensor:
     """MAR/FAR generation: K iterations, each a backbone pass and a head pass on the tokens it reveals.
 
     Tokens are revealed in each image's random order (``noise.orders``); the counts per iteration
     are planned on the host, so the loop selects tokens by gather/scatter and never syncs. ``probe``
-    (diagnostics: ``far_scale.models.cache_diagnostics``) sees every iteration that reuses a cache.
+    (diagnostics: ``far_scale.models.cache_diagnostics``) sees every iteration that reuses a cache;
+    ``replay``: a CUDA-graph compiled model's step marker and cache buffers.
     """
     backbone, head = model.backbone, model.head
     batch, seq_len = labels.shape[0], backbone.seq_len
     dtype = backbone.head_pos.dtype
     tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=labels.device, dtype=dtype)
     orders = noise.orders
-    passes = _MaskedBackbonePasses(model, options, _conditions(model, labels, options.guided), batch)
+    passes = _MaskedBackbonePasses(model, options, _conditions(model, labels, options.guided), batch, replay)
     passes.probe = probe
     previous = None
     for it in plan_generation(options, seq_len, backbone.kind, head.anneal_steps):
+        if replay is not None:
+            replay.step_begin()
         # Ascending positions: the rows reach the head in the order boolean-mask indexing gave them.
         chosen = orders[:, it.start : it.end].sort(dim=1).values
         z = passes(it, previous, tokens, orders, chosen)
@@ -345,8 +387,15 @@ def sample_masked(
 
 
 @torch.no_grad()
-def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: SamplingNoise) -> torch.Tensor:
-    """FAR-Causal generation, one token per step, with the KV cache or by full recomputation."""
+def sample_causal(
+    model: ARModel,
+    labels: torch.Tensor,
+    options: SamplingOptions,
+    noise: SamplingNoise,
+    replay: Optional[GraphReplay] = None,
+) -> torch.Tensor:
+    """FAR-Causal generation, one token per step: with the KV cache (growing, or static: the same shapes at
+    every step) or by full recomputation. ``replay``: a CUDA-graph compiled model's step marker and cache."""
     backbone, head = model.backbone, model.head
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
     dtype = backbone.head_pos.dtype
@@ -354,13 +403,22 @@ def sample_causal(model: ARModel, labels: torch.Tensor, options: SamplingOptions
     rows = cond.shape[0]
     tokens = torch.zeros(rows, seq_len, backbone.token_dim, device=device, dtype=dtype)
     # The cache holds what attention computes in: bf16 under autocast, never re-cast per step.
-    cache = (
-        backbone.new_cache(rows, device=device, dtype=_compute_dtype(device, dtype)) if options.use_kv_cache else None
-    )
+    cache = None
+    if options.use_kv_cache:
+        cache_dtype, static = _compute_dtype(device, dtype), options.static_kv_cache
+        cache = _make_cache(
+            replay,
+            ("kv", rows, cache_dtype, device, static),
+            lambda: backbone.new_cache(rows, device=device, dtype=cache_dtype, static=static),
+        )
     for i, it in enumerate(plan_generation(options, seq_len, backbone.kind, head.anneal_steps)):
+        if replay is not None:
+            replay.step_begin()
         if cache is not None:
             new_input = cond[:, None, :].to(dtype) if i == 0 else backbone.token_proj(tokens[:, i - 1 : i])
             z = backbone.hidden(new_input, start=i, cache=cache)[:, -1]
+            if options.static_kv_cache:
+                cache.advance()
         else:
             z = backbone.hidden(backbone.embed_inputs(cond, tokens[:, :i]))[:, -1]
         head_noise = noise.tokens[:, i, : head.num_noise_draws(it.head_steps)]
@@ -385,13 +443,21 @@ def check_head_steps(model: ARModel, options: SamplingOptions) -> None:
             )
 
 
-def generate(model: ARModel, labels: torch.Tensor, options: SamplingOptions, noise: NoiseSource = None) -> torch.Tensor:
+def generate(
+    model: ARModel,
+    labels: torch.Tensor,
+    options: SamplingOptions,
+    noise: NoiseSource = None,
+    replay: Optional[GraphReplay] = None,
+) -> torch.Tensor:
     """Latent tokens [B, L, D] (in the model's scaled space) for class ``labels``.
 
-    ``noise``: prepared ``SamplingNoise``, or a generator (None: the global one) to draw it from.
+    ``noise``: prepared ``SamplingNoise``, or a generator (None: the global one) to draw it from;
+    ``replay``: for a model compiled into CUDA graphs (``far_scale.models.compile.compile_for_sampling``).
     """
     check_head_steps(model, options)
     if not isinstance(noise, SamplingNoise):
         noise = SamplingNoise.from_generator(model, options, labels.shape[0], noise, labels.device)
-    sampler = sample_causal if model.backbone.kind == "causal" else sample_masked
-    return sampler(model, labels, options, noise)
+    if model.backbone.kind == "causal":
+        return sample_causal(model, labels, options, noise, replay)
+    return sample_masked(model, labels, options, noise, replay=replay)

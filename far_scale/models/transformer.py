@@ -30,6 +30,27 @@ class LayerKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+class LayerStaticKVCache:
+    """Keys and values of one attention layer at all ``max_len`` positions, written one token per step.
+
+    The step's position is a device tensor (``position`` [1], shared by the layers and advanced by the caller)
+    and attention runs over every position under the mask ``slots <= position``: each decoding step has the
+    same shapes and no host-side length, so one compiled graph (or one CUDA graph) serves every step. The
+    buffers start at zero, so the masked positions hold finite values.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, slots: torch.Tensor):
+        self.keys, self.values, self.position, self.slots = keys, values, position, slots
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one token's keys and values at ``position``; all keys, values and the [1, 1, 1, max_len] mask."""
+        if k.shape[2] != 1:
+            raise ValueError(f"a static KV cache takes one token per step, got {k.shape[2]}")
+        self.keys.index_copy_(2, self.position, k.to(self.keys.dtype))
+        self.values.index_copy_(2, self.position, v.to(self.values.dtype))
+        return self.keys, self.values, (self.slots <= self.position)[None, None, None, :]
+
+
 class LayerTokenCache:
     """Keys and values of one attention layer at every position of a fixed-length sequence.
 
@@ -70,6 +91,37 @@ class KVCache:
         return self.layers[0].length
 
 
+class StaticKVCache:
+    """One ``LayerStaticKVCache`` per block and the shared step position; ``advance`` moves it on the device.
+
+    The buffers are marked as static addresses for ``torch.compile``: a CUDA graph may write them in place
+    (as Hugging Face's static cache does), and no recompilation follows from the position changing.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int, head_dim: int, *, device, dtype):
+        shape = (batch, num_heads, max_len, head_dim)
+        self.position = torch.zeros(1, device=device, dtype=torch.long)
+        self.slots = torch.arange(max_len, device=device)
+        self.layers = [
+            LayerStaticKVCache(
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+                self.position,
+                self.slots,
+            )
+            for _ in range(num_layers)
+        ]
+        for tensor in (self.position, self.slots, *(t for layer in self.layers for t in (layer.keys, layer.values))):
+            torch._dynamo.mark_static_address(tensor)
+
+    def advance(self) -> None:
+        self.position.add_(1)
+
+    def restart(self) -> None:
+        """Decode a new sequence in the same buffers (the old keys stay behind the mask until overwritten)."""
+        self.position.zero_()
+
+
 class TokenCache:
     """One ``LayerTokenCache`` per block (``[batch, heads, max_len, head_dim]`` keys and values)."""
 
@@ -81,6 +133,9 @@ class TokenCache:
             )
             for _ in range(num_layers)
         ]
+        for layer in self.layers:  # written in place inside compiled blocks (see StaticKVCache)
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
 
     def set_pass(self, positions: torch.Tensor, *, lazy: bool, key_mask: Optional[torch.Tensor] = None) -> None:
         """The next pass's row positions [B, n]; lazy passes attend to the cache (where ``key_mask`` [B, max_len])."""
@@ -88,8 +143,8 @@ class TokenCache:
             layer.positions, layer.lazy, layer.key_mask = positions, lazy, key_mask
 
 
-AnyLayerCache = Union[LayerKVCache, LayerTokenCache]
-AnyCache = Union[KVCache, TokenCache]
+AnyLayerCache = Union[LayerKVCache, LayerStaticKVCache, LayerTokenCache]
+AnyCache = Union[KVCache, StaticKVCache, TokenCache]
 
 
 class Attention(nn.Module):
@@ -111,6 +166,9 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)
             # A single new query may attend to every cached position.
             is_causal = causal and length > 1
+        elif isinstance(cache, LayerStaticKVCache):
+            k, v, attn_mask = cache.append(k, v)
+            k, v, is_causal = k.to(q.dtype), v.to(q.dtype), False
         elif isinstance(cache, LayerTokenCache):
             cache.write(k, v)
             if cache.lazy:

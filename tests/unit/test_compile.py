@@ -59,3 +59,81 @@ def test_compiled_steps_agree_with_eager_and_do_not_recompile():
                 torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
     assert len(masked) > 1, masked  # the counts did change
     assert dynamo.counters["stats"]["unique_graphs"] == graphs  # and nothing recompiled for them
+
+
+def _sampling_models(arch: str, device: str = "cpu"):
+    """The same weights twice: one eager, one to compile for sampling."""
+    cfg = ModelConfig(arch=arch, size="tiny", num_buffer_tokens=2, dropout=0.0, class_dropout=0.0, head=HeadConfig())
+    torch.manual_seed(0)
+    eager = build_model(cfg, SMALL).to(device).eval()
+    compiled = build_model(cfg, SMALL).to(device).eval()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _sampling_pair(arch: str):
+    """Eager and compiled for sampling (``eval.compile=default``)."""
+    from far_scale.models.compile import compile_for_sampling
+
+    eager, compiled = _sampling_models(arch)
+    assert compile_for_sampling(compiled, "default", torch.device("cpu")) is None  # no CUDA-graph step marker
+    assert compile_for_sampling(compiled, "default", torch.device("cpu")) is None  # a second call compiles nothing
+    with pytest.raises(ValueError, match="already compiled with eval.compile=default"):
+        compile_for_sampling(compiled, "cudagraphs", torch.device("cuda"))
+    return eager, compiled
+
+
+SAMPLING_CASES = pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("far_causal", dict(head_steps=2, cfg_scale=2.5, static_kv_cache=True)),
+        ("far", dict(num_iter=4, head_steps=2, cfg_scale=2.5, backbone_refresh_every=2, guidance_refresh_every=2)),
+    ],
+    ids=["causal-static-cache", "masked-both-caches"],
+)
+
+
+@SAMPLING_CASES
+def test_compiled_sampling_agrees_with_eager(arch, options):
+    import torch._dynamo.utils as dynamo
+
+    from far_scale.models.generation import SamplingOptions, generate
+
+    eager, compiled = _sampling_pair(arch)
+    labels = torch.tensor([0, 3])
+    sampling = SamplingOptions(**options)
+    dynamo.counters.clear()
+    first = generate(compiled, labels, sampling, torch.Generator().manual_seed(0))
+    graphs = dynamo.counters["stats"]["unique_graphs"]
+    for seed in (0, 1):
+        reference = generate(eager, labels, sampling, torch.Generator().manual_seed(seed))
+        got = first if seed == 0 else generate(compiled, labels, sampling, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert dynamo.counters["stats"]["unique_graphs"] == graphs  # a second generation compiles nothing new
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@SAMPLING_CASES
+def test_cuda_graph_sampling_agrees_with_eager_and_records_every_graph(arch, options):
+    """eval.compile=cudagraphs: no graph falls back to eager (a mutated cache that is not a static address would),
+    and a second generation replays what the first recorded."""
+    import torch._dynamo.utils as dynamo
+
+    from far_scale.models.compile import compile_for_sampling
+    from far_scale.models.generation import SamplingOptions, generate
+
+    eager, compiled = _sampling_models(arch, "cuda")
+    replay = compile_for_sampling(compiled, "cudagraphs", torch.device("cuda"))
+    labels = torch.tensor([0, 3], device="cuda")
+    sampling = SamplingOptions(**options)
+    dynamo.counters.clear()
+    for seed in (0, 1, 2):
+        noise = torch.Generator(device="cuda").manual_seed(seed)
+        got = generate(compiled, labels, sampling, noise, replay).clone()
+        reference = generate(eager, labels, sampling, torch.Generator(device="cuda").manual_seed(seed))
+        torch.testing.assert_close(got, reference, rtol=1e-3, atol=1e-3)  # TF32 and fused kernels
+        if seed == 1:
+            graphs = dynamo.counters["stats"]["unique_graphs"]
+    assert dynamo.counters["inductor"]["cudagraph_skips"] == 0
+    assert dynamo.counters["stats"]["unique_graphs"] == graphs

@@ -170,19 +170,48 @@ def test_finest_step_only_is_plain_flow_matching():
     torch.testing.assert_close(loss, ((pred - (x1 - x0)) ** 2).mean())
 
 
-def test_kv_cache_equals_full_recomputation_token_by_token():
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+def test_kv_cache_equals_full_recomputation_token_by_token(static):
     model = small_model("far_causal").eval()
     perturb(model)
     backbone = model.backbone
     labels = torch.tensor([0, 3])
     tokens = torch.randn(2, 16, 8)
     cond = backbone.condition.embedding(labels)
-    cache = backbone.new_cache(2, device="cpu", dtype=torch.float32)
+    cache = backbone.new_cache(2, device="cpu", dtype=torch.float32, static=static)
     for i in range(16):
         new_input = cond[:, None] if i == 0 else backbone.token_proj(tokens[:, i - 1 : i])
         cached = backbone.hidden(new_input, start=i, cache=cache)[:, -1]
+        if static:
+            cache.advance()
         full = backbone.hidden(backbone.embed_inputs(cond, tokens[:, :i]))[:, -1]
         assert (cached - full).abs().max() <= 1e-5, i
+
+
+def test_static_kv_cache_steps_have_one_shape_and_refuse_a_prefill():
+    backbone = small_model("far_causal").eval().backbone
+    cache = backbone.new_cache(2, device="cpu", dtype=torch.float32, static=True)
+    cond = backbone.condition.embedding(torch.tensor([0, 3]))
+    shapes = set()
+
+    def recording(inner):
+        def append(k, v):
+            out = inner(k, v)
+            shapes.add(tuple(tuple(t.shape) for t in out))
+            return out
+
+        return append
+
+    for layer in cache.layers:
+        layer.append = recording(layer.append)
+    for i in range(3):
+        backbone.hidden(cond[:, None], start=i, cache=cache)
+        cache.advance()
+    kv = (2, backbone.num_heads, backbone.seq_len, backbone.width // backbone.num_heads)
+    assert shapes == {(kv, kv, (1, 1, 1, backbone.seq_len))}  # keys, values, mask: the same at every step
+    assert int(cache.position) == 3
+    with pytest.raises(ValueError, match="one token per step"):
+        backbone.hidden(torch.randn(2, 2, backbone.width), start=3, cache=cache)
 
 
 def test_kv_cache_generation_equals_recomputed_generation():
@@ -193,9 +222,12 @@ def test_kv_cache_generation_equals_recomputed_generation():
     # fp32 rounding differences feed back through the sampled tokens, so allow 1e-4 here.
     for cfg_scale in (1.0, 2.5):
         options = dict(head_steps=2, cfg_scale=cfg_scale)
-        cached = generate(model, labels, SamplingOptions(**options), torch.Generator().manual_seed(0))
         full = generate(model, labels, SamplingOptions(use_kv_cache=False, **options), torch.Generator().manual_seed(0))
-        torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+        for static in (False, True):
+            cached = generate(
+                model, labels, SamplingOptions(static_kv_cache=static, **options), torch.Generator().manual_seed(0)
+            )
+            torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch, steps", [("far", 4), ("mar", 10), ("far_causal", 2)])

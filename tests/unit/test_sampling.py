@@ -260,6 +260,7 @@ def test_fast_ddpm_chain_matches_the_reference_chain():
         ),
         ("mar", dict(num_iter=4, head_steps=10, cfg_scale=2.0, fast_ddpm=True)),
         ("far_causal", dict(head_steps=2, cfg_scale=2.0)),
+        ("far_causal", dict(head_steps=2, cfg_scale=2.0, static_kv_cache=True)),
     ],
 )
 def test_sampling_loop_has_no_host_syncs(arch, options):
@@ -267,6 +268,37 @@ def test_sampling_loop_has_no_host_syncs(arch, options):
     with SyncOps() as ops:
         sample(model, **options)
     assert ops.found == []
+
+
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("far_causal", dict(head_steps=2, cfg_scale=2.0, static_kv_cache=True)),
+        ("far", dict(num_iter=4, head_steps=2, cfg_scale=2.0, backbone_refresh_every=2, guidance_refresh_every=2)),
+    ],
+    ids=["causal-static-cache", "masked-both-caches"],
+)
+def test_graph_replay_reuses_its_cache_buffers_and_changes_no_sample(arch, options):
+    """CUDA graphs replay at the addresses they were recorded with: every generation through one
+    ``GraphReplay`` writes the same cache buffers, yet samples exactly as fresh caches do."""
+    from far_scale.models.generation import GraphReplay
+
+    model = build(arch)
+    marks = []
+    replay = GraphReplay(lambda: marks.append(1))
+    calls = [(torch.tensor([0, 1, 3]), 1), (torch.tensor([2, 0, 1]), 5)]
+
+    def run(labels, seed, replay=None):
+        return generate(model, labels, SamplingOptions(**options), torch.Generator().manual_seed(seed), replay)
+
+    fresh = [run(labels, seed) for labels, seed in calls]
+    first = run(*calls[0], replay)
+    buffers = {id(c) for c in replay._caches.values()}
+    second = run(*calls[1], replay)
+    assert torch.equal(first, fresh[0]) and torch.equal(second, fresh[1])
+    assert len(buffers) == 1 and {id(c) for c in replay._caches.values()} == buffers  # one cache, reused
+    iterations = model.backbone.seq_len if arch == "far_causal" else options["num_iter"]
+    assert len(marks) == 2 * iterations  # a step mark before every iteration of both generations
 
 
 @pytest.mark.gpu
@@ -329,3 +361,12 @@ def test_cache_diagnostics_measure_without_changing_samples():
     assert 0 < summary["cached_token_share"] < 1 and summary["nominal_cfg"] > 1
     with torch.no_grad():
         assert torch.equal(tokens, sample_masked(model, labels, cached, noise(cached)))
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_naming_the_field():
+    from far_scale.models.compile import compile_for_sampling
+
+    model = build("far")
+    with pytest.raises(ValueError, match=r"eval.compile=cudagraphs needs a CUDA device \(sampling on cpu\)"):
+        compile_for_sampling(model, "cudagraphs", torch.device("cpu"))
+    assert not hasattr(model, "compiled_for_sampling")  # nothing was compiled

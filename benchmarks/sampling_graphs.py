@@ -1,0 +1,137 @@
+"""Sampling eager, compiled and as CUDA graphs (``sampling_speed.py --graphs``; ``eval.compile``).
+
+The fastest settings at matched quality (FAR O=4, MAR 100 tuned DDPM steps, FAR-Causal O=8 with the static KV
+cache), each in every mode of ``--graph-modes``: ``eager``, ``default`` (torch.compile of the blocks and the
+head's body) and ``cudagraphs`` (the same, replayed as CUDA graphs; CUDA only). Every mode builds the models
+afresh from the same seed (so the same weights) and compiles them in place; the first generation (compilation,
+CUDA-graph recording) is timed apart from the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from benchmarks.bench_models import build_pair
+from benchmarks.report import (
+    load_results,
+    markdown_table,
+    median_seconds,
+    result_heading,
+    save_result,
+    synchronize,
+    write_doc_section,
+)
+from benchmarks.techniques import FAR_TECHNIQUES, MAR_TECHNIQUES
+from far_scale.data.spec import DataSpec
+from far_scale.models.compile import compile_for_sampling
+from far_scale.models.generation import SamplingOptions, generate
+
+BENCHMARK = "sampling_graphs"
+FAR_SETTING = next(t for t in FAR_TECHNIQUES if t.name == "FAR O=4")
+MAR_SETTING = next(t for t in MAR_TECHNIQUES if t.name == "MAR 100 steps (tuned)")
+CAUSAL_SETTING = "FAR-Causal O=8 (static KV cache)"
+CAUSAL_HEAD_STEPS = 8
+
+
+def default_modes(device: torch.device) -> list[str]:
+    return ["eager", "default", "cudagraphs"] if device.type == "cuda" else ["eager", "default"]
+
+
+def _settings(args, k: int) -> list[tuple[str, int, SamplingOptions]]:
+    """(name, model index in build_pair's (MAR, FAR, causal), options)."""
+    return [
+        (FAR_SETTING.name, 1, FAR_SETTING.sampling_options(k, args.cfg)),
+        (MAR_SETTING.name, 0, MAR_SETTING.sampling_options(k, args.cfg)),
+        (CAUSAL_SETTING, 2, SamplingOptions(head_steps=CAUSAL_HEAD_STEPS, cfg_scale=args.cfg, static_kv_cache=True)),
+    ]
+
+
+def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
+    data = DataSpec(seq_len=args.seq_len, token_dim=args.token_dim, num_classes=1000)
+    labels = torch.arange(batch, device=device) % data.num_classes
+    bf16 = device.type == "cuda" and args.dtype == "bf16"
+    modes = args.graph_modes or default_modes(device)
+    rows = []
+    for mode in modes:
+        torch.manual_seed(0)  # every mode samples with the same weights
+        models = build_pair(size, data, device)
+        replays = [
+            None if mode == "eager" else compile_for_sampling(m, mode, device) for m in models
+        ]  # compiled in place
+        for k in args.num_iter:
+            for name, index, options in _settings(args, k):
+                if name == CAUSAL_SETTING and k != args.num_iter[0]:
+                    continue  # one token per step whatever K is
+
+                def run(model=models[index], replay=replays[index], options=options):
+                    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
+                        generate(model, labels, options, torch.Generator(device=device).manual_seed(0), replay)
+
+                synchronize(device)
+                start = time.perf_counter()
+                run()  # compiles and records on first use
+                synchronize(device)
+                first = time.perf_counter() - start
+                seconds = median_seconds(run, device, args.repeats, warmup=1)
+                rows.append(
+                    {
+                        "setting": name,
+                        "mode": mode,
+                        "K": None if name == CAUSAL_SETTING else k,
+                        "first_s": first,
+                        "seconds": seconds,
+                        "images_per_s": batch / seconds,
+                    }
+                )
+                print(
+                    f"[{size} b{batch} {mode}] {name} K={rows[-1]['K']}: {batch / seconds:.2f} img/s "
+                    f"(first {first:.1f} s)",
+                    flush=True,
+                )
+    eager = {(r["setting"], r["K"]): r["seconds"] for r in rows if r["mode"] == "eager"}
+    for row in rows:
+        reference = eager.get((row["setting"], row["K"]))
+        row["vs_eager"] = reference / row["seconds"] if reference else float("nan")
+    return {"size": size, "batch": batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32", "rows": rows}
+
+
+def render_docs() -> None:
+    parts = [
+        "## Sampling eager, compiled and as CUDA graphs (`benchmarks/sampling_speed.py --graphs`)",
+        "",
+        "Tokens only, random weights (FAR and MAR share the backbone's), one process; `default` is "
+        "`eval.compile=default` (torch.compile of the blocks and the head's body), `cudagraphs` the same "
+        "replayed as CUDA graphs. *first* is the first generation (compilation and recording included).",
+        "",
+    ]
+    for result in load_results(BENCHMARK):
+        parts += result_heading(
+            result["size"], result, f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens"
+        )
+        parts += [
+            markdown_table(
+                ["setting", "K", "mode", "first (s)", "s / batch", "images/s", "vs eager"],
+                [
+                    [
+                        r["setting"],
+                        "-" if r["K"] is None else r["K"],
+                        r["mode"],
+                        f"{r['first_s']:.1f}",
+                        f"{r['seconds']:.3f}",
+                        f"{r['images_per_s']:.2f}",
+                        f"{r['vs_eager']:.2f}x",
+                    ]
+                    for r in result["rows"]
+                ],
+            ),
+            "",
+        ]
+    write_doc_section(BENCHMARK, "\n".join(parts))
+
+
+def save_graphs(result: dict, key: str) -> None:
+    save_result(BENCHMARK, key, result)
+    render_docs()
