@@ -91,9 +91,7 @@ class ImageGenerator:
 
     def with_options(self, options: SamplingOptions) -> "ImageGenerator":
         """The same model and codec sampling with other settings."""
-        return ImageGenerator(
-            self.model, self.codec, self.scale, options, self.device, self.precision, self.replay
-        )
+        return ImageGenerator(self.model, self.codec, self.scale, options, self.device, self.precision, self.replay)
 
     def images(self, job: SamplingJob, indices: np.ndarray) -> ImageBatch:
         labels = job.labels(indices)

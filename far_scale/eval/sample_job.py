@@ -104,9 +104,7 @@ def build_generator(
     replay = compile_for_sampling(loaded.model, ev.compile, device)
     data = loaded.meta.data
     precision = precision if device.type == "cuda" else "fp32"
-    return ImageGenerator(
-        loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision, replay
-    )
+    return ImageGenerator(loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision, replay)
 
 
 class SampleStore:
