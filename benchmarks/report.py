@@ -83,7 +83,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
 def save_result(benchmark: str, key: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{benchmark}__{key}.json"
-    payload = {**payload, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    # A result saved again (e.g. its pictures redrawn) keeps the date it was measured on.
+    payload = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **payload}
     write_atomic(path, json.dumps(payload, indent=2))
     return path
 

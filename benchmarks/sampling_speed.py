@@ -293,6 +293,11 @@ def parse_args(argv=None):
     parser.add_argument("--pareto-benchmark", default=None, help="--pareto: an offline benchmark file to score with")
     parser.add_argument("--pareto-far-run", default=None, help="--pareto: a trained FAR run directory")
     parser.add_argument("--pareto-mar-run", default=None, help="--pareto: a trained MAR run directory")
+    parser.add_argument(
+        "--pareto-grids",
+        action="store_true",
+        help="draw the grids of a saved --pareto study (same --tag) again, from its runs (or --pareto-*-run)",
+    )
     args = parser.parse_args(argv)
     if args.num_iter is None:
         args.num_iter = [64] if args.techniques or args.graphs else [32, 64, 256]
@@ -309,11 +314,18 @@ def main(argv=None) -> None:
     machine = describe_machine(device)
     command = command_line("sampling_speed.py", argv)
     tag = f"_{args.tag}" if args.tag else ""
-    if args.pareto:
-        result = {**sampling_study.run_pareto(args, device), "machine": machine, "command": command}
+    if args.pareto or args.pareto_grids:
+        key = f"{machine['device']}_tiny{tag}"
+        if args.pareto_grids:  # a saved study, its grids drawn again from its runs
+            result = sampling_study.load_pareto(key)
+            given = {"FAR": args.pareto_far_run, "MAR": args.pareto_mar_run}
+            result["runs"] = {**result.get("runs", {}), **{k: v for k, v in given.items() if v}}
+            result.setdefault("data", args.tag)
+        else:
+            result = {**sampling_study.run_pareto(args, device), "machine": machine, "command": command}
         print(result["answer"])
         if not args.no_docs:
-            sampling_study.save_pareto(result, f"{machine['device']}_tiny{tag}")
+            sampling_study.save_pareto(result, key, device)
         return
     # Modes measured per size and batch: (selected, run, save, result key).
     grid_modes = [

@@ -9,11 +9,13 @@ point sampled, timed and scored on the offline benchmark; quality vs images/s wi
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_models import build_pair
+from benchmarks.quality_speed import DATA_LABELS
 from benchmarks.report import (
     REPO_ROOT,
     interval_cell,
@@ -29,9 +31,11 @@ from benchmarks.techniques import (
     MAR_TUNED,
     TECHNIQUES,
     far_speedup_answer,
+    headlines,
     speedups,
 )
 from far_scale.data.spec import DataSpec
+from far_scale.eval.grid import side_by_side, tile
 from far_scale.eval.sweep import pareto_front
 from far_scale.models.generation import SamplingOptions, generate
 
@@ -138,6 +142,8 @@ def save_speed(result: dict, key: str) -> None:
 
 
 SELECT_SEED = 0  # the CFG sweep's images; the reported repeats use seeds 1..n (no selection on them)
+GRID_SEED = 1  # the grids show the first held-out seed's images
+GRID_PER_CLASS = 4
 METRICS = ("accuracy", "fd", "class_fd", "images_per_s")
 
 
@@ -171,6 +177,11 @@ def _cache_effect(generator, options: SamplingOptions, batch: int, device) -> di
     return summarize(records, model.backbone.seq_len)
 
 
+def _options_at(technique, k: int, cfg: float, schedule: str, base: SamplingOptions) -> SamplingOptions:
+    """A technique's sampling options at K, CFG scale and schedule, on top of the run's own options."""
+    return replace(technique.sampling_options(k, cfg, base), cfg_schedule=schedule)
+
+
 def run_pareto(args, device: torch.device) -> dict:
     """The CFG-matched protocol: every setting, FAR's and MAR's, at its own best guidance.
 
@@ -179,8 +190,6 @@ def run_pareto(args, device: torch.device) -> dict:
     ``--pareto-seeds`` held-out sampling seeds at that setting, reported as means with 95% t-intervals; and
     for settings that reuse a cache, its measured effect (z error, effective guidance against nominal).
     """
-    from dataclasses import replace
-
     from far_scale.eval.metrics import repeat_interval
     from far_scale.eval.sample_job import build_generator, load_sampling_model
     from far_scale.eval.sweep import score_generator
@@ -197,7 +206,7 @@ def run_pareto(args, device: torch.device) -> dict:
                 sweep = []
                 for schedule in args.pareto_schedules:
                     for cfg in args.pareto_cfgs:
-                        options = replace(technique.sampling_options(k, cfg, generator.options), cfg_schedule=schedule)
+                        options = _options_at(technique, k, cfg, schedule, generator.options)
                         metrics = score_generator(
                             generator.with_options(options),
                             bench,
@@ -207,9 +216,7 @@ def run_pareto(args, device: torch.device) -> dict:
                         )
                         sweep.append({"cfg": cfg, "cfg_schedule": schedule, "class_fd": metrics["class_fd"]})
                 best = min(sweep, key=lambda r: r["class_fd"])
-                options = replace(
-                    technique.sampling_options(k, best["cfg"], generator.options), cfg_schedule=best["cfg_schedule"]
-                )
+                options = _options_at(technique, k, best["cfg"], best["cfg_schedule"], generator.options)
                 repeats = [
                     score_generator(generator.with_options(options), bench, args.pareto_images, args.pareto_batch, seed)
                     for seed in range(1, args.pareto_seeds + 1)
@@ -244,6 +251,8 @@ def run_pareto(args, device: torch.device) -> dict:
         "cfgs": args.pareto_cfgs,
         "schedules": args.pareto_schedules,
         "training_steps": training_steps,
+        "runs": {label: str(run_dir) for label, run_dir in runs.items()},
+        "data": args.tag,
         "answer": far_speedup_answer(rows),
     }
 
@@ -328,8 +337,9 @@ def render_pareto_docs() -> None:
         if result.get("protocol") != "cfg-matched":
             continue  # the fixed-CFG study of 2026-11 compared settings at unequal effective guidance: withdrawn
         steps = ", ".join(f"{k} {v} steps" for k, v in result["training_steps"].items())
+        data = DATA_LABELS.get(result.get("data", ""), result.get("data", ""))
         parts += result_heading(
-            f"tiny ({steps})",
+            f"tiny{f', {data}' if data else ''} ({steps}),",
             result,
             f"{result['seeds']} seeds x {result['num_images']} images per setting; CFG swept over "
             f"{', '.join(f'{c:g}' for c in result['cfgs'])} ({' and '.join(result['schedules'])}) on "
@@ -364,11 +374,57 @@ def render_pareto_docs() -> None:
             f"![sampling accelerations at matched guidance](img/{result['plot']})",
             "",
         ]
+        if result.get("grids"):
+            parts += [
+                f"Samples of the headline's settings ({GRID_PER_CLASS} per class, one column per class, held-out "
+                f"seed {GRID_SEED}):",
+                "",
+                f"![the headline's settings side by side](img/{result['grids']})",
+                "",
+            ]
     write_doc_section(PARETO_BENCHMARK, "\n".join(parts))
 
 
-def save_pareto(result: dict, key: str) -> None:
+def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
+    """The headline's settings side by side (MAR-100, MAR's fastest at its quality, the fastest FAR within each
+    one's interval), each at its best CFG: ``GRID_PER_CLASS`` images of every class, one column per class."""
+    from far_scale.eval.image_generator import SamplingJob
+    from far_scale.eval.sample_job import build_generator, load_sampling_model
+
+    generators = {
+        label: build_generator(load_sampling_model(Path(run_dir), device=device), device)
+        for label, run_dir in result["runs"].items()
+    }
+    by_name = {t.name: t for t in TECHNIQUES}
+    shown = {}
+    for headline in headlines(result["rows"]):
+        for row in (headline.reference, headline.far):
+            title = row and f"{row['technique']} K={row['K']}, CFG {row['cfg']:g} ({row['images_per_s']:.0f} img/s)"
+            if row is None or title in shown:
+                continue
+            generator = generators[row["model"]]
+            options = _options_at(
+                by_name[row["technique"]], row["K"], row["cfg"], row["cfg_schedule"], generator.options
+            )
+            classes = generator.model.num_classes
+            job = SamplingJob(GRID_PER_CLASS * classes, classes, GRID_PER_CLASS * classes, GRID_SEED)
+            shown[title] = tile(generator.with_options(options).images(job, job.indices(0)).images, classes)
+    return side_by_side(shown, path)
+
+
+def load_pareto(key: str) -> dict:
+    """A saved study (``save_pareto``'s key), e.g. to draw its grids again."""
+    found = [r for r in load_results(PARETO_BENCHMARK) if r.get("plot") == f"{PARETO_BENCHMARK}_{key}.png"]
+    if not found:
+        raise FileNotFoundError(f"no saved {PARETO_BENCHMARK} result with key {key!r} in benchmarks/results/")
+    return found[0]
+
+
+def save_pareto(result: dict, key: str, device: torch.device) -> None:
+    """Save the study, its plot and its grids, and render docs/benchmarks.md."""
     result["plot"] = f"{PARETO_BENCHMARK}_{key}.png"
+    result["grids"] = f"{PARETO_BENCHMARK}_grids_{key}.png"
+    pareto_grids(result, device, IMG_DIR / result["grids"])
     save_result(PARETO_BENCHMARK, key, result)
     saved = next(r for r in load_results(PARETO_BENCHMARK) if r["plot"] == result["plot"])
     plot_pareto(saved, IMG_DIR / result["plot"])

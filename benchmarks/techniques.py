@@ -8,6 +8,7 @@ chain) and tuned (host-scalar chain, plus the same caches LazyMAR applies to MAR
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from far_scale.models.generation import SamplingOptions
 
@@ -76,24 +77,45 @@ def _within(row: dict, ref: dict) -> bool:
     return row["accuracy"] >= ref["accuracy_lo"] and row["class_fd"] <= ref["class_fd_hi"]
 
 
-def far_speedup_answer(rows: list[dict]) -> str:
-    """The headline from a CFG-matched study: against MAR-100 (faithful) and against MAR's fastest setting
-    within MAR-100's interval (the fair rival), the fastest FAR setting within that reference's interval."""
+@dataclass(frozen=True)
+class Headline:
+    """One comparison of a CFG-matched study: a MAR reference and the fastest FAR setting within its interval."""
+
+    name: str
+    reference: dict
+    far: Optional[dict]
+    """None when no FAR setting reaches the reference's interval."""
+
+
+def headlines(rows: list[dict]) -> list[Headline]:
+    """Against MAR-100 (faithful, at its best K) and against MAR's fastest setting within MAR-100's interval
+    (the fair rival): the fastest FAR setting within that reference's interval. Empty without MAR-100."""
     faithful = [r for r in rows if r["technique"] == MAR_FAITHFUL]
     if not faithful:
-        return "no MAR 100-step reference among the rows"
+        return []
     reference = max(faithful, key=lambda r: r["accuracy"] - r["class_fd"])  # its best K
-    rival_pool = [r for r in rows if r["model"] == "MAR" and _within(r, reference)]
-    rival = max(rival_pool, key=lambda r: r["images_per_s"])
-    lines = []
+    rival = max((r for r in rows if r["model"] == "MAR" and _within(r, reference)), key=lambda r: r["images_per_s"])
+    out = []
     for name, ref in (("MAR-100 (faithful)", reference), ("MAR's fastest setting at MAR-100's quality", rival)):
+        matching = [r for r in rows if r["model"] == "FAR" and _within(r, ref)]
+        out.append(Headline(name, ref, max(matching, key=lambda r: r["images_per_s"]) if matching else None))
+    return out
+
+
+def far_speedup_answer(rows: list[dict]) -> str:
+    """The headline from a CFG-matched study, one line per ``headlines`` comparison."""
+    comparisons = headlines(rows)
+    if not comparisons:
+        return "no MAR 100-step reference among the rows"
+    lines = []
+    for headline in comparisons:
+        ref = headline.reference
         what = (
-            f"{name}: {ref['technique']} K={ref['K']} at CFG {ref['cfg']:g} ({ref['cfg_schedule']}), accuracy "
-            f"{ref['accuracy']:.3f} [{ref['accuracy_lo']:.3f}, {ref['accuracy_hi']:.3f}], class FD "
+            f"{headline.name}: {ref['technique']} K={ref['K']} at CFG {ref['cfg']:g} ({ref['cfg_schedule']}), "
+            f"accuracy {ref['accuracy']:.3f} [{ref['accuracy_lo']:.3f}, {ref['accuracy_hi']:.3f}], class FD "
             f"{ref['class_fd']:.1f} [{ref['class_fd_lo']:.1f}, {ref['class_fd_hi']:.1f}], {ref['images_per_s']:.1f} img/s"
         )
-        matching = [r for r in rows if r["model"] == "FAR" and _within(r, ref)]
-        if not matching:
+        if headline.far is None:
             best = max((r for r in rows if r["model"] == "FAR"), key=lambda r: r["accuracy"] - r["class_fd"])
             lines.append(
                 f"- {what}: no FAR setting reaches its interval; FAR's best is {best['technique']} K={best['K']} "
@@ -101,7 +123,7 @@ def far_speedup_answer(rows: list[dict]) -> str:
                 f"{best['images_per_s'] / ref['images_per_s']:.1f}x its speed)"
             )
             continue
-        best = max(matching, key=lambda r: r["images_per_s"])
+        best = headline.far
         lines.append(
             f"- {what}: fastest FAR within its interval is {best['technique']} K={best['K']} at CFG "
             f"{best['cfg']:g} ({best['cfg_schedule']}), accuracy {best['accuracy']:.3f}, class FD "

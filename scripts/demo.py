@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from far_scale.data.storage import write_atomic
-from far_scale.eval.grid import save_image_atomic
+from far_scale.eval.grid import side_by_side
 from far_scale.local_s3 import LocalS3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -396,24 +396,6 @@ def compare_runs(demo: Demo, tracking_uri: str) -> list[str]:
         demo.cli("compare", f"far_tiny_{DATA}", f"mar_tiny_{DATA}", "--tracking-uri", tracking_uri, "--out", out), log
     )
     return sorted(str(p) for p in out.glob("*.png")) or [line for line in result.stdout.splitlines() if "wrote" in line]
-
-
-def side_by_side(grids: dict[str, Path], target: Path) -> Path:
-    """The models' sample grids next to each other, each under its name."""
-    from PIL import Image, ImageDraw
-
-    images = {name: Image.open(path).convert("RGB") for name, path in grids.items()}
-    label_h, gap = 18, 12
-    width = sum(i.width for i in images.values()) + gap * (len(images) - 1)
-    height = max(i.height for i in images.values()) + label_h
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for name, image in images.items():
-        draw.text((x + 4, 3), name, fill="black")
-        canvas.paste(image, (x, label_h))
-        x += image.width + gap
-    return save_image_atomic(canvas, target)
 
 
 def summary(
