@@ -60,11 +60,23 @@ def _module(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"benchmarks.{name}", *args]
 
 
+# sampling_speed's sizes and batches on the card, and the toy ones of the dry run.
+SAMPLING_GPU = ("--device=cuda", "--dtype=bf16", "--sizes=base,large", "--batch=64,256")
+SAMPLING_DRY_RUN = (
+    "--device=cpu",
+    "--sizes=tiny",
+    "--batch=2",
+    "--seq-len=16",
+    "--num-iter=4",
+    "--repeats=1",
+    "--no-docs",
+)
+
 PARTS = [
     Part(
         "sync_debug",
-        "the no-host-sync tests under torch.cuda.set_sync_debug_mode (pytest -m gpu)",
-        60,
+        "the gpu-marked tests: no host syncs (set_sync_debug_mode), CUDA-graph sampling equals eager (pytest -m gpu)",
+        120,
         [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/unit", "tests/distributed/test_step.py"],
         [sys.executable, "-m", "pytest", "-q", "tests/unit/test_sampling.py", "-k", "no_host_syncs and not cuda"],
     ),
@@ -90,50 +102,15 @@ PARTS = [
         "sampling",
         "sampling images/s of every acceleration, FAR vs MAR-100, batch 64 and 256, bf16",
         180,
-        _module(
-            "sampling_speed",
-            "--techniques",
-            "--device=cuda",
-            "--dtype=bf16",
-            "--sizes=base,large",
-            "--batch=64,256",
-        ),
-        _module(
-            "sampling_speed",
-            "--techniques",
-            "--device=cpu",
-            "--sizes=tiny",
-            "--batch=2",
-            "--seq-len=16",
-            "--num-iter=4",
-            "--repeats=1",
-            "--no-docs",
-        ),
+        _module("sampling_speed", "--techniques", *SAMPLING_GPU),
+        _module("sampling_speed", "--techniques", *SAMPLING_DRY_RUN),
     ),
     Part(
         "sampling_graphs",
         "sampling images/s eager, compiled and as CUDA graphs (eval.compile): FAR O=4, MAR-100, FAR-Causal static cache",
         150,
-        _module(
-            "sampling_speed",
-            "--graphs",
-            "--device=cuda",
-            "--dtype=bf16",
-            "--sizes=base,large",
-            "--batch=64,256",
-        ),
-        _module(
-            "sampling_speed",
-            "--graphs",
-            "--graph-modes=eager",
-            "--device=cpu",
-            "--sizes=tiny",
-            "--batch=2",
-            "--seq-len=16",
-            "--num-iter=4",
-            "--repeats=1",
-            "--no-docs",
-        ),
+        _module("sampling_speed", "--graphs", *SAMPLING_GPU),
+        _module("sampling_speed", "--graphs", "--graph-modes=eager", *SAMPLING_DRY_RUN),
     ),
     Part(
         "trainer",

@@ -121,8 +121,8 @@ def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path
 def train_recipe(
     recipe: str, name: str, work: Path, shards: Path, bench: Path, args, extra: tuple[str, ...] = ()
 ) -> tuple[Path, float]:
-    """``far-scale train recipe`` as run ``name`` under ``work/runs`` with the benchmark's settings and ``extra``
-    overrides (unless a finished run is there); returns (run directory, seconds in training steps)."""
+    """``far-scale train recipe`` as run ``name`` under ``work/runs`` with the benchmark's settings, ``extra`` and
+    ``--override`` overrides (unless a finished run is there); returns (run directory, seconds in training steps)."""
     run_dir = work / "runs" / name
     overrides = [
         f"data.url={shards}",
@@ -136,6 +136,7 @@ def train_recipe(
         f"checkpoint.interval_steps={args.steps}",
         "run.log_interval=50",
         *extra,
+        *args.override,
     ]
     if not (run_dir / "checkpoints" / "latest.json").is_file() or args.retrain:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -382,6 +383,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, eval_interval: in
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--no-docs", action="store_true", help="print only; write nothing into docs/ or results/")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for both trainings (repeatable), e.g. model.size=custom model.width=192",
+    )
 
 
 def parse_args(argv=None):

@@ -182,6 +182,24 @@ def _options_at(technique, k: int, cfg: float, schedule: str, base: SamplingOpti
     return replace(technique.sampling_options(k, cfg, base), cfg_schedule=schedule)
 
 
+def model_label(model) -> str:
+    """A run's model size in one phrase: the preset, or a custom size's dimensions."""
+    from far_scale.planning.builder import resolve_dims
+
+    if model.size != "custom":
+        return model.size
+    dims = resolve_dims(model)
+    return (
+        f"custom ({dims.encoder_depth}+{dims.decoder_depth} blocks x {dims.width}, head {dims.head_depth} x "
+        f"{dims.head_width})"
+    )
+
+
+def _size(result: dict) -> str:
+    """The study's model sizes (results from before sizes were recorded are of tiny models)."""
+    return " / ".join(sorted(set(result.get("models", {"": "tiny"}).values())))
+
+
 def run_pareto(args, device: torch.device) -> dict:
     """The CFG-matched protocol: every setting, FAR's and MAR's, at its own best guidance.
 
@@ -196,10 +214,11 @@ def run_pareto(args, device: torch.device) -> dict:
 
     bench, runs = _pareto_sources(args, Path(args.runs).resolve())
     bench.resamples = 0  # intervals come from the seeds
-    rows, training_steps = [], {}
+    rows, training_steps, models = [], {}, {}
     for label, run_dir in runs.items():
         loaded = load_sampling_model(run_dir, device=device)
         training_steps[label] = loaded.meta.step
+        models[label] = model_label(loaded.cfg.model)
         generator = build_generator(loaded, device)
         for k in args.pareto_far_k if label == "FAR" else args.pareto_mar_k:
             for technique in [t for t in TECHNIQUES if t.model == label]:
@@ -251,6 +270,7 @@ def run_pareto(args, device: torch.device) -> dict:
         "cfgs": args.pareto_cfgs,
         "schedules": args.pareto_schedules,
         "training_steps": training_steps,
+        "models": models,
         "runs": {label: str(run_dir) for label, run_dir in runs.items()},
         "data": args.tag,
         "answer": far_speedup_answer(rows),
@@ -298,7 +318,8 @@ def plot_pareto(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     machine = result["machine"]
     fig.suptitle(
-        f"CFG-matched sampling settings on trained tiny FAR and MAR (each at its best CFG; {result['seeds']} seeds x "
+        f"CFG-matched sampling settings on trained {_size(result)} FAR and MAR (each at its best CFG; "
+        f"{result['seeds']} seeds x "
         f"{result['num_images']} images, 95% intervals): {machine['name']}, {machine['torch_threads']} threads, "
         f"{result['date']}",
         fontsize=9,
@@ -339,7 +360,7 @@ def render_pareto_docs() -> None:
         steps = ", ".join(f"{k} {v} steps" for k, v in result["training_steps"].items())
         data = DATA_LABELS.get(result.get("data", ""), result.get("data", ""))
         parts += result_heading(
-            f"tiny{f', {data}' if data else ''} ({steps}),",
+            f"{_size(result)}{f', {data}' if data else ''} ({steps}),",
             result,
             f"{result['seeds']} seeds x {result['num_images']} images per setting; CFG swept over "
             f"{', '.join(f'{c:g}' for c in result['cfgs'])} ({' and '.join(result['schedules'])}) on "
