@@ -148,9 +148,11 @@ def test_real_images_with_shuffled_labels_score_chance_accuracy(bench, synth64):
     assert row.accuracy < 0.25 and row.fd < 1.0  # the images are real; only the labels are wrong
 
 
-def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAIN_STEPS, *extra: str) -> Path:
-    # One rank with both cores: tests run one at a time.
-    _cli(
+def _train_command(data: Path, out: Path, bench_path: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "far_scale.cli",
         "train",
         RECIPE,
         f"data.url={data}",
@@ -164,16 +166,55 @@ def _train(data: Path, out: Path, bench_path: Path, name: str, steps: int = TRAI
         f"checkpoint.interval_steps={steps}",
         "run.log_interval=50",
         *extra,
-        threads=2,
-    )
-    return out / name
+    ]
+
+
+def _shuffled_images(synth64: SynthData, root: Path) -> Path:
+    """The same images under random class folders: a model trained on them can learn no class."""
+    shuffled = root / "shuffled"
+    files = sorted((synth64.images / "train").rglob("*.JPEG"))
+    classes = sorted(p.name for p in (synth64.images / "train").iterdir())
+    targets = np.random.default_rng(0).permutation(np.arange(len(files)) % len(classes))
+    for index, (file, target) in enumerate(zip(files, targets)):
+        folder = shuffled / "train" / classes[target]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, folder / f"{index:05d}.JPEG")
+    return shuffled
 
 
 @pytest.fixture(scope="session")
-def trained_far(synth64, bench, tmp_path_factory) -> Path:
-    # With post-hoc EMA snapshots (8 over the run), for the EMA-length sweep.
+def trainings(synth64, bench, tmp_path_factory) -> dict[str, Path]:
+    """Both trained models of this module, trained at once with one thread each (that uses the two cores better
+    than one two-thread run after the other): ``far`` on the data, with post-hoc EMA snapshots (8 over the run,
+    for the EMA-length sweep), and ``far_shuffled`` on the same images under shuffled labels, evaluated once, at
+    the end (the later override wins over the half-time interval)."""
+    from data_prep.pca_latents import encode_with_codec
+
+    root = tmp_path_factory.mktemp("trainings")
+    shuffled = encode_with_codec(
+        _shuffled_images(synth64, root), synth64.codec, root / "shuffled_shards", 64, 100, batch_size=50
+    )
     posthoc = ("ema.posthoc.enabled=true", f"ema.posthoc.snapshot_interval_steps={TRAIN_STEPS // 8}")
-    return _train(synth64.shards, tmp_path_factory.mktemp("runs"), bench[0], "far", TRAIN_STEPS, *posthoc)
+    commands = {
+        "far": _train_command(synth64.shards, root / "runs", bench[0], "far", TRAIN_STEPS, *posthoc),
+        "far_shuffled": _train_command(
+            shuffled, root / "runs", bench[0], "far_shuffled", SHUFFLED_STEPS, f"eval.interval_steps={SHUFFLED_STEPS}"
+        ),
+    }
+    logs = {name: root / f"{name}.log" for name in commands}  # files, not pipes: neither run blocks on output
+    processes = {}
+    for name, command in commands.items():
+        with open(logs[name], "w") as log:
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT)
+    for name, process in processes.items():
+        process.wait(timeout=TIMEOUT_S)
+        assert process.returncode == 0, f"training {name}: {logs[name].read_text()[-4000:]}"
+    return {name: root / "runs" / name for name in commands}
+
+
+@pytest.fixture(scope="session")
+def trained_far(trainings) -> Path:
+    return trainings["far"]
 
 
 def _final_eval(run_dir: Path) -> dict[str, list]:
@@ -272,24 +313,9 @@ def test_killed_sampling_resumes_with_only_the_missing_images(trained_far, one_r
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(synth64, bench, tmp_path):
+def test_a_model_trained_on_shuffled_labels_scores_chance_accuracy(trainings, bench):
     """The same images under random class folders: the model learns no class, so its class accuracy is chance."""
-    from data_prep.pca_latents import encode_with_codec
-
-    shuffled = tmp_path / "shuffled"
-    files = sorted((synth64.images / "train").rglob("*.JPEG"))
-    classes = sorted(p.name for p in (synth64.images / "train").iterdir())
-    targets = np.random.default_rng(0).permutation(np.arange(len(files)) % len(classes))
-    for index, (file, target) in enumerate(zip(files, targets)):
-        folder = shuffled / "train" / classes[target]
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, folder / f"{index:05d}.JPEG")
-    shards = encode_with_codec(shuffled, synth64.codec, tmp_path / "shards", 64, 100, batch_size=50)
-    # One evaluation, at the end (the later override wins over _train's half-time interval).
-    run_dir = _train(
-        shards, tmp_path / "runs", bench[0], "far_shuffled", SHUFFLED_STEPS, f"eval.interval_steps={SHUFFLED_STEPS}"
-    )
-    final = {name: points[-1].value for name, points in _final_eval(run_dir).items()}
+    final = {name: points[-1].value for name, points in _final_eval(trainings["far_shuffled"]).items()}
     assert final["accuracy"] < 0.3, final  # chance is 0.1
     # ... although it learned what the images look like (not just noise):
     from far_scale.eval.offline import CALIBRATION_RANDOM
