@@ -21,8 +21,8 @@ from far_scale.models.generation import (
     Iteration,
     SamplingNoise,
     SamplingOptions,
-    _conditions,
-    _twice,
+    doubled_batch,
+    guidance_conditions,
     plan_generation,
     sample_masked,
 )
@@ -56,7 +56,7 @@ def diagnose_caches(
     """One generation with ``options``: its tokens (as without the diagnostic) and a record per iteration
     that reused a cache."""
     backbone, batch, guided = model.backbone, labels.shape[0], options.guided
-    cond = _conditions(model, labels, guided)
+    cond = guidance_conditions(model, labels, guided)
     records: list[CachedIteration] = []
     plan = plan_generation(options, backbone.seq_len, backbone.kind, model.head.anneal_steps)
     index = {it.start: i for i, it in enumerate(plan)}
@@ -64,8 +64,8 @@ def diagnose_caches(
     def probe(it: Iteration, tokens, orders, chosen, z) -> None:
         visible = orders[:, : it.start].sort(dim=1).values
         if guided:
-            true = backbone.predict(_twice(tokens), _twice(visible), cond)
-            true = gather_positions(true, _twice(chosen))
+            true = backbone.predict(doubled_batch(tokens), doubled_batch(visible), cond)
+            true = gather_positions(true, doubled_batch(chosen))
         else:
             true = gather_positions(backbone.predict(tokens, visible, cond), chosen)
         used_c, true_c = z[:batch], true[:batch]

@@ -254,7 +254,8 @@ def _refresh_due(step: int, revealed: int, seq_len: int, every: int, share: Opti
     return step % every == 0
 
 
-def _conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Tensor:
+def guidance_conditions(model: ARModel, labels: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The class conditions of a batch, [B, W]; under guidance [2B, W]: conditional, then unconditional."""
     cond = model.backbone.condition.embedding(labels)
     if guided:
         cond = torch.cat([cond, model.backbone.condition.unconditional(labels.shape[0]).to(cond.dtype)])
@@ -268,7 +269,8 @@ def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtyp
     return param_dtype
 
 
-def _twice(x: torch.Tensor) -> torch.Tensor:
+def doubled_batch(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for both halves of a guidance-doubled batch."""
     return torch.cat([x, x])
 
 
@@ -318,12 +320,12 @@ class _MaskedBackbonePasses:
         if it.full_backbone:
             visible = orders[:, : it.start].sort(dim=1).values
             if doubled:
-                z = self.backbone.predict(_twice(tokens), _twice(visible), self.cond, self.caches)
+                z = self.backbone.predict(doubled_batch(tokens), doubled_batch(visible), self.cond, self.caches)
             else:
                 z = self.backbone.predict(tokens, visible, self.cond[:batch], self.caches)
             if self.caching_guidance and doubled:
                 self.difference = z[:batch] - z[batch:]
-            z = gather_positions(z, _twice(chosen) if doubled else chosen)
+            z = gather_positions(z, doubled_batch(chosen) if doubled else chosen)
         else:
             new = orders[:, previous.start : previous.end]
             visible_keys = torch.zeros(batch, self.backbone.seq_len, dtype=torch.bool, device=orders.device)
@@ -332,7 +334,12 @@ class _MaskedBackbonePasses:
             visible_keys = torch.cat([buffer, visible_keys], dim=1)
             if doubled:
                 z = self.backbone.predict_lazy(
-                    _twice(tokens), _twice(new), _twice(chosen), _twice(visible_keys), self.cond, self.caches
+                    doubled_batch(tokens),
+                    doubled_batch(new),
+                    doubled_batch(chosen),
+                    doubled_batch(visible_keys),
+                    self.cond,
+                    self.caches,
                 )
             else:
                 z = self.backbone.predict_lazy(tokens, new, chosen, visible_keys, self.cond[:batch], self.caches)
@@ -364,7 +371,7 @@ def sample_masked(
     dtype = backbone.head_pos.dtype
     tokens = torch.zeros(batch, seq_len, backbone.token_dim, device=labels.device, dtype=dtype)
     orders = noise.orders
-    passes = _MaskedBackbonePasses(model, options, _conditions(model, labels, options.guided), batch, replay)
+    passes = _MaskedBackbonePasses(model, options, guidance_conditions(model, labels, options.guided), batch, replay)
     passes.probe = probe
     previous = None
     for it in plan_generation(options, seq_len, backbone.kind, head.anneal_steps):
@@ -399,7 +406,7 @@ def sample_causal(
     backbone, head = model.backbone, model.head
     batch, seq_len, device = labels.shape[0], backbone.seq_len, labels.device
     dtype = backbone.head_pos.dtype
-    cond = _conditions(model, labels, options.guided)
+    cond = guidance_conditions(model, labels, options.guided)
     rows = cond.shape[0]
     tokens = torch.zeros(rows, seq_len, backbone.token_dim, device=device, dtype=dtype)
     # The cache holds what attention computes in: bf16 under autocast, never re-cast per step.

@@ -14,8 +14,8 @@ from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.models.generation import (
     SamplingOptions,
-    _conditions,
     generate,
+    guidance_conditions,
     plan_generation,
 )
 from far_scale.models.heads import DiffusionHead, ShortcutHead
@@ -100,7 +100,7 @@ def test_lazy_pass_equals_a_full_pass_when_the_cache_is_current(guided):
     model = build("far")
     backbone = model.backbone
     labels, batch = torch.tensor([0, 1, 3]), 3
-    cond = _conditions(model, labels, guided)
+    cond = guidance_conditions(model, labels, guided)
     rows = cond.shape[0]
     tokens = torch.randn(rows, 16, 8)
     orders = torch.argsort(torch.rand(batch, 16), dim=1)
@@ -126,7 +126,7 @@ def test_lazy_passes_recompute_the_buffer_from_the_context():
     model = build("far")
     backbone = model.backbone
     labels = torch.tensor([0, 1, 3])
-    cond = _conditions(model, labels, False)
+    cond = guidance_conditions(model, labels, False)
     tokens = torch.randn(3, 16, 8)
     orders = torch.argsort(torch.rand(3, 16), dim=1)
     with torch.no_grad():
