@@ -30,6 +30,7 @@ from benchmarks.techniques import (
     MAR_FAITHFUL,
     MAR_TUNED,
     TECHNIQUES,
+    best_far,
     far_speedup_answer,
     headlines,
     speedups,
@@ -318,7 +319,7 @@ def plot_pareto(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     machine = result["machine"]
     fig.suptitle(
-        f"CFG-matched sampling settings on trained {_size(result)} FAR and MAR (each at its best CFG; "
+        f"CFG-matched sampling settings on trained {_size(result)} FAR and MAR (each at its best CFG;\n"
         f"{result['seeds']} seeds x "
         f"{result['num_images']} images, 95% intervals): {machine['name']}, {machine['torch_threads']} threads, "
         f"{result['date']}",
@@ -408,7 +409,8 @@ def render_pareto_docs() -> None:
 
 def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
     """The headline's settings side by side (MAR-100, MAR's fastest at its quality, the fastest FAR within each
-    one's interval), each at its best CFG: ``GRID_PER_CLASS`` images of every class, one column per class."""
+    one's interval, or FAR's best-quality setting where none is), each at its best CFG: ``GRID_PER_CLASS``
+    images of every class, one column per class."""
     from far_scale.eval.image_generator import SamplingJob
     from far_scale.eval.sample_job import build_generator, load_sampling_model
 
@@ -417,12 +419,15 @@ def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
         for label, run_dir in result["runs"].items()
     }
     by_name = {t.name: t for t in TECHNIQUES}
-    shown = {}
+    shown, drawn = {}, set()
     for headline in headlines(result["rows"]):
-        for row in (headline.reference, headline.far):
-            title = row and f"{row['technique']} K={row['K']}, CFG {row['cfg']:g} ({row['images_per_s']:.0f} img/s)"
-            if row is None or title in shown:
+        # Without a FAR setting within the reference's interval, FAR's best-quality one (the answer names it).
+        far, note = (headline.far, "") if headline.far else (best_far(result["rows"]), ", outside the interval")
+        for row, suffix in ((headline.reference, ""), (far, note)):
+            if (row["technique"], row["K"]) in drawn:
                 continue
+            drawn.add((row["technique"], row["K"]))
+            title = f"{row['technique']} K={row['K']}, CFG {row['cfg']:g} ({row['images_per_s']:.0f} img/s{suffix})"
             generator = generators[row["model"]]
             options = _options_at(
                 by_name[row["technique"]], row["K"], row["cfg"], row["cfg_schedule"], generator.options
