@@ -87,7 +87,8 @@ def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
                     }
                 )
                 print(
-                    f"[{size} b{batch} {mode}] {name} K={rows[-1]['K']}: {batch / seconds:.2f} img/s "
+                    f"[{size} b{batch} {mode}] {name}{'' if rows[-1]['K'] is None else f' K={k}'}: "
+                    f"{batch / seconds:.2f} img/s "
                     f"(first {first:.1f} s)",
                     flush=True,
                 )
