@@ -92,12 +92,9 @@ def lengths(label: str, run_dir: Path, bench, args, device) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from far_scale.tracking.plots import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = new_axes(2, figsize=(12, 4.8))
     for ax, metric, label in ((axes[0], "accuracy", "class accuracy"), (axes[1], "class_fd", "per-class FD")):
         for model, color in (("FAR", "tab:blue"), ("MAR", "tab:orange")):
             rows = sorted(
@@ -135,10 +132,7 @@ def plot(result: dict, path: Path) -> None:
         f"images, 95% intervals): {machine['name']}, {result['date']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_docs() -> None:

@@ -245,12 +245,9 @@ def answer(rows: list[dict]) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from far_scale.tracking.plots import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = new_axes(2, figsize=(12, 4.5))
     calibration = {r["name"]: r for r in result["calibration"]}
     for ax, metric, label in (
         (axes[0], "accuracy", "class accuracy (higher is better)"),
@@ -290,10 +287,7 @@ def plot(result: dict, path: Path) -> None:
         f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_docs() -> None:

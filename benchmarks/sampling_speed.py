@@ -139,12 +139,9 @@ def run_size(args, size: str, batch: int, device: torch.device) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from far_scale.tracking.plots import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (share_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (share_ax, speed_ax) = new_axes(2, figsize=(11, 4))
     masked = [r for r in result["rows"] if r["model"] in ("FAR", "MAR")]
     for k in sorted({r["K"] for r in masked}):
         points = sorted((r["head_steps"], r["head_share"], r["model"]) for r in masked if r["K"] == k)
@@ -169,10 +166,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(
         f"{result['size']} on {machine['name']} ({result['dtype']}, batch {result['batch']}, {result['date']})"
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_docs() -> None:

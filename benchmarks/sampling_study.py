@@ -279,12 +279,9 @@ def run_pareto(args, device: torch.device) -> dict:
 
 
 def plot_pareto(result: dict, path: Path) -> None:
-    import matplotlib
+    from far_scale.tracking.plots import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, axes = new_axes(2, figsize=(13, 5.5))
     for ax, metric, label in (
         (axes[0], "accuracy", "class accuracy (higher is better)"),
         (axes[1], "class_fd", "per-class Fréchet distance (lower is better)"),
@@ -325,10 +322,7 @@ def plot_pareto(result: dict, path: Path) -> None:
         f"{result['date']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _cache_cell(row: dict) -> str:
