@@ -233,8 +233,7 @@ def main(argv=None) -> None:
         return
     key = f"cpu_tiny_{args.data}_{args.steps}steps"
     result["plot"] = f"{BENCHMARK}_{key}.png"
-    save_result(BENCHMARK, key, result)
-    saved = next(r for r in load_results(BENCHMARK) if r["plot"] == result["plot"])
+    saved = save_result(BENCHMARK, key, result)
     plot(saved, IMG_DIR / result["plot"])
     render_docs()
 

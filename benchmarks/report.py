@@ -80,13 +80,25 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
     return statistics.median(times)
 
 
-def save_result(benchmark: str, key: str, payload: dict) -> Path:
+def _result_path(benchmark: str, key: str) -> Path:
+    return RESULTS_DIR / f"{benchmark}__{key}.json"
+
+
+def save_result(benchmark: str, key: str, payload: dict) -> dict:
+    """Write ``payload`` as ``benchmark``'s result ``key``; returns it as saved (with its date)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{benchmark}__{key}.json"
     # A result saved again (e.g. its pictures redrawn) keeps the date it was measured on.
     payload = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **payload}
-    write_atomic(path, json.dumps(payload, indent=2))
-    return path
+    write_atomic(_result_path(benchmark, key), json.dumps(payload, indent=2))
+    return payload
+
+
+def load_result(benchmark: str, key: str) -> dict:
+    """One saved result (``save_result``'s ``benchmark`` and ``key``)."""
+    path = _result_path(benchmark, key)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved {benchmark} result with key {key!r}: {path} does not exist")
+    return json.loads(path.read_text())
 
 
 def load_results(benchmark: str) -> list[dict]:

@@ -30,6 +30,7 @@ from benchmarks.report import (
     REPO_ROOT,
     command_line,
     describe_machine,
+    load_result,
     load_results,
     markdown_table,
     median_seconds,
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
     if args.pareto or args.pareto_grids:
         key = f"{machine['device']}_tiny{tag}"
         if args.pareto_grids:  # a saved study, its grids drawn again from its runs
-            result = sampling_study.load_pareto(key)
+            result = load_result(sampling_study.PARETO_BENCHMARK, key)
             given = {"FAR": args.pareto_far_run, "MAR": args.pareto_mar_run}
             result["runs"] = {**result.get("runs", {}), **{k: v for k, v in given.items() if v}}
             result.setdefault("data", args.tag)
@@ -356,9 +357,7 @@ def main(argv=None) -> None:
             plot(result, out / result["plot"])
             print(f"plot: {out / result['plot']}")
         if not args.no_docs:
-            save_result(BENCHMARK, key, result)
-            saved = load_results(BENCHMARK)
-            plot(next(r for r in saved if r["plot"] == result["plot"]), IMG_DIR / result["plot"])
+            plot(save_result(BENCHMARK, key, result), IMG_DIR / result["plot"])
     if not args.no_docs:
         render_docs()
         print("results: docs/benchmarks.md")

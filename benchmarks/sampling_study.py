@@ -432,20 +432,10 @@ def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
     return side_by_side(shown, path)
 
 
-def load_pareto(key: str) -> dict:
-    """A saved study (``save_pareto``'s key), e.g. to draw its grids again."""
-    found = [r for r in load_results(PARETO_BENCHMARK) if r.get("plot") == f"{PARETO_BENCHMARK}_{key}.png"]
-    if not found:
-        raise FileNotFoundError(f"no saved {PARETO_BENCHMARK} result with key {key!r} in benchmarks/results/")
-    return found[0]
-
-
 def save_pareto(result: dict, key: str, device: torch.device) -> None:
     """Save the study, its plot and its grids, and render docs/benchmarks.md."""
     result["plot"] = f"{PARETO_BENCHMARK}_{key}.png"
     result["grids"] = f"{PARETO_BENCHMARK}_grids_{key}.png"
     pareto_grids(result, device, IMG_DIR / result["grids"])
-    save_result(PARETO_BENCHMARK, key, result)
-    saved = next(r for r in load_results(PARETO_BENCHMARK) if r["plot"] == result["plot"])
-    plot_pareto(saved, IMG_DIR / result["plot"])
+    plot_pareto(save_result(PARETO_BENCHMARK, key, result), IMG_DIR / result["plot"])
     render_pareto_docs()
