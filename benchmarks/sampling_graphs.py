@@ -9,7 +9,6 @@ CUDA-graph recording) is timed apart from the median of the repeats.
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 
 import torch
@@ -21,7 +20,6 @@ from benchmarks.report import (
     median_seconds,
     result_heading,
     save_result,
-    synchronize,
     write_doc_section,
 )
 from benchmarks.techniques import FAR_TECHNIQUES, MAR_TECHNIQUES
@@ -40,12 +38,19 @@ def default_modes(device: torch.device) -> list[str]:
     return ["eager", "default", "cudagraphs"] if device.type == "cuda" else ["eager", "default"]
 
 
-def _settings(args, k: int) -> list[tuple[str, int, SamplingOptions]]:
-    """(name, model index in build_pair's (MAR, FAR, causal), options)."""
+MODELS = ("MAR", "FAR", "FAR-Causal")  # build_pair's order
+
+
+def _settings(args, k: int) -> list[tuple[str, str, SamplingOptions]]:
+    """(name, model, options) of each setting measured."""
     return [
-        (FAR_SETTING.name, 1, FAR_SETTING.sampling_options(k, args.cfg)),
-        (MAR_SETTING.name, 0, MAR_SETTING.sampling_options(k, args.cfg)),
-        (CAUSAL_SETTING, 2, SamplingOptions(head_steps=CAUSAL_HEAD_STEPS, cfg_scale=args.cfg, static_kv_cache=True)),
+        (FAR_SETTING.name, "FAR", FAR_SETTING.sampling_options(k, args.cfg)),
+        (MAR_SETTING.name, "MAR", MAR_SETTING.sampling_options(k, args.cfg)),
+        (
+            CAUSAL_SETTING,
+            "FAR-Causal",
+            SamplingOptions(head_steps=CAUSAL_HEAD_STEPS, cfg_scale=args.cfg, static_kv_cache=True),
+        ),
     ]
 
 
@@ -57,24 +62,21 @@ def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
     rows = []
     for mode in modes:
         torch.manual_seed(0)  # every mode samples with the same weights
-        models = build_pair(size, data, device)
-        replays = [
-            None if mode == "eager" else compile_for_sampling(m, mode, device) for m in models
-        ]  # compiled in place
+        models = dict(zip(MODELS, build_pair(size, data, device)))
+        # Compiled in place; the replays are what CUDA-graph sampling needs (None otherwise).
+        replays = {
+            name: None if mode == "eager" else compile_for_sampling(m, mode, device) for name, m in models.items()
+        }
         for k in args.num_iter:
-            for name, index, options in _settings(args, k):
+            for name, model, options in _settings(args, k):
                 if name == CAUSAL_SETTING and k != args.num_iter[0]:
                     continue  # one token per step whatever K is
 
-                def run(model=models[index], replay=replays[index], options=options):
+                def run(model=models[model], replay=replays[model], options=options):
                     with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
                         generate(model, labels, options, torch.Generator(device=device).manual_seed(0), replay)
 
-                synchronize(device)
-                start = time.perf_counter()
-                run()  # compiles and records on first use
-                synchronize(device)
-                first = time.perf_counter() - start
+                first = median_seconds(run, device, 1, warmup=0)  # compiles and records on first use
                 seconds = median_seconds(run, device, args.repeats, warmup=1)
                 rows.append(
                     {
