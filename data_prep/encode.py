@@ -114,13 +114,15 @@ class _ImageDataset(Dataset):
         return index, self.images.labels[index], torch.from_numpy(pixels)
 
 
-class _ShardStats:
-    """Count, sha256, byte size and float64 latent sums of the mean moment of one shard."""
+class ShardStats:
+    """Count, float64 latent sums and per-dimension extremes of the mean moment of one shard, and its labels."""
 
     def __init__(self, token_dim: int):
         self.count = 0
         self.sum = np.zeros(token_dim, dtype=np.float64)
         self.sumsq = np.zeros(token_dim, dtype=np.float64)
+        self.min = np.full(token_dim, np.inf)
+        self.max = np.full(token_dim, -np.inf)
         self.labels: dict[int, int] = {}
 
     def add(self, label: int, latents: np.ndarray) -> None:
@@ -128,7 +130,19 @@ class _ShardStats:
         self.count += values.shape[0]
         self.sum += values.sum(0)
         self.sumsq += (values**2).sum(0)
+        self.min = np.minimum(self.min, values.min(0))
+        self.max = np.maximum(self.max, values.max(0))
         self.labels[label] = self.labels.get(label, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {
+            "count": self.count,
+            "sum": self.sum.tolist(),
+            "sumsq": self.sumsq.tolist(),
+            "min": self.min.tolist(),
+            "max": self.max.tolist(),
+            "labels": {str(k): v for k, v in sorted(self.labels.items())},
+        }
 
 
 class _HashingWriter:
@@ -167,7 +181,7 @@ def _encode_batch(codec: Codec, images: torch.Tensor, device: torch.device, auto
 def _write_shard(
     fs, root: str, job: EncodeJob, shard: int, samples: list[tuple[int, int, np.ndarray]], token_dim: int
 ) -> dict:
-    stats = _ShardStats(token_dim)
+    stats = ShardStats(token_dim)
     path = join(root, shard_name(shard, job.prefix))
     with atomic_writer(fs, path) as raw:
         hashed = _HashingWriter(raw)
@@ -183,10 +197,7 @@ def _write_shard(
         "num_samples": len(samples),
         "num_bytes": hashed.size,
         "sha256": hashed.digest.hexdigest(),
-        "count": stats.count,
-        "sum": stats.sum.tolist(),
-        "sumsq": stats.sumsq.tolist(),
-        "labels": {str(k): v for k, v in sorted(stats.labels.items())},
+        **stats.as_dict(),
     }
     write_bytes_atomic(fs, join(root, stats_name(shard, job.prefix)), json.dumps(record).encode())
     return record

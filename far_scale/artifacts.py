@@ -53,7 +53,9 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What sampling needs of the training data: the token shape, the latent scale and the codec."""
+    """What sampling needs of the training data: the token shape, the latent scale and the codec, and how latents
+    became tokens (``LatentNormalization.as_dict``; None in metas written before normalization modes: the
+    global ``scale``)."""
 
     url: str
     seq_len: int
@@ -61,6 +63,7 @@ class DataInfo:
     num_classes: int
     scale: float
     codec: dict
+    normalization: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class RunMeta:
                 info["num_classes"],
                 float(info["scale"]),
                 dict(info["codec"]),
+                dict(info["normalization"]) if isinstance(info.get("normalization"), dict) else None,
             ),
         )
 

@@ -80,6 +80,18 @@ def _data_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_restat(args: argparse.Namespace) -> int:
+    from data_prep.restat import restat_dataset
+
+    manifest = restat_dataset(args.url, progress=not args.quiet)
+    stats = manifest.stats
+    print(
+        f"rewrote the statistics of {args.url}: {len(manifest.shards)} shards, scale {manifest.scale:.4f}, "
+        f"per-dimension extremes [{min(stats['dim_min']):.3g}, {max(stats['dim_max']):.3g}]"
+    )
+    return 0
+
+
 def _data_verify(args: argparse.Namespace) -> int:
     from data_prep.verify import verify_dataset
 
@@ -140,7 +152,7 @@ def _add_encode_args(parser: argparse.ArgumentParser) -> None:
 def add_commands(commands) -> None:
     data = commands.add_parser(
         "data",
-        help="prepare latent datasets: synth, fit-codec, encode, manifest, verify, inspect",
+        help="prepare latent datasets: synth, digits, fit-codec, encode, manifest, restat, verify, inspect",
         description="Offline data preparation (docs/concepts.md: latents, data).",
     )
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -202,6 +214,17 @@ def add_commands(commands) -> None:
     manifest = sub.add_parser("manifest", help="write manifest.json once every worker's shards are complete")
     _add_encode_args(manifest)
     manifest.set_defaults(handler=_data_manifest)
+
+    restat = sub.add_parser(
+        "restat",
+        help="recompute the latent statistics (per-channel mean/std, per-dimension extremes) from the shards",
+        description="Re-reads every shard (checked against the manifest), rewrites the stats sidecars and the "
+        "manifest's stats. For manifests written before far-scale recorded per-dimension extremes, which "
+        "model.head.clip_value=auto needs.",
+    )
+    restat.add_argument("url")
+    restat.add_argument("--quiet", action="store_true")
+    restat.set_defaults(handler=_data_restat)
 
     verify = sub.add_parser("verify", help="re-read every shard, check counts and sha256, decode a sample each")
     verify.add_argument("url")

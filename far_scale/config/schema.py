@@ -50,8 +50,12 @@ class HeadConfig(Section):
     """Guidance distillation: the self-consistency targets built from finest-level half steps use
     v_u + w (v_c - v_u) (an extra no-gradient backbone pass under the null class per step), so the
     coarse levels learn the guided flow; sample them with ``eval.cfg_scale=1``. 1 turns it off."""
-    clip_value: float = Field(default=4.0, gt=0.0)
-    """Shortcut head: bootstrap intermediate points and targets are clipped to [-clip_value, clip_value]."""
+    clip_value: Union[Annotated[float, Field(gt=0.0)], Literal["auto"]] = 4.0
+    """Shortcut head: the self-consistency midpoint and target are clipped to [-clip_value, clip_value] (a guard
+    against bootstrap blow-ups). ``auto`` follows the data: the largest |token| after ``data.normalize`` (the
+    manifest's per-dimension extremes) plus 5 (a standard-normal draw's reach), so that every real token and every
+    velocity from noise to it stays reachable. A constant below the data's reach cuts ink-heavy tokens
+    (docs/concepts.md, the clamp)."""
 
 
 class ModelConfig(Section):
@@ -116,6 +120,10 @@ class DataConfig(Section):
     split: Literal["shards", "samples"] = "shards"
     """shards: each rank reads its own shards (scales); samples: every rank reads all shards and keeps its
     slice of each global batch, so a step's data is the same at any world size (small data, exact tests)."""
+    normalize: Literal["global", "channel"] = "global"
+    """How latents become tokens (docs/concepts.md, latents): ``global`` multiplies every dimension by the
+    manifest's one scale (MAR's 1 / std); ``channel`` standardizes each latent channel by its own mean and std
+    (the manifest's ``channel_mean`` / ``channel_std``). Sampling decodes with what training used (meta.json)."""
     hflip: bool = True
     """Train on the stored horizontal flip half the time (MAR's only augmentation). Off for data whose class a
     flip changes (digits: the dataset card says ``hflip_invariant: false``; train refuses the flip there)."""

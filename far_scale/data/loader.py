@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -35,8 +35,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from far_scale.data.contract import decode_sample
+from far_scale.data.contract import MANIFEST_NAME, decode_sample
 from far_scale.data.manifest import Manifest, read_manifest
+from far_scale.data.normalization import LatentNormalization
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join
 from far_scale.errors import ActionableError
@@ -126,15 +127,20 @@ def micro_batches_per_epoch(
     return steps_per_epoch(shard_sizes, seed, epoch, world_size, num_workers, batch_size)
 
 
-def sample_latent(latents: np.ndarray, rng: np.random.Generator, scale: float, hflip: bool = True) -> np.ndarray:
-    """One of the two views (p = 1/2; the image itself when ``hflip`` is off); from the posterior when
-    moments are (mean, logvar). The view is drawn either way, so the posterior noise does not depend on it."""
+def sample_latent(
+    latents: np.ndarray, rng: np.random.Generator, normalization: LatentNormalization, hflip: bool = True
+) -> np.ndarray:
+    """One of the two views (p = 1/2; the image itself when ``hflip`` is off), as tokens (``normalization``); from
+    the posterior when moments are (mean, logvar). The view is drawn either way, so the posterior noise does not
+    depend on it."""
     drawn = rng.integers(0, 2)
     view = latents[drawn if hflip else 0].astype(np.float32)
     if view.shape[0] == 2:
         mean, logvar = view
-        return (mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)) * scale
-    return view[0] * scale
+        return normalization.normalize_array(
+            mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
+        )
+    return normalization.normalize_array(view[0])
 
 
 class LatentShardDataset(IterableDataset):
@@ -144,6 +150,7 @@ class LatentShardDataset(IterableDataset):
         self,
         url: str,
         manifest: Manifest,
+        normalization: LatentNormalization,
         *,
         rank: int,
         world_size: int,
@@ -161,7 +168,7 @@ class LatentShardDataset(IterableDataset):
         self.url = url
         self.read_retry_s, self.hflip = read_retry_s, hflip
         self.shards = manifest.shards
-        self.scale = manifest.scale
+        self.normalization = normalization
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(num_workers, 1)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
@@ -293,7 +300,9 @@ class LatentShardDataset(IterableDataset):
 
     def _collate(self, samples: list, epoch: int, worker: int, index: int) -> LatentBatch:
         latents = [
-            sample_latent(s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.scale, self.hflip)
+            sample_latent(
+                s.latents, np.random.default_rng([self.seed, epoch, int(s.key)]), self.normalization, self.hflip
+            )
             for s in samples
         ]
         return LatentBatch(
@@ -371,11 +380,14 @@ class LatentLoader:
         manifest: Optional[Manifest] = None,
         read_retry_s: float = 0.0,
         hflip: bool = True,
+        normalize: str = "global",
     ):
         self.url = url
         self.read_retry_s, self.hflip = read_retry_s, hflip
         self.manifest = manifest or read_manifest(url)
-        self.spec: DataSpec = self.manifest.spec
+        self.normalization = self.manifest.normalization(normalize, f"{url.rstrip('/')}/{MANIFEST_NAME}")
+        """How the stored latents become tokens (``data.normalize``)."""
+        self.spec: DataSpec = replace(self.manifest.spec, latent_bound=self.normalization.bound)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         if split not in ("shards", "samples"):
@@ -388,10 +400,6 @@ class LatentLoader:
         if len(self.position.consumed) != workers:
             raise ValueError(f"loader position has {len(self.position.consumed)} workers, this loader {workers}")
         self.shard_sizes = self.manifest.shard_sizes
-
-    @property
-    def scale(self) -> float:
-        return self.manifest.scale
 
     def restore(self, positions: list[dict], rank: int, resized: bool) -> Optional[str]:
         """Continue from the positions every rank saved in a checkpoint. At the same world size: exactly
@@ -459,6 +467,7 @@ class LatentLoader:
         dataset = LatentShardDataset(
             self.url,
             self.manifest,
+            self.normalization,
             rank=self.rank,
             world_size=self.world_size,
             num_workers=self.num_workers,

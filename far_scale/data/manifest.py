@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional
 
 from far_scale.data.contract import FORMAT_VERSION, MANIFEST_NAME
 from far_scale.data.images import hflip_invariant
+from far_scale.data.normalization import LatentNormalization
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import filesystem, join, write_bytes_atomic
 
@@ -60,6 +61,10 @@ class Manifest:
     def scale(self) -> float:
         """Latent scale factor: training multiplies the codec's latents by it."""
         return float(self.codec["scale"])
+
+    def normalization(self, mode: str, where: str) -> LatentNormalization:
+        """How this data's latents become tokens under ``data.normalize`` = ``mode`` (``where``: its URL)."""
+        return LatentNormalization.from_stats(mode, self.stats, self.scale, int(self.codec["token_dim"]), where)
 
     @property
     def classes(self) -> list[str]:
@@ -179,7 +184,8 @@ def write_manifest(data_url: str, manifest: Manifest) -> None:
 
 
 def combine_stats(per_shard: list[dict], token_dim: int, channels: int) -> dict[str, Any]:
-    """Per-channel mean/std and the global scale (1 / std) from per-shard sums over token dims."""
+    """Per-channel mean/std, the global scale (1 / std) and, where every shard recorded them, the per-dimension
+    extremes (``dim_min``, ``dim_max``) from per-shard sums over token dims."""
     count = sum(s["count"] for s in per_shard)
     sums = [sum(s["sum"][d] for s in per_shard) for d in range(token_dim)]
     sumsqs = [sum(s["sumsq"][d] for s in per_shard) for d in range(token_dim)]
@@ -194,7 +200,7 @@ def combine_stats(per_shard: list[dict], token_dim: int, channels: int) -> dict[
     n_all = count * token_dim
     mean_all = sum(sums) / n_all
     std_all = math.sqrt(max(sum(sumsqs) / n_all - mean_all**2, 0.0))
-    return {
+    stats = {
         "num_values_per_dim": count,
         "channel_mean": channel_mean,
         "channel_std": channel_std,
@@ -202,6 +208,10 @@ def combine_stats(per_shard: list[dict], token_dim: int, channels: int) -> dict[
         "std": std_all,
         "scale": 1.0 / std_all if std_all > 0 else 1.0,
     }
+    if all("min" in s and "max" in s for s in per_shard):
+        stats["dim_min"] = [min(s["min"][d] for s in per_shard) for d in range(token_dim)]
+        stats["dim_max"] = [max(s["max"][d] for s in per_shard) for d in range(token_dim)]
+    return stats
 
 
 def find_manifest(data_url: str) -> Optional[Manifest]:

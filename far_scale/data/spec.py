@@ -16,6 +16,9 @@ class DataSpec:
     num_images: Optional[int] = None
     hflip_invariant: bool = True
     """False where the dataset card says a horizontal flip changes the class (digits)."""
+    latent_bound: Optional[float] = None
+    """Largest |token| of the data after normalization (``LatentNormalization.bound``); None where unknown (no
+    manifest read, or one without per-dimension extremes)."""
 
     @classmethod
     def from_expectation(cls, expect: DataExpectation) -> "DataSpec":

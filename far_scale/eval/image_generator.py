@@ -21,6 +21,7 @@ import torch
 from far_scale.codecs.base import Codec
 from far_scale.config.schema import EvalConfig
 from far_scale.data.images import to_uint8
+from far_scale.data.normalization import LatentNormalization
 from far_scale.eval.image_sets import ImageBatch
 from far_scale.models.generation import GraphReplay, SamplingNoise, SamplingOptions, generate
 from far_scale.models.model import ARModel
@@ -77,13 +78,13 @@ class ImageGenerator:
         self,
         model: ARModel,
         codec: Codec,
-        scale: float,
+        normalization: LatentNormalization,
         options: SamplingOptions,
         device: torch.device,
         precision: str = "fp32",
         replay: Optional[GraphReplay] = None,
     ):
-        self.model, self.codec, self.scale, self.options = model, codec, scale, options
+        self.model, self.codec, self.normalization, self.options = model, codec, normalization, options
         self.device, self.precision = device, precision
         self.replay = replay
         """A CUDA-graph compiled model's step marker and cache buffers (``compile_for_sampling``)."""
@@ -91,7 +92,9 @@ class ImageGenerator:
 
     def with_options(self, options: SamplingOptions) -> "ImageGenerator":
         """The same model and codec sampling with other settings."""
-        return ImageGenerator(self.model, self.codec, self.scale, options, self.device, self.precision, self.replay)
+        return ImageGenerator(
+            self.model, self.codec, self.normalization, options, self.device, self.precision, self.replay
+        )
 
     def images(self, job: SamplingJob, indices: np.ndarray) -> ImageBatch:
         labels = job.labels(indices)
@@ -101,7 +104,7 @@ class ImageGenerator:
                 self.model, torch.from_numpy(labels).to(self.device), self.options, noise, self.replay
             ).float()
         with torch.no_grad():
-            pixels = to_uint8(self.codec.decode(tokens / self.scale))
+            pixels = to_uint8(self.codec.decode(self.normalization.denormalize(tokens)))
         return ImageBatch(pixels, labels)
 
     def timed_images(self, job: SamplingJob, indices: np.ndarray) -> tuple[ImageBatch, float]:

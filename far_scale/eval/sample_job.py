@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from far_scale.artifacts import RunMeta, open_weights
+from far_scale.artifacts import META_FILE, RunMeta, open_weights
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
 from far_scale.config.schema import EvalConfig
+from far_scale.data.normalization import LatentNormalization
 from far_scale.data.spec import DataSpec
 from far_scale.data.storage import write_atomic
 from far_scale.distributed.runtime import DistEnv, all_gather_objects, barrier, init_distributed
@@ -104,7 +105,12 @@ def build_generator(
     replay = compile_for_sampling(loaded.model, ev.compile, device)
     data = loaded.meta.data
     precision = precision if device.type == "cuda" else "fp32"
-    return ImageGenerator(loaded.model, load_manifest_codec(data.codec), data.scale, options, device, precision, replay)
+    normalization = LatentNormalization.from_record(
+        data.normalization, data.scale, data.token_dim, f"{loaded.weights.parent / META_FILE}"
+    )
+    return ImageGenerator(
+        loaded.model, load_manifest_codec(data.codec), normalization, options, device, precision, replay
+    )
 
 
 class SampleStore:

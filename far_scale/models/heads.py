@@ -136,7 +136,7 @@ class ShortcutHead(nn.Module):
         *,
         num_levels: int,
         self_consistency_fraction: float,
-        clip_value: float,
+        clip_value: Optional[float],
         guidance_distillation_scale: float = 1.0,
     ):
         super().__init__()
@@ -180,6 +180,11 @@ class ShortcutHead(nn.Module):
         With ``z_unconditional`` (guidance distillation), half steps at the finest level are guided:
         v_u + w (v_c - v_u); coarser half steps come from levels that already learned the guided flow.
         """
+        if self.clip_value is None:
+            raise ValueError(
+                "the shortcut head's clip_value is unresolved (model.head.clip_value=auto on data without known "
+                "extremes): build the model from a manifest with per-dimension extremes or set a number"
+            )
         half_level = level + 1
         half = step_size(half_level).to(x_t.dtype)[:, None]
         guided_rows = (half_level == num_level_bits(self.num_levels))[:, None]

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from far_scale.config.schema import ModelConfig
+from far_scale.config.schema import HeadConfig, ModelConfig
 from far_scale.data.spec import DataSpec
 from far_scale.models.backbones import CausalBackbone, MaskedBackbone
 from far_scale.models.heads import DiffusionHead, ShortcutHead
@@ -18,6 +18,20 @@ from far_scale.models.model import ARModel, Backbone, Head, count_parameters
 from far_scale.models.registry import BACKBONE_FOR_ARCH, HEAD_FOR_ARCH, SIZE_PRESETS, ModelDims
 
 _DIM_FIELDS = ("encoder_depth", "decoder_depth", "width", "num_heads")
+NOISE_REACH = 5.0
+"""How far a standard-normal coordinate reaches for ``clip_value: auto``: |x0| > 5 has probability 5.7e-7, so
+the bound leaves every velocity x1 - x0 from a real token x1 reachable."""
+
+
+def resolve_clip_value(head: HeadConfig, data: DataSpec) -> Optional[float]:
+    """The shortcut head's clamp: the recipe's number, or for ``auto`` the data's largest |token| plus
+    ``NOISE_REACH``; None where ``auto`` meets data without known extremes (sampling builds need no clamp; the
+    plan refuses to train so)."""
+    if head.clip_value != "auto":
+        return float(head.clip_value)
+    return None if data.latent_bound is None else data.latent_bound + NOISE_REACH
+
+
 _HEAD_FIELDS = {"head_depth": "depth", "head_width": "width"}
 
 
@@ -76,7 +90,7 @@ def build_model(model: ModelConfig, data: DataSpec, dims: Optional[ModelDims] = 
             dims.head_depth,
             num_levels=head_cfg.num_levels,
             self_consistency_fraction=head_cfg.self_consistency_fraction,
-            clip_value=head_cfg.clip_value,
+            clip_value=resolve_clip_value(head_cfg, data),
             guidance_distillation_scale=head_cfg.guidance_distillation_scale,
         )
     else:

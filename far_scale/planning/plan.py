@@ -7,13 +7,14 @@ evaluation all read one ``TrainingPlan``; none of them re-derives a number of it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 from far_scale.config.loader import ConfigError
 from far_scale.config.schema import Config
 from far_scale.data.loader import micro_batches_per_epoch
 from far_scale.data.manifest import Manifest, find_manifest
+from far_scale.data.normalization import LatentNormalization, NormalizationError
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.deepspeed_config import (
     GradientDtypes,
@@ -28,7 +29,7 @@ from far_scale.distributed.deepspeed_config import (
 from far_scale.models.model import count_parameters, largest_layer_parameters
 from far_scale.models.registry import ModelDims
 from far_scale.planning.activations import activation_bytes_per_image
-from far_scale.planning.builder import build_meta_model, resolve_dims
+from far_scale.planning.builder import build_meta_model, resolve_clip_value, resolve_dims
 from far_scale.planning.checks import validate
 from far_scale.planning.flops import train_flops_per_image
 
@@ -47,15 +48,23 @@ def resolve_head_steps(head_steps: Optional[int], head_kind: str) -> int:
 
 @dataclass(frozen=True)
 class DataSource:
-    """The data a plan is made for: its shape, where that came from, and the manifest when there is one."""
+    """The data a plan is made for: its shape, where that came from, and the manifest when there is one (with the
+    normalization the recipe's ``data.normalize`` gives its latents)."""
 
     spec: DataSpec
     description: str
     manifest: Optional[Manifest] = None
+    normalization: Optional[LatentNormalization] = None
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, description: str) -> "DataSource":
-        return cls(manifest.spec, description, manifest)
+    def from_manifest(cls, manifest: Manifest, description: str, normalize: str) -> "DataSource":
+        """``description`` names the manifest (its URL); a normalization its statistics cannot give is a
+        ``ConfigError`` naming ``data.normalize`` and the file."""
+        try:
+            normalization = manifest.normalization(normalize, description)
+        except NormalizationError as exc:
+            raise ConfigError([f"data.normalize={normalize}: {exc}"], "data") from None
+        return cls(replace(manifest.spec, latent_bound=normalization.bound), description, manifest, normalization)
 
 
 def resolve_data(cfg: Config) -> DataSource:
@@ -69,7 +78,7 @@ def resolve_data(cfg: Config) -> DataSource:
                 [f"data.url={cfg.data.url}: cannot read its manifest ({type(exc).__name__}: {exc})"], "data"
             ) from None
         if manifest is not None:
-            return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json")
+            return DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/manifest.json", cfg.data.normalize)
     try:
         return DataSource(DataSpec.from_expectation(cfg.data.expect), "recipe data.expect (no manifest read)")
     except ValueError as exc:
@@ -94,6 +103,9 @@ class TrainingPlan:
     latent_tokens_per_step: int
     lr: float
     head_steps: int
+    clip_value: Optional[float]
+    """The shortcut head's clamp (``model.head.clip_value`` resolved for the data; None: ``auto`` without known
+    extremes, or a diffusion head)."""
     steps_per_epoch: Optional[int]
     steps_per_epoch_exact: bool
     """True when counted from the manifest's shards exactly as the loader counts them; False for the
@@ -127,6 +139,7 @@ class TrainingPlan:
             "latent_tokens_per_step": self.latent_tokens_per_step,
             "lr": self.lr,
             "head_steps": self.head_steps,
+            "head_clip_value": self.clip_value,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
@@ -249,6 +262,7 @@ def derive_plan(
         latent_tokens_per_step=par.global_batch_size * data.seq_len,
         lr=lr,
         head_steps=resolve_head_steps(cfg.eval.head_steps, dims.head_kind),
+        clip_value=resolve_clip_value(cfg.model.head, data) if dims.head_kind == "shortcut" else None,
         steps_per_epoch=steps_per_epoch,
         steps_per_epoch_exact=exact,
         total_steps=total,
@@ -270,6 +284,17 @@ def derive_plan(
 
 
 def plan_for(cfg: Config, world_size: int, source: DataSource, precision: Optional[str] = None) -> TrainingPlan:
-    """``derive_plan`` for a resolved data source (exact step counts when it has a manifest)."""
+    """``derive_plan`` for a resolved data source (exact step counts when it has a manifest). A shortcut head
+    with ``clip_value: auto`` on a manifest without per-dimension extremes is refused, naming the fix."""
     shard_sizes = source.manifest.shard_sizes if source.manifest is not None else None
-    return derive_plan(cfg, world_size, source.spec, shard_sizes, precision)
+    plan = derive_plan(cfg, world_size, source.spec, shard_sizes, precision)
+    if source.manifest is not None and plan.dims.head_kind == "shortcut" and plan.clip_value is None:
+        url = cfg.data.url.rstrip("/")
+        raise ConfigError(
+            [
+                f"model.head.clip_value=auto: {source.description} records no per-dimension extremes (stats.dim_min "
+                f"/ dim_max; written before far-scale kept them): run `far-scale data restat {url}` to add them "
+                "from the shards, or set model.head.clip_value to a number"
+            ]
+        )
+    return plan

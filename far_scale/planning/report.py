@@ -77,6 +77,8 @@ def render_report(
         f"# data ({source.description})",
         f"seq_len={data.seq_len} token_dim={data.token_dim} num_classes={data.num_classes} "
         f"num_images={data.num_images if data.num_images is not None else 'unknown'}",
+        f"latents -> tokens (data.normalize={cfg.data.normalize}): "
+        + (source.normalization.describe() if source.normalization else "resolved when the manifest is read"),
         "",
         f"# derived (world size {world_size})",
         *(f"{key}: {value}" for key, value in plan.as_dict().items()),

@@ -13,6 +13,7 @@ import torch
 
 from far_scale.artifacts import DataInfo
 from far_scale.config.schema import Config
+from far_scale.data.normalization import LatentNormalization
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.runtime import DistEnv, all_gather_objects
 from far_scale.eval.evaluation import build_scorer, evaluate_on_ranks
@@ -53,7 +54,10 @@ class TrainingEvaluator:
         run_dir: Path,
         tracking: RunTracking,
     ):
-        self.cfg, self.env, self.data, self.scale = cfg, env, data, data_info.scale
+        self.cfg, self.env, self.data = cfg, env, data
+        self.normalization = LatentNormalization.from_record(
+            data_info.normalization, data_info.scale, data_info.token_dim, f"{data_info.url} (the run's data)"
+        )
         self.head_kind, self.precision = plan.dims.head_kind, plan.precision
         self.run_dir, self.tracking = run_dir, tracking
         self.codec = load_codec(data_info.codec, env.is_main)
@@ -78,7 +82,7 @@ class TrainingEvaluator:
         model.load_state_dict(full_ema_state())
         model.eval()
         options = sampling_options(ev, self.head_kind)
-        generator = ImageGenerator(model, self.codec, self.scale, options, self.env.device, self.precision)
+        generator = ImageGenerator(model, self.codec, self.normalization, options, self.env.device, self.precision)
         job = SamplingJob(
             ev.num_images if self.scorer else ev.grid_images, self.data.num_classes, ev.batch_size, self.cfg.run.seed
         )

@@ -7,6 +7,7 @@ from typing import Optional
 from torch import nn
 
 from far_scale.config.schema import Config
+from far_scale.data.normalization import LatentNormalization
 from far_scale.data.spec import DataSpec
 from far_scale.distributed.engine import partition_bytes
 from far_scale.planning.plan import TrainingPlan
@@ -19,7 +20,7 @@ def run_banner(
     plan: TrainingPlan,
     device_type: str,
     data: DataSpec,
-    scale: float,
+    normalization: LatentNormalization,
     resumed_step: Optional[int],
     ema,
     targets,
@@ -33,7 +34,9 @@ def run_banner(
         f"{plan.precision}, ZeRO-{par.zero_stage}; {plan.samples_per_step} images/step = "
         f"{plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum_steps} accumulation; "
         f"{plan.total_steps} steps; peak lr {plan.lr:g}; data {cfg.data.url} ({data.seq_len} x {data.token_dim} "
-        f"tokens, scale {scale:.4f})" + (f"; resumed at step {resumed_step}" if resumed_step is not None else "")
+        f"tokens)" + (f"; resumed at step {resumed_step}" if resumed_step is not None else ""),
+        f"latents -> tokens: {normalization.describe()}"
+        + (f"; shortcut head clamp ±{plan.clip_value:.3g}" if plan.clip_value is not None else ""),
     ]
     held, whole = ema.num_bytes() + targets.num_bytes(), ema.full_num_bytes()
     lines.append(

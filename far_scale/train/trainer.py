@@ -23,6 +23,7 @@ from tqdm import tqdm
 from far_scale.artifacts import DataInfo, RunMeta
 from far_scale.config.loader import config_to_yaml
 from far_scale.config.schema import Config
+from far_scale.data.contract import MANIFEST_NAME
 from far_scale.data.loader import LatentBatch, LatentLoader
 from far_scale.data.manifest import read_manifest
 from far_scale.data.storage import write_atomic
@@ -30,7 +31,7 @@ from far_scale.distributed import engine as ds
 from far_scale.distributed.runtime import DistEnv, barrier, configure_math
 from far_scale.models.compile import compile_model
 from far_scale.planning.builder import build_model
-from far_scale.planning.plan import derive_plan
+from far_scale.planning.plan import DataSource, plan_for
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.checkpointer import Checkpointer
 from far_scale.train.ema import EMA
@@ -75,8 +76,9 @@ class Trainer:
             write_atomic(self.run_dir / ckpt.CONFIG_FILE, self.config_yaml)
         self.checkpointer.check_writable()
         manifest = read_manifest(cfg.data.url)
+        source = DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/{MANIFEST_NAME}", cfg.data.normalize)
         # The one plan of this run: the same numbers check-config prints for this data and world size.
-        self.plan = derive_plan(cfg, env.world_size, manifest.spec, manifest.shard_sizes, self.precision)
+        self.plan = plan_for(cfg, env.world_size, source, self.precision)
         self.accum, self.total_steps = self.plan.grad_accum_steps, self.plan.total_steps
         self.loader = LatentLoader(
             cfg.data.url,
@@ -91,12 +93,13 @@ class Trainer:
             manifest=manifest,
             read_retry_s=cfg.data.read_retry_s,
             hflip=cfg.data.hflip,
+            normalize=cfg.data.normalize,
         )
         self.data = self.loader.spec
-        spec = self.data
+        spec, normalization = self.data, self.loader.normalization
         codec = dict(manifest.codec)
         self.data_info = DataInfo(
-            cfg.data.url, spec.seq_len, spec.token_dim, spec.num_classes, self.loader.scale, codec
+            cfg.data.url, spec.seq_len, spec.token_dim, spec.num_classes, manifest.scale, codec, normalization.as_dict()
         )
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
@@ -150,7 +153,7 @@ class Trainer:
     def _print_plan(self, resume) -> None:
         if self.env.is_main:
             module = self.engine.module if self.built_partitioned else None
-            args = (self.env.device.type, self.data, self.loader.scale, self.step if resume else None)
+            args = (self.env.device.type, self.data, self.loader.normalization, self.step if resume else None)
             for line in run_banner(self.cfg, self.plan, *args, self.ema, self.targets, module):
                 print(line, flush=True)
 

@@ -9,6 +9,7 @@ import pytest
 
 from far_scale.data.loader import LatentLoader, LoaderPosition, sample_latent
 from far_scale.data.manifest import read_manifest
+from far_scale.data.normalization import LatentNormalization
 
 
 def _epoch(loader: LatentLoader):
@@ -88,5 +89,6 @@ def test_latents_are_scaled_views_of_the_stored_moments(latent_dataset):
     # Scaled by 1/std of the data: unit variance overall.
     assert 0.5 < float(batch.latents.std()) < 1.5
     stored = np.stack([np.ones((1, 2, 3)), 2 * np.ones((1, 2, 3))]).astype(np.float16)
-    views = {float(sample_latent(stored, np.random.default_rng(i), scale)[0, 0]) for i in range(20)}
+    normalization = LatentNormalization.global_scale(scale, 3)
+    views = {float(sample_latent(stored, np.random.default_rng(i), normalization)[0, 0]) for i in range(20)}
     assert views == {float(np.float32(scale)), float(np.float32(2 * np.float32(scale)))}
