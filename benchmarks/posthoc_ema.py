@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality_speed import add_training_arguments, mean_interval, prepare_work, recipes_for, train_recipe
+from benchmarks.experiment import Budget, Workspace, add_training_arguments, recipe_for, score, train
 from benchmarks.report import (
     REPO_ROOT,
     command_line,
@@ -34,24 +34,17 @@ from benchmarks.report import (
 
 BENCHMARK = "posthoc_ema"
 IMG_DIR = REPO_ROOT / "docs" / "img"
-METRICS = ("accuracy", "class_fd", "fd")
 FIXED = "fixed decay"
+MODELS = {"FAR": "far", "MAR": "mar"}
 
 
 def score_weights(loaded, state, bench, args, device) -> dict:
     """The recipe's sampling settings with ``state`` as the weights: each metric's mean and interval over seeds."""
     from far_scale.eval.sample_job import build_generator
-    from far_scale.eval.sweep import score_generator
 
     loaded.model.load_state_dict(state)
     generator = build_generator(loaded, device)
-    per_seed = [score_generator(generator, bench, args.num_images, args.batch, seed) for seed in range(args.seeds)]
-    row = {}
-    for name in METRICS:
-        row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(
-            [m[name] for m in per_seed], 0.0, 1.0 if name == "accuracy" else float("inf")
-        )
-    return row
+    return score(generator, bench, generator.options, range(args.seeds), args.num_images, args.batch)
 
 
 def lengths(label: str, run_dir: Path, bench, args, device) -> list[dict]:
@@ -193,7 +186,7 @@ def answer(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, eval_interval=750, num_images=200)
+    add_training_arguments(parser, work="runs/bench-posthoc", steps=1500, eval_interval=750)
     parser.add_argument("--snapshot-interval", type=int, default=50, help="steps between snapshots")
     parser.add_argument(
         "--sigma-rels",
@@ -201,22 +194,19 @@ def parse_args(argv=None):
         default=[0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20],
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.set_defaults(work="runs/bench-posthoc", steps=1500)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = Path(args.work).resolve()
-    _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
-    bench.resamples = 0  # intervals come from the seeds
+    ws = Workspace.prepare(args.work, args.data, args.images_per_class)
     device = torch.device("cpu")
     posthoc = ("ema.posthoc.enabled=true", f"ema.posthoc.snapshot_interval_steps={args.snapshot_interval}")
     rows = []
-    for label, recipe in recipes_for(args.data).items():
-        run_dir, _ = train_recipe(recipe, label.lower(), work, shards, bench_path, args, posthoc)
-        rows += lengths(label, run_dir, bench, args, device)
+    for label, arch in MODELS.items():
+        trained = train(ws, recipe_for(arch, args.data), label.lower(), Budget.from_args(args), posthoc)
+        rows += lengths(label, trained.run_dir, ws.bench, args, device)
     result = {
         "machine": describe_machine(device),
         "steps": args.steps,

@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
+from benchmarks.experiment import (
+    Budget,
+    Workspace,
+    add_training_arguments,
+    data_label,
+    learning_curve,
+    load_generator,
+    recipe_for,
+    score,
+    train,
+)
 from benchmarks.report import (
     REPO_ROOT,
     command_line,
@@ -37,7 +45,6 @@ from benchmarks.report import (
     save_result,
     write_doc_section,
 )
-from far_scale.eval.metrics import repeat_interval
 from far_scale.eval.offline import (
     CALIBRATION_RANDOM,
     CALIBRATION_REAL,
@@ -48,153 +55,23 @@ BENCHMARK = "quality_speed"
 IMG_DIR = REPO_ROOT / "docs" / "img"
 PAPER_SPEEDUP = 2.3  # FAR paper: up to 2.3x faster than MAR at competitive quality
 ACCURACY_TOLERANCE = 0.02  # "the same quality": accuracy within this and Fréchet distance no worse
-# data -> (recipe data tag, image size, token size in px, images per shard)
-DATASETS = {
-    "digits": ("digits32", 32, 8, 250),
-    "synth": ("synth64", 64, 8, 100),
-    "synth-shape": ("synth64", 64, 8, 100),
-}
-# Synthetic images per class by default. Shapes in random colours need more than class colours: at 100 per class
-# the benchmark's detail-free control kept accuracy 0.453 against an allowed 0.450 (INVALID); at 300 its
-# classifier reached 0.969 on held-out images and the control 0.533 against an allowed 0.535 (VALID, narrowly).
-IMAGES_PER_CLASS = {"synth": 100, "synth-shape": 300}
-SHARES = ("accuracy", "precision", "recall")  # metrics in [0, 1]
+MODELS = {"FAR": "far", "MAR": "mar"}
 
 
-DATA_LABELS = {
-    "digits": "real digits (32 px)",
-    "synth": "synthetic shapes, class colours (benchmark INVALID by its verdict)",
-    "synth-shape": "synthetic shapes, random colours",
-}
-
-
-def data_label(result: dict) -> str:
-    """What a stored result was measured on (results from before ``--data`` existed are synthetic)."""
-    return DATA_LABELS[result.get("data", "synth")]
-
-
-def recipes_for(data: str) -> dict[str, str]:
-    tag = DATASETS[data][0]
-    return {label: f"recipes/{label.lower()}_tiny_{tag}.yaml" for label in ("FAR", "MAR")}
-
-
-def prepare_data(work: Path, images_per_class: Optional[int], data: str = "synth") -> tuple[Path, Path]:
-    from data_prep.digits import write_digits
-    from data_prep.pca_latents import encode_with_pca
-    from data_prep.synth import SynthSpec, write_dataset
-
-    _, size, token_px, per_shard = DATASETS[data]
-    images, shards = work / "images", work / "shards"
-    if not (shards / "manifest.json").is_file():
-        if data == "digits":
-            write_digits(images, progress=False)
-        else:
-            colors = "random" if data == "synth-shape" else "class"
-            per_class = images_per_class or IMAGES_PER_CLASS[data]
-            write_dataset(images, SynthSpec(10, per_class, size, seed=0, colors=colors), progress=False)
-        encode_with_pca(
-            images, work, size, token_px, 16, images_per_shard=per_shard, max_images=512, max_patches=200_000
-        )
-    return images, shards
-
-
-def prepare_work(work: Path, images_per_class: Optional[int], data: str = "synth"):
-    """Data, codec, shards and the offline benchmark under ``work`` (each reused when present):
-    (images, shards, benchmark path, benchmark)."""
-    from far_scale.eval.offline import BenchmarkSettings, build_benchmark
-
-    images, shards = prepare_data(work, images_per_class, data)
-    bench_path, bench, _ = build_benchmark(
-        str(images), work / "cache", str(shards), BenchmarkSettings.for_folder(images)
-    )
-    print(bench.verdict.line(), flush=True)
-    return images, shards, bench_path, bench
-
-
-def mean_interval(values: list[float], low: float = 0.0, high: float = float("inf")) -> tuple[float, float, float]:
-    """(mean, low, high): a 95% t-interval of the mean over sampling seeds (``repeat_interval``), clipped to the
-    metric's range; one seed has no interval."""
-    if len(values) < 2:
-        return float(values[0]), float("nan"), float("nan")
-    return repeat_interval(values, low, high)
-
-
-def train(label: str, work: Path, shards: Path, bench: Path, args) -> tuple[Path, float]:
-    """Train one recipe with the real trainer (unless done); returns (run directory, seconds in training steps)."""
-    return train_recipe(recipes_for(args.data)[label], label.lower(), work, shards, bench, args)
-
-
-def train_recipe(
-    recipe: str, name: str, work: Path, shards: Path, bench: Path, args, extra: tuple[str, ...] = ()
-) -> tuple[Path, float]:
-    """``far-scale train recipe`` as run ``name`` under ``work/runs`` with the benchmark's settings, ``extra`` and
-    ``--override`` overrides (unless a finished run is there); returns (run directory, seconds in training steps)."""
-    run_dir = work / "runs" / name
-    overrides = [
-        f"data.url={shards}",
-        f"run.output_dir={work / 'runs'}",
-        f"run.name={name}",
-        f"run.max_steps={args.steps}",
-        f"eval.interval_steps={args.eval_interval}",
-        f"eval.num_images={args.num_images}",
-        "eval.batch_size=50",
-        f"eval.benchmark={bench}",
-        f"checkpoint.interval_steps={args.steps}",
-        "run.log_interval=50",
-        *extra,
-        *args.override,
-    ]
-    if not (run_dir / "checkpoints" / "latest.json").is_file() or args.retrain:
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        subprocess.run(
-            [sys.executable, "-m", "far_scale.cli", "train", recipe, *overrides], check=True, cwd=REPO_ROOT, env=env
-        )
-    # The trainer's per-step record: step time without start-up and evaluation.
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return run_dir, sum(json.loads(line)["step_time_s"] for line in lines)
-
-
-def learning_curve(run_dir: Path) -> list[dict]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("far-scale").experiment_id])[0]
-    points = {}
-    for name in ("accuracy", "fd"):
-        for metric in client.get_metric_history(run.info.run_id, f"eval/{name}"):
-            points.setdefault(metric.step, {"step": metric.step})[name] = metric.value
-    return [points[s] for s in sorted(points)]
-
-
-def sweep(label: str, run_dir: Path, bench, args, device: torch.device) -> list[dict]:
-    """The same points as `far-scale eval sweep` evaluates (without logging child runs)."""
-    from far_scale.eval.sample_job import load_sampling_model
-    from far_scale.eval.sweep import SweepPoint, evaluate_point
-
-    loaded = load_sampling_model(run_dir, device=device)
+def sweep(label: str, run_dir: Path, bench, args) -> list[dict]:
+    """Every (K, steps) at every CFG scale, the same image set per sampling seed: the answer compares each
+    setting at its own best scale."""
+    generator = load_generator(run_dir)
     steps = args.far_steps if label == "FAR" else args.mar_steps
-    # Every (K, steps) at every CFG scale: the answer compares each setting at its own best scale.
-    points = [SweepPoint(k, o, w) for k in args.num_iter for o in steps for w in args.cfg]
     rows = []
-    for point in points:
-        per_seed = [
-            evaluate_point(loaded, point, bench, args.num_images, args.batch, seed, device)
-            for seed in range(args.seeds)
-        ]
-        row = {
-            "model": label,
-            "K": point.num_iter,
-            "head_steps": point.head_steps,
-            "cfg": point.cfg_scale,
-            "seeds": args.seeds,
-        }
-        for name in ("images_per_s", "accuracy", "fd", "class_fd", "precision", "recall"):
-            ceiling = 1.0 if name in SHARES else float("inf")
-            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed], 0.0, ceiling)
+    for k, o, w in ((k, o, w) for k in args.num_iter for o in steps for w in args.cfg):
+        options = replace(generator.options, num_iter=k, head_steps=o, cfg_scale=w)
+        row = {"model": label, "K": k, "head_steps": o, "cfg": w}
+        row.update(score(generator, bench, options, range(args.seeds), args.num_images, args.batch))
         rows.append(row)
         print(
-            f"{label} {point.key}: {row['images_per_s']:.2f} img/s, accuracy {interval_cell(row, 'accuracy', 3)}, "
-            f"FD {interval_cell(row, 'fd', 2)}",
+            f"{label} K{k}-steps{o}-cfg{w:g}: {row['images_per_s']:.2f} img/s, accuracy "
+            f"{interval_cell(row, 'accuracy', 3)}, FD {interval_cell(row, 'fd', 2)}",
             flush=True,
         )
     return rows
@@ -371,37 +248,11 @@ def render_docs() -> None:
     write_doc_section(BENCHMARK, "\n".join(parts))
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, eval_interval: int, num_images: int) -> None:
-    """Work directory, training budget, evaluation and output options shared by the training benchmarks."""
-    parser.add_argument("--work", default="runs/bench-quality", help="data, runs and cache (reused when present)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
-    parser.add_argument("--eval-interval", type=int, default=eval_interval)
-    parser.add_argument(
-        "--images-per-class",
-        type=int,
-        default=None,
-        help=f"synthetic data only (default {', '.join(f'{k}: {v}' for k, v in IMAGES_PER_CLASS.items())})",
-    )
-    parser.add_argument("--data", choices=sorted(DATASETS), default="digits")
-    parser.add_argument("--num-images", type=int, default=num_images, help="images per point (and per eval)")
-    parser.add_argument("--batch", type=int, default=100, help="sampling batch")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--no-docs", action="store_true", help="print only; write nothing into docs/ or results/")
-    parser.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a recipe override for both trainings (repeatable), e.g. model.size=custom model.width=192",
-    )
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    add_training_arguments(parser, eval_interval=200, num_images=200)
+    add_training_arguments(parser, work="runs/bench-quality", steps=600, eval_interval=200)
     parser.add_argument(
         "--num-iter",
         type=ints,
@@ -422,25 +273,23 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = Path(args.work).resolve()
-    _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
-    device = torch.device("cpu")
+    ws = Workspace.prepare(args.work, args.data, args.images_per_class)
     result = {
-        "machine": describe_machine(device),
+        "machine": describe_machine(torch.device("cpu")),
         "steps": args.steps,
         "num_images": args.num_images,
         "data": args.data,
         "seeds": args.seeds,
-        "verdict": bench.verdict.line(),
+        "verdict": ws.bench.verdict.line(),
         "command": command_line("quality_speed.py", argv),
-        "calibration": [r.as_dict() for r in bench.calibration],
+        "calibration": [r.as_dict() for r in ws.bench.calibration],
         "training": {},
         "rows": [],
     }
-    for label in ("FAR", "MAR"):
-        run_dir, seconds = train(label, work, shards, bench_path, args)
-        result["training"][label] = {"seconds": seconds, "curve": learning_curve(run_dir)}
-        result["rows"] += sweep(label, run_dir, bench, args, device)
+    for label, arch in MODELS.items():
+        trained = train(ws, recipe_for(arch, args.data), label.lower(), Budget.from_args(args))
+        result["training"][label] = {"seconds": trained.seconds, "curve": learning_curve(trained.run_dir)}
+        result["rows"] += sweep(label, trained.run_dir, ws.bench, args)
     result["answer"] = answer(result["rows"])
     print(result["answer"])
     if args.no_docs:
@@ -450,7 +299,7 @@ def main(argv=None) -> None:
     saved = save_result(BENCHMARK, key, result)
     plot(saved, IMG_DIR / result["plot"])
     render_docs()
-    (work / "result.json").write_text(json.dumps(saved, indent=2))
+    (ws.work / "result.json").write_text(json.dumps(saved, indent=2))
     print("results: docs/benchmarks.md")
 
 

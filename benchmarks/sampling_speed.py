@@ -281,6 +281,9 @@ def parse_args(argv=None):
         default=["linear", "constant"],
         help="--pareto: CFG schedules",
     )
+    parser.add_argument(
+        "--pareto-temperatures", type=floats, default=[0.7], help="--pareto: temperatures swept with the CFG scales"
+    )
     parser.add_argument("--pareto-select-images", type=int, default=100, help="--pareto: images per sweep point")
     parser.add_argument("--pareto-images", type=int, default=200, help="--pareto: images per seed at the best CFG")
     parser.add_argument("--pareto-seeds", type=int, default=3, help="--pareto: held-out sampling seeds (2-11)")

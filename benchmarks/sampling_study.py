@@ -9,13 +9,12 @@ point sampled, timed and scored on the offline benchmark; quality vs images/s wi
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_models import build_pair
-from benchmarks.quality_speed import DATA_LABELS
+from benchmarks.experiment import DATA_LABELS, Tuning, at, evaluate_tuned
 from benchmarks.report import (
     REPO_ROOT,
     interval_cell,
@@ -142,10 +141,8 @@ def save_speed(result: dict, key: str) -> None:
     render_speed_docs()
 
 
-SELECT_SEED = 0  # the CFG sweep's images; the reported repeats use seeds 1..n (no selection on them)
 GRID_SEED = 1  # the grids show the first held-out seed's images
 GRID_PER_CLASS = 4
-METRICS = ("accuracy", "fd", "class_fd", "images_per_s")
 
 
 def _pareto_sources(args, work: Path):
@@ -178,9 +175,10 @@ def _cache_effect(generator, options: SamplingOptions, batch: int, device) -> di
     return summarize(records, model.backbone.seq_len)
 
 
-def _options_at(technique, k: int, cfg: float, schedule: str, base: SamplingOptions) -> SamplingOptions:
-    """A technique's sampling options at K, CFG scale and schedule, on top of the run's own options."""
-    return replace(technique.sampling_options(k, cfg, base), cfg_schedule=schedule)
+def _options_at(technique, row: dict, base: SamplingOptions) -> SamplingOptions:
+    """A technique's sampling options at a study row's K and tuned point (CFG scale, schedule and temperature; rows
+    from before temperatures were tuned sampled at the run's own)."""
+    return at(technique.sampling_options(row["K"], row["cfg"], base), {"temperature": base.temperature, **row})
 
 
 def model_label(model) -> str:
@@ -202,19 +200,23 @@ def _size(result: dict) -> str:
 
 
 def run_pareto(args, device: torch.device) -> dict:
-    """The CFG-matched protocol: every setting, FAR's and MAR's, at its own best guidance.
+    """The CFG-matched protocol (``benchmarks.experiment.evaluate_tuned``): every setting, FAR's and MAR's, at its
+    own best guidance.
 
-    For each technique and K: a sweep over CFG scales and both schedules (linear, constant) on the selection
-    seed, the best by per-class Fréchet distance (it penalises wrong classes and lost diversity alike), then
-    ``--pareto-seeds`` held-out sampling seeds at that setting, reported as means with 95% t-intervals; and
-    for settings that reuse a cache, its measured effect (z error, effective guidance against nominal).
+    For each technique and K: a sweep over CFG scales, both schedules and ``--pareto-temperatures`` on the selection
+    seed, the best by per-class Fréchet distance, then ``--pareto-seeds`` held-out sampling seeds at that setting,
+    reported as means with 95% t-intervals; and for settings that reuse a cache, its measured effect (z error,
+    effective guidance against nominal).
     """
-    from far_scale.eval.metrics import repeat_interval
     from far_scale.eval.sample_job import build_generator, load_sampling_model
-    from far_scale.eval.sweep import score_generator
 
     bench, runs = _pareto_sources(args, Path(args.runs).resolve())
-    bench.resamples = 0  # intervals come from the seeds
+    tuning = Tuning(
+        tuple(args.pareto_cfgs),
+        tuple(args.pareto_schedules),
+        tuple(args.pareto_temperatures),
+        args.pareto_select_images,
+    )
     rows, training_steps, models = [], {}, {}
     for label, run_dir in runs.items():
         loaded = load_sampling_model(run_dir, device=device)
@@ -223,37 +225,20 @@ def run_pareto(args, device: torch.device) -> dict:
         generator = build_generator(loaded, device)
         for k in args.pareto_far_k if label == "FAR" else args.pareto_mar_k:
             for technique in [t for t in TECHNIQUES if t.model == label]:
-                sweep = []
-                for schedule in args.pareto_schedules:
-                    for cfg in args.pareto_cfgs:
-                        options = _options_at(technique, k, cfg, schedule, generator.options)
-                        metrics = score_generator(
-                            generator.with_options(options),
-                            bench,
-                            args.pareto_select_images,
-                            args.pareto_batch,
-                            SELECT_SEED,
-                        )
-                        sweep.append({"cfg": cfg, "cfg_schedule": schedule, "class_fd": metrics["class_fd"]})
-                best = min(sweep, key=lambda r: r["class_fd"])
-                options = _options_at(technique, k, best["cfg"], best["cfg_schedule"], generator.options)
-                repeats = [
-                    score_generator(generator.with_options(options), bench, args.pareto_images, args.pareto_batch, seed)
-                    for seed in range(1, args.pareto_seeds + 1)
-                ]
-                row = {"technique": technique.name, "model": label, "K": k, **best, "sweep": sweep}
-                for metric in METRICS:
-                    row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = repeat_interval(
-                        [r[metric] for r in repeats]
+                options = technique.sampling_options(k, generator.options.cfg_scale, generator.options)
+                row = {"technique": technique.name, "model": label, "K": k}
+                row.update(
+                    evaluate_tuned(
+                        generator, bench, options, tuning, args.pareto_seeds, args.pareto_images, args.pareto_batch
                     )
+                )
                 if options.caching_tokens or options.caching_guidance:
-                    row["cache"] = _cache_effect(generator, options, args.pareto_batch, device)
+                    row["cache"] = _cache_effect(generator, at(options, row), args.pareto_batch, device)
                 rows.append(row)
                 print(
-                    f"{technique.name} K={k} best CFG {best['cfg']:g} ({best['cfg_schedule']}): "
-                    f"{row['images_per_s']:.1f} img/s, accuracy {row['accuracy']:.3f} "
-                    f"[{row['accuracy_lo']:.3f}, {row['accuracy_hi']:.3f}], class FD {row['class_fd']:.1f} "
-                    f"[{row['class_fd_lo']:.1f}, {row['class_fd_hi']:.1f}]"
+                    f"{technique.name} K={k} best CFG {row['cfg']:g} ({row['cfg_schedule']}), temperature "
+                    f"{row['temperature']:g}: {row['images_per_s']:.1f} img/s, accuracy "
+                    f"{interval_cell(row, 'accuracy', 3)}, class FD {interval_cell(row, 'class_fd', 1)}"
                     + (
                         f", effective CFG {row['cache']['effective_cfg']:.2f} vs {row['cache']['nominal_cfg']:.2f}"
                         if row.get("cache", {}).get("effective_cfg") is not None
@@ -270,6 +255,7 @@ def run_pareto(args, device: torch.device) -> dict:
         "seeds": args.pareto_seeds,
         "cfgs": args.pareto_cfgs,
         "schedules": args.pareto_schedules,
+        "temperatures": args.pareto_temperatures,
         "training_steps": training_steps,
         "models": models,
         "runs": {label: str(run_dir) for label, run_dir in runs.items()},
@@ -423,9 +409,7 @@ def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
             drawn.add((row["technique"], row["K"]))
             title = f"{row['technique']} K={row['K']}, CFG {row['cfg']:g} ({row['images_per_s']:.0f} img/s{suffix})"
             generator = generators[row["model"]]
-            options = _options_at(
-                by_name[row["technique"]], row["K"], row["cfg"], row["cfg_schedule"], generator.options
-            )
+            options = _options_at(by_name[row["technique"]], row, generator.options)
             classes = generator.model.num_classes
             job = SamplingJob(GRID_PER_CLASS * classes, classes, GRID_PER_CLASS * classes, GRID_SEED)
             shown[title] = tile(generator.with_options(options).images(job, job.indices(0)).images, classes)

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality_speed import (
+from benchmarks.experiment import (
+    Budget,
+    Workspace,
     add_training_arguments,
     data_label,
-    prepare_work,
-    recipes_for,
-    train_recipe,
+    load_generator,
+    recipe_for,
+    score,
+    train,
 )
 from benchmarks.report import (
     command_line,
@@ -65,11 +68,7 @@ def decay_of(overrides: list[str]) -> float | None:
 
 
 def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
-    from far_scale.eval.sample_job import build_generator, load_sampling_model
-    from far_scale.eval.sweep import score_generator
-
-    loaded = load_sampling_model(run_dir)
-    generator = build_generator(loaded, torch.device("cpu"))
+    generator = load_generator(run_dir)
     rows = []
     # A distilled head learned the guided flow at its coarse levels: sampled without CFG there, and also with
     # sampling-time CFG for comparison.
@@ -77,7 +76,7 @@ def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
     for cfg in cfgs:
         for steps in args.head_steps:
             options = replace(generator.options, num_iter=args.num_iter, head_steps=steps, cfg_scale=cfg)
-            metrics = score_generator(generator.with_options(options), bench, args.num_images, args.batch, seed=0)
+            metrics = score(generator, bench, options, [0], args.num_images, args.batch)
             rows.append({"O": steps, "cfg": cfg, **metrics})
             print(f"  O={steps} CFG {cfg:g}: accuracy {metrics['accuracy']:.3f}, FD {metrics['fd']:.2f}", flush=True)
     return rows
@@ -115,7 +114,8 @@ def render_docs() -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    add_training_arguments(parser, eval_interval=600, num_images=500)
+    add_training_arguments(parser, work="runs/bench-quality", steps=600, eval_interval=600)
+    parser.set_defaults(num_images=500)
     parser.add_argument("--num-iter", type=int, default=16, help="K of every point")
     parser.add_argument("--head-steps", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--cfg", type=float, default=2.0)
@@ -128,8 +128,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = Path(args.work).resolve()
-    _, shards, bench_path, bench = prepare_work(work, args.images_per_class, args.data)
+    ws = Workspace.prepare(args.work, args.data, args.images_per_class)
     result = {
         "machine": describe_machine(torch.device("cpu")),
         "steps": args.steps,
@@ -144,12 +143,11 @@ def main(argv=None) -> None:
         overrides = VARIANTS[name]
         slug = "targets-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
         print(f"{name}: training {slug}", flush=True)
-        run_dir, seconds = train_recipe(
-            recipes_for(args.data)["FAR"], slug, work, shards, bench_path, args, tuple(overrides)
-        )
+        trained = train(ws, recipe_for("far", args.data), slug, Budget.from_args(args), overrides)
+        run_dir, seconds = trained.run_dir, trained.seconds
         decay = decay_of(overrides)
         lag = "0 (live)" if decay is None else f"{1 / (1 - decay):.0f}, {100 / (1 - decay) / args.steps:.0f}%"
-        rows = evaluate(run_dir, bench, args, distilled="guidance_distillation_scale" in " ".join(overrides))
+        rows = evaluate(run_dir, ws.bench, args, distilled="guidance_distillation_scale" in " ".join(overrides))
         result["variants"].append(
             {"name": name, "overrides": overrides, "lag": lag, "train_seconds": seconds, "rows": rows}
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from benchmarks.experiment import within
 from far_scale.models.generation import SamplingOptions
 
 
@@ -71,12 +72,6 @@ def speedups(rows: list[dict], key: str = "images_per_s") -> dict[str, dict[str,
     return out
 
 
-def _within(row: dict, ref: dict) -> bool:
-    """Quality within the reference's 95% interval or better: class accuracy at least its lower bound and
-    per-class Fréchet distance at most its upper bound (seed means)."""
-    return row["accuracy"] >= ref["accuracy_lo"] and row["class_fd"] <= ref["class_fd_hi"]
-
-
 @dataclass(frozen=True)
 class Headline:
     """One comparison of a CFG-matched study: a MAR reference and the fastest FAR setting within its interval."""
@@ -89,15 +84,16 @@ class Headline:
 
 def headlines(rows: list[dict]) -> list[Headline]:
     """Against MAR-100 (faithful, at its best K) and against MAR's fastest setting within MAR-100's interval
-    (the fair rival): the fastest FAR setting within that reference's interval. Empty without MAR-100."""
+    (the fair rival): the fastest FAR setting within that reference's interval (``within``: in every feature space
+    the rows were scored in). Empty without MAR-100."""
     faithful = [r for r in rows if r["technique"] == MAR_FAITHFUL]
     if not faithful:
         return []
     reference = max(faithful, key=lambda r: r["accuracy"] - r["class_fd"])  # its best K
-    rival = max((r for r in rows if r["model"] == "MAR" and _within(r, reference)), key=lambda r: r["images_per_s"])
+    rival = max((r for r in rows if r["model"] == "MAR" and within(r, reference)), key=lambda r: r["images_per_s"])
     out = []
     for name, ref in (("MAR-100 (faithful)", reference), ("MAR's fastest setting at MAR-100's quality", rival)):
-        matching = [r for r in rows if r["model"] == "FAR" and _within(r, ref)]
+        matching = [r for r in rows if r["model"] == "FAR" and within(r, ref)]
         out.append(Headline(name, ref, max(matching, key=lambda r: r["images_per_s"]) if matching else None))
     return out
 

@@ -1,7 +1,8 @@
 """The offline quality benchmark: FID's idea with a classifier trained on the dataset itself.
 
-``build_benchmark`` trains ``ConvClassifier`` on the folder's training images and keeps the features of
-half the held-out images as the reference set (a folder with a ``val/`` split, such as the digits', is
+``build_benchmark`` trains ``ConvClassifier`` on the folder's training images, and beside it an autoencoder
+(``autoencoder.py``: no labels, a second feature space that keeps what redraws the image), and keeps the
+features of half the held-out images in both spaces as the reference set (a folder with a ``val/`` split, such as the digits', is
 held out as written; otherwise a seeded share of each class is). It calibrates the scale on what is
 known: the other held-out half (real images the classifier never saw), their reconstructions through the
 dataset's codec (the best any generator can reach through that codec), images decoded from random latent
@@ -9,7 +10,7 @@ tokens, and three negative controls made from the same real images: token-sized 
 global shape), each token replaced by its mean colour (no detail inside tokens) and pixels shuffled.
 The **verdict** says whether the benchmark can rank generators at all: only if real images and codec
 reconstructions score clearly better than the shape-free and detail-free controls on accuracy *and*
-Fréchet distance (data whose classes are colours fails it). Every number carries a 95% bootstrap
+Fréchet distance in both feature spaces (data whose classes are colours fails it). Every number carries a 95% bootstrap
 interval over images. Everything is stored in one safetensors file named by a checksum of the data and
 the settings, so a second call with the same inputs reuses it. Limits: docs/evaluation.md.
 """
@@ -38,6 +39,13 @@ from far_scale.data.images import (
     to_uint8,
 )
 from far_scale.data.storage import local_atomic_writer
+from far_scale.eval.autoencoder import (
+    AutoencoderSettings,
+    ConvAutoencoder,
+    encode_images,
+    reconstruction_error,
+    train_autoencoder,
+)
 from far_scale.eval.classifier import ClassifierSettings, ConvClassifier, classify, train_classifier
 from far_scale.eval.metrics import (
     BOOTSTRAP_RESAMPLES,
@@ -50,8 +58,10 @@ from far_scale.eval.metrics import (
 
 log = logging.getLogger("far_scale.eval")
 
-BENCHMARK_FORMAT = 2
+BENCHMARK_FORMAT = 3  # 3: the autoencoder feature space
 MODEL_PREFIX = "classifier."
+AUTOENCODER_PREFIX = "autoencoder."
+AE_REFERENCE_KEY = "autoencoder_reference_features"
 REFERENCE_KEY = "reference_features"
 REFERENCE_LABELS_KEY = "reference_labels"
 CALIBRATION_REAL = "real held-out"
@@ -71,6 +81,7 @@ DEFAULT_TOKEN_GRID = 8
 @dataclass(frozen=True)
 class BenchmarkSettings:
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
     holdout_fraction: float = 0.3
     """Share of each class held out of classifier training; half of it is the reference set."""
     split_seed: int = 0
@@ -78,6 +89,7 @@ class BenchmarkSettings:
     def as_dict(self) -> dict:
         return {
             "classifier": self.classifier.as_dict(),
+            "autoencoder": self.autoencoder.as_dict(),
             "holdout_fraction": self.holdout_fraction,
             "split_seed": self.split_seed,
         }
@@ -97,6 +109,10 @@ class BenchmarkSettings:
 
 
 NAN_INTERVAL = (float("nan"), float("nan"))
+SCORED = ("accuracy", "fd", "class_fd", "ae_fd", "ae_class_fd")
+"""The metrics with a 95% interval: class accuracy and Fréchet distances in the classifier's and the
+autoencoder's (``ae_``) feature spaces."""
+INTERVAL_FIELDS = tuple(f"{name}_ci" for name in SCORED)
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,11 @@ class QualityRow:
     accuracy_ci: tuple[float, float] = NAN_INTERVAL
     fd_ci: tuple[float, float] = NAN_INTERVAL
     class_fd_ci: tuple[float, float] = NAN_INTERVAL
+    ae_fd: float = float("nan")
+    """Fréchet distance in the autoencoder's feature space."""
+    ae_class_fd: float = float("nan")
+    ae_fd_ci: tuple[float, float] = NAN_INTERVAL
+    ae_class_fd_ci: tuple[float, float] = NAN_INTERVAL
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,13 +142,18 @@ class QualityRow:
     @classmethod
     def from_dict(cls, data: dict) -> "QualityRow":
         fields = {**data}
-        for key in ("accuracy_ci", "fd_ci", "class_fd_ci"):
+        for key in INTERVAL_FIELDS:
             fields[key] = tuple(fields.get(key, NAN_INTERVAL))
         return cls(**fields)
 
     def worse_than(self, other: "QualityRow") -> bool:
-        """Intervals apart on both metrics: lower accuracy and higher Fréchet distance than ``other``."""
-        return self.accuracy_ci[1] < other.accuracy_ci[0] and self.fd_ci[0] > other.fd_ci[1]
+        """Intervals apart on every metric: lower accuracy and higher Fréchet distance than ``other`` in both
+        feature spaces."""
+        return (
+            self.accuracy_ci[1] < other.accuracy_ci[0]
+            and self.fd_ci[0] > other.fd_ci[1]
+            and self.ae_fd_ci[0] > other.ae_fd_ci[1]
+        )
 
 
 def _with_interval(value: float, interval: tuple[float, float], digits: int) -> str:
@@ -138,14 +164,15 @@ def _with_interval(value: float, interval: tuple[float, float], digits: int) -> 
 
 def format_rows(rows: list[QualityRow]) -> str:
     lines = [
-        "| images | n | class accuracy [95% CI] | Fréchet distance [95% CI] | per-class FD [95% CI] | precision "
-        "| recall |",
-        "|---|---|---|---|---|---|---|",
+        "| images | n | class accuracy [95% CI] | Fréchet distance [95% CI] | per-class FD [95% CI] | FD, autoencoder "
+        "[95% CI] | per-class FD, autoencoder [95% CI] | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.name} | {row.num_images} | {_with_interval(row.accuracy, row.accuracy_ci, 3)} | "
             f"{_with_interval(row.fd, row.fd_ci, 2)} | {_with_interval(row.class_fd, row.class_fd_ci, 2)} | "
+            f"{_with_interval(row.ae_fd, row.ae_fd_ci, 2)} | {_with_interval(row.ae_class_fd, row.ae_class_fd_ci, 2)} | "
             f"{row.precision:.3f} | {row.recall:.3f} |"
         )
     return "\n".join(lines)
@@ -186,7 +213,8 @@ def judge(rows: list[QualityRow], num_classes: int) -> Verdict:
             if not control.worse_than(good):
                 problems.append(
                     f"'{name}' is not clearly worse than '{good.name}' (accuracy {control.accuracy:.3f} "
-                    f"vs {good.accuracy:.3f}, FD {control.fd:.2f} vs {good.fd:.2f}, 95% intervals overlap)"
+                    f"vs {good.accuracy:.3f}, FD {control.fd:.2f} vs {good.fd:.2f}, autoencoder FD "
+                    f"{control.ae_fd:.2f} vs {good.ae_fd:.2f}: 95% intervals overlap)"
                 )
             elif control.accuracy > allowed:
                 problems.append(
@@ -196,30 +224,43 @@ def judge(rows: list[QualityRow], num_classes: int) -> Verdict:
     if problems:
         return Verdict(False, problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     worst = max((by_name[name] for name in SHAPE_CONTROLS), key=lambda r: r.accuracy)
+    real = by_name[CALIBRATION_REAL]
     return Verdict(
         True,
-        f"real images beat the shape-free and detail-free controls clearly (best control "
-        f"'{worst.name}': accuracy {worst.accuracy:.3f}, FD {worst.fd:.2f} vs real "
-        f"{by_name[CALIBRATION_REAL].accuracy:.3f}, {by_name[CALIBRATION_REAL].fd:.2f})",
+        f"real images beat the shape-free and detail-free controls clearly in both feature spaces (best control "
+        f"'{worst.name}': accuracy {worst.accuracy:.3f}, FD {worst.fd:.2f}, autoencoder FD {worst.ae_fd:.2f} vs real "
+        f"{real.accuracy:.3f}, {real.fd:.2f}, {real.ae_fd:.2f})",
     )
 
 
+def _reference_stats(reference: np.ndarray, labels: np.ndarray) -> tuple[FeatureStats, dict[int, FeatureStats]]:
+    """The reference set's feature statistics, overall and per class (classes with at least 2 images)."""
+    by_class = {int(c): FeatureStats.of(reference[labels == c]) for c in np.unique(labels) if (labels == c).sum() >= 2}
+    return FeatureStats.of(reference), by_class
+
+
 class OfflineBenchmark:
-    """A trained classifier, the reference features and the calibration rows (the scorer of ``scoring``)."""
+    """A trained classifier and autoencoder, the reference features in both spaces and the calibration rows (the
+    scorer of ``scoring``)."""
 
     name = "offline"
 
-    def __init__(self, model: ConvClassifier, reference: np.ndarray, reference_labels: np.ndarray, meta: dict):
+    def __init__(
+        self,
+        model: ConvClassifier,
+        reference: np.ndarray,
+        reference_labels: np.ndarray,
+        meta: dict,
+        autoencoder: ConvAutoencoder,
+        ae_reference: np.ndarray,
+    ):
         self.model, self.reference, self.reference_labels, self.meta = model, reference, reference_labels, meta
+        self.autoencoder, self.ae_reference = autoencoder, ae_reference
         self.resamples = BOOTSTRAP_RESAMPLES
         """Bootstrap resamples per interval; 0 scores point estimates only (the ``*_lo``/``*_hi`` are NaN): for
         sweeps that put intervals on their repeats instead, at a fraction of the cost."""
-        self.reference_stats = FeatureStats.of(reference)
-        self.reference_by_class = {
-            int(c): FeatureStats.of(reference[reference_labels == c])
-            for c in np.unique(reference_labels)
-            if (reference_labels == c).sum() >= 2
-        }
+        self.reference_stats, self.reference_by_class = _reference_stats(reference, reference_labels)
+        self.ae_reference_stats, self.ae_reference_by_class = _reference_stats(ae_reference, reference_labels)
 
     @property
     def image_size(self) -> int:
@@ -235,12 +276,17 @@ class OfflineBenchmark:
 
     def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         features, predicted = classify(self.model, images, self.image_size)
-        return {"features": features, "predicted": predicted}
+        return {
+            "features": features,
+            "predicted": predicted,
+            "ae_features": encode_images(self.autoencoder, images, self.image_size),
+        }
 
     def score(self, features: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
-        """Accuracy, Fréchet distances and precision/recall, each point estimate with its 95% bootstrap
-        interval (``*_lo``, ``*_hi``), and ``benchmark_valid`` (1 or 0: the verdict, so it reaches MLflow)."""
-        feats, predicted = features["features"], features["predicted"]
+        """Accuracy, Fréchet distances (classifier and autoencoder, ``ae_*``) and precision/recall, each point
+        estimate with its 95% bootstrap interval (``*_lo``, ``*_hi``), and ``benchmark_valid`` (1 or 0: the verdict,
+        so it reaches MLflow)."""
+        feats, predicted, ae_feats = features["features"], features["predicted"], features["ae_features"]
         correct = np.where(labels >= 0, predicted == labels, np.nan)
 
         def accuracy(rows):
@@ -253,10 +299,17 @@ class OfflineBenchmark:
         def class_fd(rows):
             return class_frechet_distance(feats[rows], labels[rows], self.reference_by_class)
 
+        def ae_fd(rows):
+            return frechet_distance(FeatureStats.of(ae_feats[rows]), self.ae_reference_stats)
+
+        def ae_class_fd(rows):
+            return class_frechet_distance(ae_feats[rows], labels[rows], self.ae_reference_by_class)
+
         everything = np.arange(len(labels))
         precision, recall = precision_recall(self.reference, feats)
         scores = {"precision": precision, "recall": recall}
-        for name, statistic in (("accuracy", accuracy), ("fd", fd), ("class_fd", class_fd)):
+        statistics = {"accuracy": accuracy, "fd": fd, "class_fd": class_fd, "ae_fd": ae_fd, "ae_class_fd": ae_class_fd}
+        for name, statistic in statistics.items():
             scores[name] = statistic(everything)
             scores[f"{name}_lo"], scores[f"{name}_hi"] = (
                 bootstrap_interval(statistic, len(labels), scores[name], resamples=self.resamples)
@@ -272,18 +325,16 @@ class OfflineBenchmark:
         return QualityRow(
             name,
             len(images),
-            scores["accuracy"],
-            scores["fd"],
-            scores["precision"],
-            scores["recall"],
-            scores["class_fd"],
-            *((scores[f"{k}_lo"], scores[f"{k}_hi"]) for k in ("accuracy", "fd", "class_fd")),
+            **{k: scores[k] for k in ("accuracy", "fd", "precision", "recall", "class_fd", "ae_fd", "ae_class_fd")},
+            **{f"{k}_ci": (scores[f"{k}_lo"], scores[f"{k}_hi"]) for k in SCORED},
         )
 
     # ---- storage ------------------------------------------------------------------------------
     def save(self, path: Path) -> Path:
         tensors = {f"{MODEL_PREFIX}{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"{AUTOENCODER_PREFIX}{k}": v.contiguous() for k, v in self.autoencoder.state_dict().items()})
         tensors[REFERENCE_KEY] = torch.from_numpy(np.ascontiguousarray(self.reference, dtype=np.float32))
+        tensors[AE_REFERENCE_KEY] = torch.from_numpy(np.ascontiguousarray(self.ae_reference, dtype=np.float32))
         tensors[REFERENCE_LABELS_KEY] = torch.from_numpy(np.ascontiguousarray(self.reference_labels, dtype=np.int64))
         with local_atomic_writer(path) as handle:
             handle.write(save(tensors, metadata={"far_scale_offline_benchmark": json.dumps(self.meta)}))
@@ -312,8 +363,22 @@ class OfflineBenchmark:
         tensors = load_file(str(path))
         settings = meta["settings"]["classifier"]
         model = ConvClassifier(meta["num_classes"], settings["width"], settings["feature_dim"])
-        model.load_state_dict({k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)})
-        return cls(model.eval(), tensors[REFERENCE_KEY].double().numpy(), tensors[REFERENCE_LABELS_KEY].numpy(), meta)
+        model.load_state_dict(_prefixed(tensors, MODEL_PREFIX))
+        ae = meta["settings"]["autoencoder"]
+        autoencoder = ConvAutoencoder(settings["image_size"], ae["width"], ae["feature_dim"])
+        autoencoder.load_state_dict(_prefixed(tensors, AUTOENCODER_PREFIX))
+        return cls(
+            model.eval(),
+            tensors[REFERENCE_KEY].double().numpy(),
+            tensors[REFERENCE_LABELS_KEY].numpy(),
+            meta,
+            autoencoder.eval(),
+            tensors[AE_REFERENCE_KEY].double().numpy(),
+        )
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def folder_fingerprint(root: str | Path) -> str:
@@ -471,6 +536,12 @@ def build_benchmark(
 
     model = train_classifier(pixels[train], labels[train], len(images.classes), settings.classifier, report)
     reference_features, _ = classify(model, pixels[reference], settings.classifier.image_size)
+
+    def report_autoencoder(epoch, epochs, loss):
+        say(f"  autoencoder epoch {epoch}/{epochs}: reconstruction MSE {loss:.4f}")
+
+    size = settings.classifier.image_size
+    autoencoder = train_autoencoder(pixels[train], size, settings.autoencoder, report_autoencoder)
     meta = {
         "format": BENCHMARK_FORMAT,
         "key": key,
@@ -484,9 +555,17 @@ def build_benchmark(
         "codec": codec.info.as_dict() if codec else None,
         "calibration": [],
     }
-    bench = OfflineBenchmark(model, reference_features, labels[reference], meta)
+    bench = OfflineBenchmark(
+        model,
+        reference_features,
+        labels[reference],
+        meta,
+        autoencoder,
+        encode_images(autoencoder, pixels[reference], size),
+    )
     _, train_predicted = classify(model, pixels[train], settings.classifier.image_size)
     meta["train_accuracy"] = float((train_predicted == labels[train]).mean())
+    meta["autoencoder_heldout_mse"] = reconstruction_error(autoencoder, pixels[calibration], size)
     rows = [bench.row(CALIBRATION_REAL, pixels[calibration], labels[calibration])]
     if codec is not None:
         rows.append(bench.row(CALIBRATION_RECON, _reconstructions(codec, pixels[calibration]), labels[calibration]))

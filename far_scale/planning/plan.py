@@ -139,7 +139,9 @@ class TrainingPlan:
             "latent_tokens_per_step": self.latent_tokens_per_step,
             "lr": self.lr,
             "head_steps": self.head_steps,
-            "head_clip_value": self.clip_value,
+            "head_clip_value": self.clip_value
+            if self.clip_value is not None or self.dims.head_kind != "shortcut"
+            else "auto (the data's bound + 5, from the manifest)",
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,

@@ -109,9 +109,14 @@ def test_digit_benchmark_classifier_and_negative_controls(digit_bench):
     settings = digit_bench.meta["settings"]["classifier"]
     assert settings["hflip"] is False and settings["max_shift_px"] > 0 and settings["image_size"] == 32
     for control in (CONTROL_TOKENS_SHUFFLED, CONTROL_TOKEN_MEANS, CONTROL_PIXELS_SHUFFLED):
-        assert rows[control].worse_than(real), control  # significantly worse on accuracy and FD
+        # significantly worse on accuracy and FD, in both feature spaces (worse_than checks all three)
+        assert rows[control].worse_than(real), control
         assert rows[control].worse_than(rows[CALIBRATION_RECON]), control
+        # the second space on its own: the autoencoder's features put every control far from real digits
+        assert rows[control].ae_fd_ci[0] > 2 * real.ae_fd_ci[1], control
+        assert rows[control].ae_class_fd_ci[0] > real.ae_class_fd_ci[1], control
     assert digit_bench.verdict.valid, digit_bench.verdict.reason
+    assert "both feature spaces" in digit_bench.verdict.reason
 
 
 @pytest.mark.slow
@@ -120,16 +125,26 @@ def test_intervals_overlap_for_like_sets_and_not_for_shuffled_labels(digit_folde
 
     classes = list_images(digit_folder).classes
     held = heldout_images(digit_folder, classes)
-    images = np.stack([load_image(held.root / p, 32) for p in held.paths[:600]]).transpose(0, 2, 3, 1)
-    labels = np.asarray(held.labels[:600])
+
+    def real(positions: slice) -> tuple[np.ndarray, np.ndarray]:
+        pixels = np.stack([load_image(held.root / p, 32) for p in held.paths[positions]]).transpose(0, 2, 3, 1)
+        return pixels, np.asarray(held.labels[positions])
+
+    images, labels = real(slice(0, 600))
     first = digit_bench.row("first", images, labels)
     same = digit_bench.row("same", images.copy(), labels.copy())
-    assert same.accuracy_ci == first.accuracy_ci and same.fd_ci == first.fd_ci
-    # Two independent sets of real digits: intervals overlap.
-    other = np.stack([load_image(held.root / p, 32) for p in held.paths[600:1200]]).transpose(0, 2, 3, 1)
-    second = digit_bench.row("second", other, np.asarray(held.labels[600:1200]))
+    assert same.accuracy_ci == first.accuracy_ci and same.fd_ci == first.fd_ci and same.ae_fd_ci == first.ae_fd_ci
+    # Two independent sets of real digits: accuracy intervals overlap.
+    second = digit_bench.row("second", *real(slice(600, 1200)))
     assert first.accuracy_ci[0] <= second.accuracy_ci[1] and second.accuracy_ci[0] <= first.accuracy_ci[1]
+    # Fréchet distances depend on the class mix, so compare two class-balanced sets that are not the reference set
+    # (it holds the even positions of each class; the list is sorted by class): positions 1, 5, ... and 3, 7, ...
+    odd, other_odd = digit_bench.row("odd", *real(slice(1, None, 4))), digit_bench.row("odd", *real(slice(3, None, 4)))
+    for name in ("fd_ci", "ae_fd_ci"):  # in both feature spaces
+        assert getattr(odd, name)[0] <= getattr(other_odd, name)[1], name
+        assert getattr(other_odd, name)[0] <= getattr(odd, name)[1], name
     # The same images with shuffled labels: accuracy and per-class FD intervals are far apart.
     shuffled = digit_bench.row("shuffled", images, np.random.default_rng(0).permutation(labels))
     assert shuffled.accuracy_ci[1] < first.accuracy_ci[0]
     assert shuffled.class_fd_ci[0] > first.class_fd_ci[1]
+    assert shuffled.ae_class_fd_ci[0] > first.ae_class_fd_ci[1]

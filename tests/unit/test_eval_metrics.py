@@ -200,7 +200,8 @@ def test_verdict_needs_controls_clearly_worse_and_shape():
         judge,
     )
 
-    def row(name, accuracy, fd):
+    def row(name, accuracy, fd, ae_fd=None):
+        ae_fd = fd if ae_fd is None else ae_fd
         return QualityRow(
             name,
             100,
@@ -212,10 +213,17 @@ def test_verdict_needs_controls_clearly_worse_and_shape():
             (accuracy - 0.02, accuracy + 0.02),
             (fd * 0.9, fd * 1.1),
             (fd * 0.9, fd * 1.1),
+            ae_fd=ae_fd,
+            ae_class_fd=ae_fd,
+            ae_fd_ci=(ae_fd * 0.9, ae_fd * 1.1),
+            ae_class_fd_ci=(ae_fd * 0.9, ae_fd * 1.1),
         )
 
     real = row(CALIBRATION_REAL, 0.99, 1.0)
     assert judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.4, 90)], 10).valid
+    # clearly worse to the classifier but not in the autoencoder's space: the two spaces disagree, no ranking
+    blind = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.4, 90, ae_fd=1.02)], 10)
+    assert not blind.valid and "autoencoder FD 1.02 vs 1.00" in blind.reason
     colour = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.87, 26), row(CONTROL_TOKEN_MEANS, 0.9, 12)], 10)
     assert not colour.valid and "without shape" in colour.reason
     overlap = judge([real, row(CONTROL_TOKENS_SHUFFLED, 0.2, 100), row(CONTROL_TOKEN_MEANS, 0.98, 1.05)], 10)
@@ -247,11 +255,17 @@ def test_offline_scores_without_resamples_skip_the_intervals():
 
     bench.reference_stats = FeatureStats.of(bench.reference)
     bench.reference_by_class = {c: FeatureStats.of(bench.reference[bench.reference_labels == c]) for c in (0, 1)}
+    bench.ae_reference_stats, bench.ae_reference_by_class = bench.reference_stats, bench.reference_by_class
     bench.meta = {}
     bench.resamples = 0
-    features = {"features": rng.normal(size=(20, 4)), "predicted": np.arange(20) % 2}
+    features = {
+        "features": rng.normal(size=(20, 4)),
+        "predicted": np.arange(20) % 2,
+        "ae_features": rng.normal(size=(20, 4)),
+    }
     scores = bench.score(features, np.arange(20) % 2)
     assert scores["accuracy"] == 1.0 and np.isnan(scores["accuracy_lo"]) and np.isfinite(scores["fd"])
     bench.resamples = 20
     scores = bench.score(features, np.arange(20) % 2)
     assert scores["fd_lo"] <= scores["fd"] <= scores["fd_hi"]
+    assert scores["ae_fd_lo"] <= scores["ae_fd"] <= scores["ae_fd_hi"]
