@@ -25,3 +25,15 @@ def build_pair(size: str, data: DataSpec, device: torch.device) -> tuple[ARModel
     far.backbone.load_state_dict(mar.backbone.state_dict())
     causal = build_model(model_config("far_causal", size), data).to(device).eval()
     return mar, far, causal
+
+
+def speed_record(size: str, batch: int, data: DataSpec, bf16: bool, rows: list[dict], **extra) -> dict:
+    """A sampling-speed result: what was measured (size, batch, tokens, dtype) and its rows."""
+    return {
+        "size": size,
+        "batch": batch,
+        "seq_len": data.seq_len,
+        "dtype": "bf16" if bf16 else "fp32",
+        **extra,
+        "rows": rows,
+    }

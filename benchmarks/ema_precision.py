@@ -19,12 +19,11 @@ import argparse
 import torch
 
 from benchmarks.report import (
+    DocSection,
     command_line,
     describe_machine,
-    load_results,
     markdown_table,
     save_result,
-    write_doc_section,
 )
 
 BENCHMARK = "ema_precision"
@@ -58,42 +57,45 @@ def simulate(lr: float, decay: float, steps: int, num_params: int, correlation_s
     }
 
 
-def render_docs() -> None:
-    parts = [
-        "## EMA of bf16 module weights vs of the fp32 master (`benchmarks/ema_precision.py`)",
+def _entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    parts += [
+        f"Date: {result['date']}. Machine: {result['machine']['name']}. Command: `{result['command']}`",
         "",
-        "Simulated trajectories (see the script's docstring); relative L2 errors of the EMA after the given "
-        "steps. `bf16 quantum / step` > 1 means a weight moves by less than one bf16 step per update.",
+        markdown_table(
+            [
+                "lr (per-step move)",
+                "EMA decay",
+                "steps",
+                "bf16 quantum / step",
+                "EMA(bf16 copy) vs EMA(fp32)",
+                "bf16 cast of EMA(fp32)",
+            ],
+            [
+                [
+                    r["lr"],
+                    r["decay"],
+                    r["steps"],
+                    f"{r['quantum_over_step']:.2f}",
+                    f"{r['ema_of_bf16_vs_ema_of_fp32']:.2e}",
+                    f"{r['bf16_cast_of_ema']:.2e}",
+                ]
+                for r in result["rows"]
+            ],
+        ),
         "",
     ]
-    for result in load_results(BENCHMARK):
-        parts += [
-            f"Date: {result['date']}. Machine: {result['machine']['name']}. Command: `{result['command']}`",
-            "",
-            markdown_table(
-                [
-                    "lr (per-step move)",
-                    "EMA decay",
-                    "steps",
-                    "bf16 quantum / step",
-                    "EMA(bf16 copy) vs EMA(fp32)",
-                    "bf16 cast of EMA(fp32)",
-                ],
-                [
-                    [
-                        r["lr"],
-                        r["decay"],
-                        r["steps"],
-                        f"{r['quantum_over_step']:.2f}",
-                        f"{r['ema_of_bf16_vs_ema_of_fp32']:.2e}",
-                        f"{r['bf16_cast_of_ema']:.2e}",
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+    return parts
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "EMA of bf16 module weights vs of the fp32 master (`benchmarks/ema_precision.py`)",
+    _entry,
+    (
+        "Simulated trajectories (see the script's docstring); relative L2 errors of the EMA after the given steps. `bf16 quantum / step` > 1 means a weight moves by less than one bf16 step per update.",
+    ),
+)
 
 
 def main(argv=None) -> None:
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
                 "command": command_line("ema_precision.py", argv),
             },
         )
-        render_docs()
+        SECTION.render()
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ import torch
 from benchmarks.experiment import Budget, Workspace, add_training_arguments, recipe_for, score, train
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     command_line,
     describe_machine,
     interval_cell,
-    load_results,
     markdown_table,
     result_heading,
     save_result,
-    write_doc_section,
+    save_result_figure,
 )
 
 BENCHMARK = "posthoc_ema"
@@ -85,7 +85,7 @@ def lengths(label: str, run_dir: Path, bench, args, device) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    from far_scale.tracking.plots import new_axes, save_figure
+    from far_scale.tracking.plots import new_axes
 
     fig, axes = new_axes(2, figsize=(12, 4.8))
     for ax, metric, label in ((axes[0], "accuracy", "class accuracy"), (axes[1], "class_fd", "per-class FD")):
@@ -119,53 +119,57 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"{label} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    machine = result["machine"]
-    fig.suptitle(
+    save_result_figure(
+        fig,
+        path,
         f"Post-hoc EMA on {result['steps']}-step tiny FAR and MAR ({result['seeds']} seeds x {result['num_images']} "
-        f"images, 95% intervals): {machine['name']}, {result['date']}",
-        fontsize=9,
+        "images, 95% intervals)",
+        result,
     )
-    save_figure(fig, path)
 
 
-def render_docs() -> None:
-    parts = ["## Post-hoc EMA: quality against the EMA length (`benchmarks/posthoc_ema.py`)", ""]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
-            "tiny FAR and MAR",
-            result,
-            f"{result['steps']} steps, a snapshot every {result['snapshot_interval']} steps, {result['seeds']} seeds x "
-            f"{result['num_images']} images, the recipes' sampling settings",
+def _entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    parts += result_heading(
+        "tiny FAR and MAR",
+        result,
+        f"{result['steps']} steps, a snapshot every {result['snapshot_interval']} steps, {result['seeds']} seeds x "
+        f"{result['num_images']} images, the recipes' sampling settings",
+    )
+    table = []
+    for r in result["rows"]:
+        if "refused" in r:
+            table.append([r["model"], r["ema"], f"{r['sigma_rel']:.3g}", "refused: residual above 0.05", "", "", ""])
+            return []
+        name = f"{r['ema']} {r['decay']}" if r["ema"] == FIXED else r["ema"]
+        residual = "-" if r["residual"] is None else f"{r['residual']:.4f}"
+        table.append(
+            [
+                r["model"],
+                name,
+                f"{r['sigma_rel']:.3g}",
+                residual,
+                interval_cell(r, "accuracy", 3),
+                interval_cell(r, "class_fd", 1),
+                interval_cell(r, "fd", 2),
+            ]
         )
-        table = []
-        for r in result["rows"]:
-            if "refused" in r:
-                table.append(
-                    [r["model"], r["ema"], f"{r['sigma_rel']:.3g}", "refused: residual above 0.05", "", "", ""]
-                )
-                continue
-            name = f"{r['ema']} {r['decay']}" if r["ema"] == FIXED else r["ema"]
-            residual = "-" if r["residual"] is None else f"{r['residual']:.4f}"
-            table.append(
-                [
-                    r["model"],
-                    name,
-                    f"{r['sigma_rel']:.3g}",
-                    residual,
-                    interval_cell(r, "accuracy", 3),
-                    interval_cell(r, "class_fd", 1),
-                    interval_cell(r, "fd", 2),
-                ]
-            )
-        parts += [
-            markdown_table(["model", "EMA", "sigma_rel", "residual", "class accuracy", "per-class FD", "FD"], table),
-            "",
-            result["answer"],
-            "",
-            f"![post-hoc EMA](img/{result['plot']})",
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+    parts += [
+        markdown_table(["model", "EMA", "sigma_rel", "residual", "class accuracy", "per-class FD", "FD"], table),
+        "",
+        result["answer"],
+        "",
+        f"![post-hoc EMA](img/{result['plot']})",
+        "",
+    ]
+    return parts
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "Post-hoc EMA: quality against the EMA length (`benchmarks/posthoc_ema.py`)",
+    _entry,
+)
 
 
 def answer(rows: list[dict]) -> str:
@@ -225,7 +229,7 @@ def main(argv=None) -> None:
     result["plot"] = f"{BENCHMARK}_{key}.png"
     saved = save_result(BENCHMARK, key, result)
     plot(saved, IMG_DIR / result["plot"])
-    render_docs()
+    SECTION.render()
 
 
 if __name__ == "__main__":

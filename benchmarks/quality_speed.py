@@ -36,14 +36,14 @@ from benchmarks.experiment import (
 )
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     command_line,
     describe_machine,
     interval_cell,
-    load_results,
     markdown_table,
     result_heading,
     save_result,
-    write_doc_section,
+    save_result_figure,
 )
 from far_scale.eval.offline import (
     CALIBRATION_RANDOM,
@@ -122,7 +122,7 @@ def answer(rows: list[dict]) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from far_scale.tracking.plots import new_axes, save_figure
+    from far_scale.tracking.plots import new_axes
 
     fig, axes = new_axes(2, figsize=(12, 4.5))
     calibration = {r["name"]: r for r in result["calibration"]}
@@ -157,95 +157,99 @@ def plot(result: dict, path: Path) -> None:
         if metric == "fd":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7, loc="lower left")
-    machine = result["machine"]
-    fig.suptitle(
-        f"tiny FAR vs MAR after {result['steps']} steps on {result.get('data', 'synth')} data: "
-        f"{machine['name']}, "
-        f"{machine['torch_threads']} threads, {result['date']}  (labels: K / head steps)",
-        fontsize=9,
+    save_result_figure(
+        fig,
+        path,
+        f"tiny FAR vs MAR after {result['steps']} steps on {result.get('data', 'synth')} data (labels: K / head steps)",
+        result,
     )
-    save_figure(fig, path)
 
 
-def render_docs() -> None:
-    parts = ["## Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)", ""]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
-            f"tiny on {data_label(result)}, {result['steps']} training steps each,",
-            result,
-            f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds",
-        )
-        if "verdict" in result:
-            parts += [f"Benchmark verdict: {result['verdict']}", ""]
-        parts += [
-            "Training (same budget, 1 rank, batch 64; time in training steps): "
-            + "; ".join(f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
-            "",
-            "Quality during training (EMA weights, recipe's sampling settings):",
-            "",
-            markdown_table(
-                ["model", "step", "class accuracy", "Fréchet distance"],
+def _entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    parts += result_heading(
+        f"tiny on {data_label(result)}, {result['steps']} training steps each,",
+        result,
+        f"{result['num_images']} images per point, {result.get('seeds', 1)} sampling seeds",
+    )
+    if "verdict" in result:
+        parts += [f"Benchmark verdict: {result['verdict']}", ""]
+    parts += [
+        "Training (same budget, 1 rank, batch 64; time in training steps): "
+        + "; ".join(f"{label} {t['seconds'] / 60:.1f} min" for label, t in result["training"].items()),
+        "",
+        "Quality during training (EMA weights, recipe's sampling settings):",
+        "",
+        markdown_table(
+            ["model", "step", "class accuracy", "Fréchet distance"],
+            [
+                [label, p["step"], f"{p.get('accuracy', float('nan')):.3f}", f"{p.get('fd', float('nan')):.2f}"]
+                for label, t in result["training"].items()
+                for p in t["curve"]
+            ],
+        ),
+        "",
+        "Calibration:",
+        "",
+        markdown_table(
+            ["images", "n", "class accuracy", "Fréchet distance", "precision", "recall"],
+            [
                 [
-                    [label, p["step"], f"{p.get('accuracy', float('nan')):.3f}", f"{p.get('fd', float('nan')):.2f}"]
-                    for label, t in result["training"].items()
-                    for p in t["curve"]
-                ],
-            ),
-            "",
-            "Calibration:",
-            "",
-            markdown_table(
-                ["images", "n", "class accuracy", "Fréchet distance", "precision", "recall"],
+                    r["name"],
+                    r["num_images"],
+                    f"{r['accuracy']:.3f}",
+                    f"{r['fd']:.2f}",
+                    f"{r['precision']:.3f}",
+                    f"{r['recall']:.3f}",
+                ]
+                for r in result["calibration"]
+            ],
+        ),
+        "",
+        markdown_table(
+            [
+                "model",
+                "K",
+                "head steps",
+                "CFG",
+                "images/s",
+                "class accuracy [95% CI]",
+                "Fréchet distance [95% CI]",
+                "precision",
+                "recall",
+            ],
+            [
                 [
-                    [
-                        r["name"],
-                        r["num_images"],
-                        f"{r['accuracy']:.3f}",
-                        f"{r['fd']:.2f}",
-                        f"{r['precision']:.3f}",
-                        f"{r['recall']:.3f}",
-                    ]
-                    for r in result["calibration"]
-                ],
-            ),
-            "",
-            markdown_table(
-                [
-                    "model",
-                    "K",
-                    "head steps",
-                    "CFG",
-                    "images/s",
-                    "class accuracy [95% CI]",
-                    "Fréchet distance [95% CI]",
-                    "precision",
-                    "recall",
-                ],
-                [
-                    [
-                        r["model"],
-                        r["K"],
-                        r["head_steps"],
-                        r["cfg"],
-                        f"{r['images_per_s']:.2f}",
-                        interval_cell(r, "accuracy", 3),
-                        interval_cell(r, "fd", 2),
-                        f"{r['precision']:.3f}",
-                        f"{r['recall']:.3f}",
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-            "Does FAR reach MAR's quality at >= 2.3x its speed here? (each setting at its best CFG; quality within "
-            "MAR's 95% interval)",
-            "",
-            result["answer"],
-            "",
-            f"![quality vs speed](img/{result['plot']})",
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+                    r["model"],
+                    r["K"],
+                    r["head_steps"],
+                    r["cfg"],
+                    f"{r['images_per_s']:.2f}",
+                    interval_cell(r, "accuracy", 3),
+                    interval_cell(r, "fd", 2),
+                    f"{r['precision']:.3f}",
+                    f"{r['recall']:.3f}",
+                ]
+                for r in result["rows"]
+            ],
+        ),
+        "",
+        "Does FAR reach MAR's quality at >= 2.3x its speed here? (each setting at its best CFG; quality within "
+        "MAR's 95% interval)",
+        "",
+        result["answer"],
+        "",
+        f"![quality vs speed](img/{result['plot']})",
+        "",
+    ]
+    return parts
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "Quality vs speed: FAR vs MAR on the offline benchmark (`benchmarks/quality_speed.py`)",
+    _entry,
+)
 
 
 def parse_args(argv=None):
@@ -298,7 +302,7 @@ def main(argv=None) -> None:
     result["plot"] = f"{BENCHMARK}_{key}.png"
     saved = save_result(BENCHMARK, key, result)
     plot(saved, IMG_DIR / result["plot"])
-    render_docs()
+    SECTION.render()
     (ws.work / "result.json").write_text(json.dumps(saved, indent=2))
     print("results: docs/benchmarks.md")
 

@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -126,6 +127,29 @@ def write_doc_section(benchmark: str, body: str) -> None:
     tmp.replace(DOC_PATH)
 
 
+@dataclass(frozen=True)
+class DocSection:
+    """One benchmark's section of docs/benchmarks.md: a heading, an introduction, then each saved result's lines
+    (``entry``), regenerated from every result file of the benchmark."""
+
+    benchmark: str
+    title: str
+    entry: Callable[[dict], list[str]]
+    intro: tuple[str, ...] = ()
+
+    def render(self) -> None:
+        parts = [f"## {self.title}", "", *self.intro, *([""] if self.intro else [])]
+        for result in load_results(self.benchmark):
+            parts += self.entry(result)
+        write_doc_section(self.benchmark, "\n".join(parts))
+
+    def save(self, key: str, result: dict) -> dict:
+        """Save ``result`` under ``key`` and render the section; returns the result as saved (with its date)."""
+        saved = save_result(self.benchmark, key, result)
+        self.render()
+        return saved
+
+
 def command_line(script: str, argv) -> str:
     """The command that produced a result, as docs/benchmarks.md shows it (``argv`` None: this process's)."""
     return f"python -m benchmarks.{script.removesuffix('.py')} " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -140,6 +164,18 @@ def result_heading(what: str, result: dict, details: str = "") -> list[str]:
         f"Date: {result['date']}. Command: `{result['command']}`",
         "",
     ]
+
+
+def save_result_figure(fig, path: Path, what: str, result: dict) -> None:
+    """Title a result's figure with ``what`` and the machine, threads and date that measured it, and write it."""
+    from far_scale.tracking.plots import save_figure
+
+    machine = result["machine"]
+    fig.suptitle(
+        f"{what}: {machine['name']}, {machine['torch_threads']} threads, {result['date']}",
+        fontsize=9,
+    )
+    save_figure(fig, path)
 
 
 def interval_cell(row: dict, name: str, digits: int) -> str:

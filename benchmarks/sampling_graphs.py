@@ -13,14 +13,12 @@ from contextlib import nullcontext
 
 import torch
 
-from benchmarks.bench_models import build_pair
+from benchmarks.bench_models import build_pair, speed_record
 from benchmarks.report import (
-    load_results,
+    DocSection,
     markdown_table,
     median_seconds,
     result_heading,
-    save_result,
-    write_doc_section,
 )
 from benchmarks.techniques import FAR_TECHNIQUES, MAR_TECHNIQUES
 from far_scale.data.spec import DataSpec
@@ -98,43 +96,40 @@ def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
     for row in rows:
         reference = eager.get((row["setting"], row["K"]))
         row["vs_eager"] = reference / row["seconds"] if reference else float("nan")
-    return {"size": size, "batch": batch, "seq_len": data.seq_len, "dtype": "bf16" if bf16 else "fp32", "rows": rows}
+    return speed_record(size, batch, data, bf16, rows)
 
 
-def render_docs() -> None:
-    parts = [
-        "## Sampling eager, compiled and as CUDA graphs (`benchmarks/sampling_speed.py --graphs`)",
+def _entry(result: dict) -> list[str]:
+    return [
+        *result_heading(
+            result["size"], result, f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens"
+        ),
+        markdown_table(
+            ["setting", "K", "mode", "first (s)", "s / batch", "images/s", "vs eager"],
+            [
+                [
+                    r["setting"],
+                    "-" if r["K"] is None else r["K"],
+                    r["mode"],
+                    f"{r['first_s']:.1f}",
+                    f"{r['seconds']:.3f}",
+                    f"{r['images_per_s']:.2f}",
+                    f"{r['vs_eager']:.2f}x",
+                ]
+                for r in result["rows"]
+            ],
+        ),
         "",
+    ]
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "Sampling eager, compiled and as CUDA graphs (`benchmarks/sampling_speed.py --graphs`)",
+    _entry,
+    (
         "Tokens only, random weights (FAR and MAR share the backbone's), one process; `default` is "
         "`eval.compile=default` (torch.compile of the blocks and the head's body), `cudagraphs` the same "
         "replayed as CUDA graphs. *first* is the first generation (compilation and recording included).",
-        "",
-    ]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
-            result["size"], result, f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens"
-        )
-        parts += [
-            markdown_table(
-                ["setting", "K", "mode", "first (s)", "s / batch", "images/s", "vs eager"],
-                [
-                    [
-                        r["setting"],
-                        "-" if r["K"] is None else r["K"],
-                        r["mode"],
-                        f"{r['first_s']:.1f}",
-                        f"{r['seconds']:.3f}",
-                        f"{r['images_per_s']:.2f}",
-                        f"{r['vs_eager']:.2f}x",
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
-
-
-def save_graphs(result: dict, key: str) -> None:
-    save_result(BENCHMARK, key, result)
-    render_docs()
+    ),
+)

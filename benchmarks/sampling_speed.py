@@ -25,19 +25,19 @@ from pathlib import Path
 import torch
 
 from benchmarks import sampling_graphs, sampling_study
-from benchmarks.bench_models import build_pair
+from benchmarks.bench_models import build_pair, speed_record
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     command_line,
     describe_machine,
     load_result,
-    load_results,
     markdown_table,
     median_seconds,
     result_heading,
     save_result,
+    save_result_figure,
     synchronize,
-    write_doc_section,
 )
 from far_scale.data.spec import DataSpec
 from far_scale.models.generation import SamplingOptions, generate
@@ -129,18 +129,11 @@ def run_size(args, size: str, batch: int, device: torch.device) -> dict:
                 }
             )
             print(f"[{size}] FAR-Causal cache={use_cache} O={o}: {result['images_per_s']:.3f} img/s", flush=True)
-    return {
-        "size": size,
-        "batch": batch,
-        "seq_len": data.seq_len,
-        "dtype": "bf16" if bf16 else "fp32",
-        "cfg": args.cfg,
-        "rows": rows,
-    }
+    return speed_record(size, batch, data, bf16, rows, cfg=args.cfg)
 
 
 def plot(result: dict, path: Path) -> None:
-    from far_scale.tracking.plots import new_axes, save_figure
+    from far_scale.tracking.plots import new_axes
 
     fig, (share_ax, speed_ax) = new_axes(2, figsize=(11, 4))
     masked = [r for r in result["rows"] if r["model"] in ("FAR", "MAR")]
@@ -163,43 +156,39 @@ def plot(result: dict, path: Path) -> None:
     speed_ax.set_ylabel("images / s")
     speed_ax.legend(fontsize=7)
     speed_ax.set_title("Throughput, same backbone weights")
-    machine = result["machine"]
-    fig.suptitle(
-        f"{result['size']} on {machine['name']} ({result['dtype']}, batch {result['batch']}, {result['date']})"
-    )
-    save_figure(fig, path)
+    save_result_figure(fig, path, f"{result['size']}, {result['dtype']}, batch {result['batch']}", result)
 
 
-def render_docs() -> None:
-    parts = ["## Sampling speed: FAR vs MAR (`benchmarks/sampling_speed.py`)", ""]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
+def _entry(result: dict) -> list[str]:
+    speedups = _speedups(result)
+    return [
+        *result_heading(
             result["size"],
             result,
             f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, cfg {result['cfg']}",
-        )
-        parts += [
-            markdown_table(
-                ["model", "K", "head steps", "s / batch", "images/s", "head share"],
+        ),
+        markdown_table(
+            ["model", "K", "head steps", "s / batch", "images/s", "head share"],
+            [
                 [
-                    [
-                        r["model"],
-                        r["K"],
-                        r["head_steps"],
-                        f"{r['seconds']:.3f}",
-                        f"{r['images_per_s']:.3f}",
-                        f"{100 * r['head_share']:.0f}%",
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-        ]
-        speedups = _speedups(result)
-        if speedups:
-            parts += [speedups, ""]
-        parts += [f"![{result['size']}](img/{result['plot']})", ""]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+                    r["model"],
+                    r["K"],
+                    r["head_steps"],
+                    f"{r['seconds']:.3f}",
+                    f"{r['images_per_s']:.3f}",
+                    f"{100 * r['head_share']:.0f}%",
+                ]
+                for r in result["rows"]
+            ],
+        ),
+        "",
+        *([speedups, ""] if speedups else []),
+        f"![{result['size']}](img/{result['plot']})",
+        "",
+    ]
+
+
+SECTION = DocSection(BENCHMARK, "Sampling speed: FAR vs MAR (`benchmarks/sampling_speed.py`)", lambda r: _entry(r))
 
 
 def _speedups(result: dict) -> str:
@@ -325,29 +314,21 @@ def main(argv=None) -> None:
         if not args.no_docs:
             sampling_study.save_pareto(result, key, device)
         return
-    # Modes measured per size and batch: (selected, run, save, result key).
+    # Modes measured per size and batch: (selected, run, docs section).
     grid_modes = [
-        (
-            args.techniques,
-            sampling_study.run_speed,
-            sampling_study.save_speed,
-            lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}",
-        ),
-        (
-            args.graphs,
-            sampling_graphs.run_graphs,
-            sampling_graphs.save_graphs,
-            lambda r: f"{r['size']}_{r['dtype']}_b{r['batch']}",
-        ),
+        (args.techniques, sampling_study.run_speed, sampling_study.SPEED_SECTION),
+        (args.graphs, sampling_graphs.run_graphs, sampling_graphs.SECTION),
     ]
-    for selected, run, save, key in grid_modes:
+    for selected, run, section in grid_modes:
         if not selected:
             continue
         for size in args.sizes.split(","):
             for batch in args.batch:
                 result = {**run(args, size, batch, device), "machine": machine, "command": command}
                 if not args.no_docs:
-                    save(result, f"{machine['device']}_{key(result)}{tag}")
+                    section.save(
+                        f"{machine['device']}_{result['size']}_{result['dtype']}_b{result['batch']}{tag}", result
+                    )
         return
     for size in args.sizes.split(","):
         result = {**run_size(args, size, args.batch[0], device), "machine": machine, "command": command}
@@ -362,7 +343,7 @@ def main(argv=None) -> None:
         if not args.no_docs:
             plot(save_result(BENCHMARK, key, result), IMG_DIR / result["plot"])
     if not args.no_docs:
-        render_docs()
+        SECTION.render()
         print("results: docs/benchmarks.md")
 
 

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_models import build_pair
+from benchmarks.bench_models import build_pair, speed_record
 from benchmarks.experiment import DATA_LABELS, Tuning, at, evaluate_tuned
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     interval_cell,
-    load_results,
     markdown_table,
     median_seconds,
     result_heading,
     save_result,
-    write_doc_section,
+    save_result_figure,
 )
 from benchmarks.techniques import (
     MAR_FAITHFUL,
@@ -87,58 +87,47 @@ def run_speed(args, size: str, batch: int, device: torch.device) -> dict:
             {"technique": CAUSAL, "model": "FAR-Causal", "K": k, "seconds": seconds, "images_per_s": batch / seconds}
         )
         print(f"[{size} b{batch}] {CAUSAL}: {batch / seconds:.3f} img/s", flush=True)
-    return {
-        "size": size,
-        "batch": batch,
-        "seq_len": data.seq_len,
-        "dtype": "bf16" if bf16 else "fp32",
-        "cfg": args.cfg,
-        "rows": rows,
-        "speedups": speedups(rows),
-    }
+    return speed_record(size, batch, data, bf16, rows, cfg=args.cfg, speedups=speedups(rows))
 
 
 def _ratio(result: dict, row: dict, reference: str) -> float:
     return result["speedups"][f"{row['technique']}@K{row['K']}"].get(reference, float("nan"))
 
 
-def render_speed_docs() -> None:
-    parts = [
-        "## Sampling accelerations: speed (`benchmarks/sampling_speed.py --techniques`)",
-        "",
-        "Tokens only (no decoding), FAR and MAR sharing one backbone's random weights, one process. "
-        "Speed-ups are against MAR with 100 DDPM steps at the same K: *faithful* is MAR's reference "
-        "chain, *tuned* the host-scalar chain (`fast_ddpm`). Quality of each technique: next section.",
-        "",
-    ]
-    for result in load_results(SPEED_BENCHMARK):
-        parts += result_heading(
+def _speed_entry(result: dict) -> list[str]:
+    return [
+        *result_heading(
             result["size"],
             result,
             f"{result['dtype']}, batch {result['batch']}, {result['seq_len']} tokens, CFG {result['cfg']}",
-        )
-        parts += [
-            markdown_table(
-                ["technique", "K", "s / batch", "images/s", "vs MAR-100 faithful", "vs MAR-100 tuned"],
+        ),
+        markdown_table(
+            ["technique", "K", "s / batch", "images/s", "vs MAR-100 faithful", "vs MAR-100 tuned"],
+            [
                 [
-                    [
-                        r["technique"],
-                        r["K"],
-                        f"{r['seconds']:.3f}",
-                        f"{r['images_per_s']:.3f}",
-                        *[f"{_ratio(result, r, ref):.2f}x" for ref in (MAR_FAITHFUL, MAR_TUNED)],
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-        ]
-    write_doc_section(SPEED_BENCHMARK, "\n".join(parts))
+                    r["technique"],
+                    r["K"],
+                    f"{r['seconds']:.3f}",
+                    f"{r['images_per_s']:.3f}",
+                    *[f"{_ratio(result, r, ref):.2f}x" for ref in (MAR_FAITHFUL, MAR_TUNED)],
+                ]
+                for r in result["rows"]
+            ],
+        ),
+        "",
+    ]
 
 
-def save_speed(result: dict, key: str) -> None:
-    save_result(SPEED_BENCHMARK, key, result)
-    render_speed_docs()
+SPEED_SECTION = DocSection(
+    SPEED_BENCHMARK,
+    "Sampling accelerations: speed (`benchmarks/sampling_speed.py --techniques`)",
+    _speed_entry,
+    (
+        "Tokens only (no decoding), FAR and MAR sharing one backbone's random weights, one process. "
+        "Speed-ups are against MAR with 100 DDPM steps at the same K: *faithful* is MAR's reference "
+        "chain, *tuned* the host-scalar chain (`fast_ddpm`). Quality of each technique: next section.",
+    ),
+)
 
 
 GRID_SEED = 1  # the grids show the first held-out seed's images
@@ -265,7 +254,7 @@ def run_pareto(args, device: torch.device) -> dict:
 
 
 def plot_pareto(result: dict, path: Path) -> None:
-    from far_scale.tracking.plots import new_axes, save_figure
+    from far_scale.tracking.plots import new_axes
 
     fig, axes = new_axes(2, figsize=(13, 5.5))
     for ax, metric, label in (
@@ -300,15 +289,13 @@ def plot_pareto(result: dict, path: Path) -> None:
         ax.set_xlabel("images / s (sampling + decoding, log scale)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    machine = result["machine"]
-    fig.suptitle(
+    save_result_figure(
+        fig,
+        path,
         f"CFG-matched sampling settings on trained {_size(result)} FAR and MAR (each at its best CFG;\n"
-        f"{result['seeds']} seeds x "
-        f"{result['num_images']} images, 95% intervals): {machine['name']}, {machine['torch_threads']} threads, "
-        f"{result['date']}",
-        fontsize=9,
+        f"{result['seeds']} seeds x {result['num_images']} images, 95% intervals)",
+        result,
     )
-    save_figure(fig, path)
 
 
 def _cache_cell(row: dict) -> str:
@@ -323,68 +310,67 @@ def _cache_cell(row: dict) -> str:
     return f"{100 * cache['cached_token_share']:.0f}% of tokens from a cache, z error {cache['z_error']:.3f}{guidance}"
 
 
-def render_pareto_docs() -> None:
-    parts = [
-        "## Sampling accelerations at matched guidance (`benchmarks/sampling_speed.py --pareto`)",
+def _pareto_entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    if result.get("protocol") != "cfg-matched":
+        return []  # the fixed-CFG study of 2026-11 compared settings at unequal effective guidance: withdrawn
+    steps = ", ".join(f"{k} {v} steps" for k, v in result["training_steps"].items())
+    data = DATA_LABELS.get(result.get("data", ""), result.get("data", ""))
+    parts += result_heading(
+        f"{_size(result)}{f', {data}' if data else ''} ({steps}),",
+        result,
+        f"{result['seeds']} seeds x {result['num_images']} images per setting; CFG swept over "
+        f"{', '.join(f'{c:g}' for c in result['cfgs'])} ({' and '.join(result['schedules'])}) on "
+        f"{result['select_images']} images",
+    )
+    parts += [
+        markdown_table(
+            ["technique", "K", "best CFG", "images/s", "class accuracy", "per-class FD", "FD", "caches"],
+            [
+                [
+                    r["technique"],
+                    r["K"],
+                    f"{r['cfg']:g} ({r['cfg_schedule']})",
+                    interval_cell(r, "images_per_s", 1),
+                    interval_cell(r, "accuracy", 3),
+                    interval_cell(r, "class_fd", 1),
+                    interval_cell(r, "fd", 2),
+                    _cache_cell(r),
+                ]
+                for r in result["rows"]
+            ],
+        ),
         "",
-        "Every setting, FAR's and MAR's, at its own best guidance: a sweep over CFG scales and both schedules on a "
-        "selection seed (best per-class Fréchet distance), then held-out sampling seeds at that setting, reported "
-        "as means with 95% t-intervals over the seeds. MAR gets every backbone-side acceleration FAR gets (token and "
-        "guidance caches, refreshed by revealed share; step anneal) plus its host-scalar DDPM chain. The cache column "
-        "is measured beside the true passes on one batch (`far_scale.models.cache_diagnostics`): a guidance cache "
-        "that over-guides shows an effective CFG above the nominal one.",
+        "Calibration of the benchmark: "
+        + "; ".join(f"{c['name']} accuracy {c['accuracy']:.3f}, FD {c['fd']:.2f}" for c in result["calibration"]),
+        "",
+        "The headline (quality within the reference's interval: accuracy at least its lower bound, per-class FD at "
+        "most its upper bound):",
+        "",
+        result["answer"],
+        "",
+        f"![sampling accelerations at matched guidance](img/{result['plot']})",
         "",
     ]
-    for result in load_results(PARETO_BENCHMARK):
-        if result.get("protocol") != "cfg-matched":
-            continue  # the fixed-CFG study of 2026-11 compared settings at unequal effective guidance: withdrawn
-        steps = ", ".join(f"{k} {v} steps" for k, v in result["training_steps"].items())
-        data = DATA_LABELS.get(result.get("data", ""), result.get("data", ""))
-        parts += result_heading(
-            f"{_size(result)}{f', {data}' if data else ''} ({steps}),",
-            result,
-            f"{result['seeds']} seeds x {result['num_images']} images per setting; CFG swept over "
-            f"{', '.join(f'{c:g}' for c in result['cfgs'])} ({' and '.join(result['schedules'])}) on "
-            f"{result['select_images']} images",
-        )
+    if result.get("grids"):
         parts += [
-            markdown_table(
-                ["technique", "K", "best CFG", "images/s", "class accuracy", "per-class FD", "FD", "caches"],
-                [
-                    [
-                        r["technique"],
-                        r["K"],
-                        f"{r['cfg']:g} ({r['cfg_schedule']})",
-                        interval_cell(r, "images_per_s", 1),
-                        interval_cell(r, "accuracy", 3),
-                        interval_cell(r, "class_fd", 1),
-                        interval_cell(r, "fd", 2),
-                        _cache_cell(r),
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
+            f"Samples of the headline's settings ({GRID_PER_CLASS} per class, one column per class, held-out "
+            f"seed {GRID_SEED}):",
             "",
-            "Calibration of the benchmark: "
-            + "; ".join(f"{c['name']} accuracy {c['accuracy']:.3f}, FD {c['fd']:.2f}" for c in result["calibration"]),
-            "",
-            "The headline (quality within the reference's interval: accuracy at least its lower bound, per-class FD at "
-            "most its upper bound):",
-            "",
-            result["answer"],
-            "",
-            f"![sampling accelerations at matched guidance](img/{result['plot']})",
+            f"![the headline's settings side by side](img/{result['grids']})",
             "",
         ]
-        if result.get("grids"):
-            parts += [
-                f"Samples of the headline's settings ({GRID_PER_CLASS} per class, one column per class, held-out "
-                f"seed {GRID_SEED}):",
-                "",
-                f"![the headline's settings side by side](img/{result['grids']})",
-                "",
-            ]
-    write_doc_section(PARETO_BENCHMARK, "\n".join(parts))
+    return parts
+
+
+PARETO_SECTION = DocSection(
+    PARETO_BENCHMARK,
+    "Sampling accelerations at matched guidance (`benchmarks/sampling_speed.py --pareto`)",
+    _pareto_entry,
+    (
+        "Every setting, FAR's and MAR's, at its own best guidance: a sweep over CFG scales and both schedules on a selection seed (best per-class Fréchet distance), then held-out sampling seeds at that setting, reported as means with 95% t-intervals over the seeds. MAR gets every backbone-side acceleration FAR gets (token and guidance caches, refreshed by revealed share; step anneal) plus its host-scalar DDPM chain. The cache column is measured beside the true passes on one batch (`far_scale.models.cache_diagnostics`): a guidance cache that over-guides shows an effective CFG above the nominal one.",
+    ),
+)
 
 
 def pareto_grids(result: dict, device: torch.device, path: Path) -> Path:
@@ -422,4 +408,4 @@ def save_pareto(result: dict, key: str, device: torch.device) -> None:
     result["grids"] = f"{PARETO_BENCHMARK}_grids_{key}.png"
     pareto_grids(result, device, IMG_DIR / result["grids"])
     plot_pareto(save_result(PARETO_BENCHMARK, key, result), IMG_DIR / result["plot"])
-    render_pareto_docs()
+    PARETO_SECTION.render()

@@ -50,14 +50,14 @@ from benchmarks.experiment import (
 )
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     command_line,
     describe_machine,
     interval_cell,
-    load_results,
     markdown_table,
     result_heading,
     save_result,
-    write_doc_section,
+    save_result_figure,
 )
 from far_scale.data.storage import write_atomic
 
@@ -312,7 +312,7 @@ def _millions(count: int) -> str:
 
 # ---- plots and grids ------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
-    from far_scale.tracking.plots import new_axes, save_figure
+    from far_scale.tracking.plots import new_axes
 
     fig, axes = new_axes(4, figsize=(22, 5))
     base = [r for r in result["records"] if not r["variant"]]
@@ -364,14 +364,13 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"{label} (lower is better)")
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
-    machine = result["machine"]
-    fig.suptitle(
+    save_result_figure(
+        fig,
+        path,
         f"FAR, MAR, FAR-Causal after {result['steps']} steps on real digits, every setting at its best CFG and "
-        f"temperature ({result['seeds']} seeds x {result['num_images']} images, 95% intervals): {machine['name']}, "
-        f"{result['date']}",
-        fontsize=9,
+        f"temperature ({result['seeds']} seeds x {result['num_images']} images, 95% intervals)",
+        result,
     )
-    save_figure(fig, path)
 
 
 def grids(result: dict, ws: Workspace, size: str, path: Path) -> Path:
@@ -411,77 +410,77 @@ def grids(result: dict, ws: Workspace, size: str, path: Path) -> Path:
 
 
 # ---- docs ------------------------------------------------------------------------------------------------------
-def render_docs() -> None:
-    parts = [
-        "## Scaling study: FAR, MAR and FAR-Causal at three sizes (`benchmarks/scaling_study.py`)",
+def _entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    parts += result_heading(
+        f"digits, {result['steps']} steps each,",
+        result,
+        f"{result['seeds']} seeds x {result['num_images']} images per setting; tuning over CFG "
+        f"{', '.join(f'{c:g}' for c in result['tuning']['cfgs'])} ({' and '.join(result['tuning']['schedules'])}) x "
+        f"temperature {', '.join(f'{t:g}' for t in result['tuning']['temperatures'])} on "
+        f"{result['tuning']['select_images']} images",
+    )
+    parts += ["The answer, per size:", "", *result["answer"], ""]
+    parts += [
+        markdown_table(
+            [
+                "size",
+                "model",
+                "parameters",
+                "training (min)",
+                "setting",
+                "best CFG, temperature",
+                "images/s",
+                *QUALITY_HEADER,
+            ],
+            [
+                [
+                    r["size"],
+                    r["model"],
+                    _millions(r["parameters"]["total"]),
+                    f"{r['train_seconds'] / 60:.1f}",
+                    f"{row['setting']}" + (f" K={row['K']}" if row["K"] else ""),
+                    f"{row['cfg']:g} ({row['cfg_schedule']}), {row['temperature']:g}",
+                    interval_cell(row, "images_per_s", 1),
+                    *quality_cells(row),
+                ]
+                for r in result["records"]
+                if not r["variant"]
+                for row in r["rows"]
+            ],
+        ),
         "",
-        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its "
-        "own best CFG scale, schedule and temperature from a sweep on a selection seed, then held-out seeds: means "
-        "with 95% t-intervals. Quality in two feature spaces: the benchmark's classifier and an autoencoder trained "
-        "on the same digits without labels (both pass the negative controls). Within an interval means accuracy at "
-        "least its lower bound and per-class FD at most its upper bound in both spaces.",
+        f"![scaling study](img/{result['plot']})",
         "",
     ]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
-            f"digits, {result['steps']} steps each,",
-            result,
-            f"{result['seeds']} seeds x {result['num_images']} images per setting; tuning over CFG "
-            f"{', '.join(f'{c:g}' for c in result['tuning']['cfgs'])} ({' and '.join(result['tuning']['schedules'])}) x "
-            f"temperature {', '.join(f'{t:g}' for t in result['tuning']['temperatures'])} on "
-            f"{result['tuning']['select_images']} images",
-        )
-        parts += ["The answer, per size:", "", *result["answer"], ""]
+    for size, image in result.get("grids", {}).items():
         parts += [
-            markdown_table(
-                [
-                    "size",
-                    "model",
-                    "parameters",
-                    "training (min)",
-                    "setting",
-                    "best CFG, temperature",
-                    "images/s",
-                    *QUALITY_HEADER,
-                ],
-                [
-                    [
-                        r["size"],
-                        r["model"],
-                        _millions(r["parameters"]["total"]),
-                        f"{r['train_seconds'] / 60:.1f}",
-                        f"{row['setting']}" + (f" K={row['K']}" if row["K"] else ""),
-                        f"{row['cfg']:g} ({row['cfg_schedule']}), {row['temperature']:g}",
-                        interval_cell(row, "images_per_s", 1),
-                        *quality_cells(row),
-                    ]
-                    for r in result["records"]
-                    if not r["variant"]
-                    for row in r["rows"]
-                ],
-            ),
+            f"Samples at {size} (MAR-100 | FAR | FAR-Causal; {GRID_PER_CLASS} per class, seed {GRID_SEED}):",
             "",
-            f"![scaling study](img/{result['plot']})",
+            f"![{size}](img/{image})",
             "",
         ]
-        for size, image in result.get("grids", {}).items():
-            parts += [
-                f"Samples at {size} (MAR-100 | FAR | FAR-Causal; {GRID_PER_CLASS} per class, seed {GRID_SEED}):",
-                "",
-                f"![{size}](img/{image})",
-                "",
-            ]
-        if any(r["variant"] for r in result["records"]):
-            parts += [
-                "### Diagnosis: FAR's knobs at the same budget",
-                "",
-                markdown_table(
-                    ["size", "FAR variant", "setting", "best CFG, temperature", *QUALITY_HEADER],
-                    diagnosis_rows(result["records"]),
-                ),
-                "",
-            ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+    if any(r["variant"] for r in result["records"]):
+        parts += [
+            "### Diagnosis: FAR's knobs at the same budget",
+            "",
+            markdown_table(
+                ["size", "FAR variant", "setting", "best CFG, temperature", *QUALITY_HEADER],
+                diagnosis_rows(result["records"]),
+            ),
+            "",
+        ]
+    return parts
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "Scaling study: FAR, MAR and FAR-Causal at three sizes (`benchmarks/scaling_study.py`)",
+    _entry,
+    (
+        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its own best CFG scale, schedule and temperature from a sweep on a selection seed, then held-out seeds: means with 95% t-intervals. Quality in two feature spaces: the benchmark's classifier and an autoencoder trained on the same digits without labels (both pass the negative controls). Within an interval means accuracy at least its lower bound and per-class FD at most its upper bound in both spaces.",
+    ),
+)
 
 
 def parse_args(argv=None):
@@ -578,7 +577,7 @@ def main(argv=None) -> None:
         grids(result, ws, size, IMG_DIR / image)
     saved = save_result(BENCHMARK, key, result)
     plot(saved, IMG_DIR / result["plot"])
-    render_docs()
+    SECTION.render()
     print("results: docs/benchmarks.md")
 
 

@@ -28,13 +28,12 @@ from benchmarks.experiment import (
     train,
 )
 from benchmarks.report import (
+    DocSection,
     command_line,
     describe_machine,
-    load_results,
     markdown_table,
     result_heading,
     save_result,
-    write_doc_section,
 )
 
 BENCHMARK = "shortcut_targets"
@@ -82,33 +81,39 @@ def evaluate(run_dir: Path, bench, args, distilled: bool) -> list[dict]:
     return rows
 
 
-def render_docs() -> None:
-    parts = ["## Self-consistency targets (`benchmarks/shortcut_targets.py`)", ""]
-    for result in load_results(BENCHMARK):
-        parts += result_heading(
-            f"tiny FAR on {data_label(result)}, {result['steps']} steps each,",
-            result,
-            f"K={result['num_iter']}, {result['num_images']} images per point",
-        )
-        parts += [
-            markdown_table(
-                [
-                    "targets",
-                    "EMA lag (steps, share of run)",
-                    "CFG at sampling",
-                    "O",
-                    "class accuracy",
-                    "Fréchet distance",
-                ],
-                [
-                    [v["name"], v["lag"], r["cfg"], r["O"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
-                    for v in result["variants"]
-                    for r in v["rows"]
-                ],
-            ),
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+def _entry(result: dict) -> list[str]:
+    parts: list[str] = []
+    parts += result_heading(
+        f"tiny FAR on {data_label(result)}, {result['steps']} steps each,",
+        result,
+        f"K={result['num_iter']}, {result['num_images']} images per point",
+    )
+    parts += [
+        markdown_table(
+            [
+                "targets",
+                "EMA lag (steps, share of run)",
+                "CFG at sampling",
+                "O",
+                "class accuracy",
+                "Fréchet distance",
+            ],
+            [
+                [v["name"], v["lag"], r["cfg"], r["O"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
+                for v in result["variants"]
+                for r in v["rows"]
+            ],
+        ),
+        "",
+    ]
+    return parts
+
+
+SECTION = DocSection(
+    BENCHMARK,
+    "Self-consistency targets (`benchmarks/shortcut_targets.py`)",
+    _entry,
+)
 
 
 def parse_args(argv=None):
@@ -154,7 +159,7 @@ def main(argv=None) -> None:
     if not args.no_docs:
         key = f"cpu_tiny_{args.steps}steps" if args.data == "synth" else f"cpu_tiny_{args.data}_{args.steps}steps"
         save_result(BENCHMARK, key, result)
-        render_docs()
+        SECTION.render()
         print("results: docs/benchmarks.md")
 
 
