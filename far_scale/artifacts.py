@@ -24,6 +24,7 @@ EMA_FILE = "ema.safetensors"
 RAW_FILE = "model.safetensors"  # exports only (DeepSpeed's consolidated fp32 weights)
 TARGET_EMA_FILE = "target_ema.safetensors"
 POSTHOC_EMA_FILE = "posthoc_ema.safetensors"  # the tracked power-function EMAs, fp32 (ema.posthoc)
+CODEC_DIR = "codec"  # exports only: a copy of the codec's weights (file, or directory for sd-vae)
 FILES_FILE = "files.json"  # size and sha256 of every file of the checkpoint, checked before loading
 LATEST = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -64,6 +65,15 @@ class DataInfo:
     scale: float
     codec: dict
     normalization: Optional[dict] = None
+
+
+def codec_weights_path(codec: dict, folder: Path) -> Path:
+    """Where a meta record's codec weights are: a relative path (an export's ``codec/`` copy, or a manifest written
+    with a relative path) is taken relative to ``folder`` when it exists there, else as given."""
+    path = Path(codec["weights_path"])
+    if not path.is_absolute() and (folder / path).exists():
+        return folder / path
+    return path
 
 
 @dataclass(frozen=True)
@@ -183,9 +193,14 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     if (path / META_FILE).is_file():
         meta = RunMeta.read(path / META_FILE)
         return CheckpointRef(path.parent, path.name, meta.step, meta.world_size)
+    if (path / CONFIG_FILE).is_file():
+        raise ArtifactError(
+            f"{path} is a run directory without a checkpoint yet ({path / CHECKPOINTS_DIR / LATEST} does not exist): "
+            "train until the first checkpoint (checkpoint.interval_steps, or a stop request), then sample"
+        )
     raise FileNotFoundError(
         f"no checkpoint at {path}: expected a run directory, a checkpoints directory with "
-        f"{LATEST}, or a step_* directory"
+        f"{LATEST}, a step_* directory or an export folder"
     )
 
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse_command(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """A command line as ``far-scale`` reads it (argparse's exit on a bad one)."""
     parser = build_parser()
     # Overrides may come after options (`check-config R --world-size 8 optim.lr=1e-4`):
     # argparse stops filling a positional list at the first option, so collect the rest here.
@@ -49,6 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if extra:
             args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_command(argv)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from far_scale.data.images import IMAGE_EXTENSIONS
+
 
 def _data_synth(args: argparse.Namespace) -> int:
     from data_prep.synth import SynthSpec, write_dataset
@@ -41,6 +43,8 @@ def _data_fit_codec(args: argparse.Namespace) -> int:
         args.max_patches,
         args.seed,
         args.class_map,
+        args.skip_unreadable,
+        report=True,
     )
     print(
         f"wrote {args.out}: {codec.info.name} codec, {codec.info.seq_len} tokens x {codec.info.token_dim}, "
@@ -59,17 +63,18 @@ def _data_encode(args: argparse.Namespace) -> int:
         precision=args.precision,
         slot=WorkerSlot.from_env(args.worker_id, args.num_workers),
         progress=not args.quiet,
+        overwrite=args.overwrite,
+        skip_unreadable=args.skip_unreadable,
     )
     print(run_encode(job))
     return 0
 
 
 def _data_manifest(args: argparse.Namespace) -> int:
-    from data_prep.encode import job_images, try_write_manifest
-    from far_scale.codecs import load_codec
+    from data_prep.encode import job_codec, job_images, try_write_manifest
 
     job = _encode_job(args)
-    codec = load_codec(job.codec, job.codec_weights, job.image_size, job.patch_size)
+    codec = job_codec(job)
     manifest = try_write_manifest(job, job_images(job), codec)
     if manifest is None:
         print(
@@ -95,7 +100,7 @@ def _data_restat(args: argparse.Namespace) -> int:
 def _data_verify(args: argparse.Namespace) -> int:
     from data_prep.verify import verify_dataset
 
-    report = verify_dataset(args.url, args.codec_weights, progress=not args.quiet)
+    report = verify_dataset(args.url, args.codec_weights, progress=not args.quiet, decode=not args.no_decode)
     print(report)
     return 0 if report.ok else 1
 
@@ -125,10 +130,17 @@ def _encode_job(args: argparse.Namespace, **extra):
     )
 
 
+FORMATS_HELP = "image files: " + ", ".join(f"*{e}" for e in IMAGE_EXTENSIONS) + " (any case; a GIF's first frame)"
+
+
 def _add_encode_args(parser: argparse.ArgumentParser) -> None:
     from far_scale.codecs import CODEC_NAMES
 
-    parser.add_argument("src", help="image folder in ImageNet layout (SRC/train/<class>/*.JPEG)")
+    parser.add_argument(
+        "src",
+        help=f"image folder in ImageNet layout (SRC/train/<class>/<images> or SRC/<class>/<images>); {FORMATS_HELP}; "
+        "hidden files and folders are never read, other files are skipped and reported",
+    )
     parser.add_argument("dst", help="output directory or URL (/path, file://..., s3://bucket/prefix)")
     parser.add_argument("--codec", choices=CODEC_NAMES, required=True)
     parser.add_argument(
@@ -185,7 +197,7 @@ def add_commands(commands) -> None:
     digits.set_defaults(handler=_data_digits)
 
     fit = sub.add_parser("fit-codec", help="fit the offline PCA codec on an image folder")
-    fit.add_argument("src")
+    fit.add_argument("src", help=f"image folder in ImageNet layout; {FORMATS_HELP}")
     fit.add_argument("out", help="weights file to write (.safetensors)")
     fit.add_argument("--image-size", type=int, default=64)
     fit.add_argument("--patch-size", type=int, default=8, help="image patch per token")
@@ -194,6 +206,11 @@ def add_commands(commands) -> None:
     fit.add_argument("--max-patches", type=int, default=200_000)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--class-map", default=None)
+    fit.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out images that cannot be decoded (named) instead of stopping",
+    )
     fit.set_defaults(handler=_data_fit_codec)
 
     encode = sub.add_parser(
@@ -209,6 +226,17 @@ def add_commands(commands) -> None:
     encode.add_argument("--worker-id", type=int, default=None)
     encode.add_argument("--num-workers", type=int, default=None)
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite every shard of this worker (and the manifest) even where DST holds shards of another codec "
+        "or of other images; without it such shards are refused",
+    )
+    encode.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="go on without images that cannot be decoded; they are named and recorded in the manifest",
+    )
     encode.set_defaults(handler=_data_encode)
 
     manifest = sub.add_parser("manifest", help="write manifest.json once every worker's shards are complete")
@@ -229,6 +257,9 @@ def add_commands(commands) -> None:
     verify = sub.add_parser("verify", help="re-read every shard, check counts and sha256, decode a sample each")
     verify.add_argument("url")
     verify.add_argument("--codec-weights", default=None, help="override the codec weights path in the manifest")
+    verify.add_argument(
+        "--no-decode", action="store_true", help="check shards without decoding a sample (no codec weights needed)"
+    )
     verify.add_argument("--quiet", action="store_true")
     verify.set_defaults(handler=_data_verify)
 

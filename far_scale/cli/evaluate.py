@@ -133,6 +133,11 @@ def _eval_offline_setup(args: argparse.Namespace) -> int:
     path, bench, reused = build_benchmark(
         args.images, args.cache_dir, args.data, _benchmark_settings(args), args.codec_weights
     )
+    if args.out:
+        from far_scale.data.storage import write_atomic
+
+        write_atomic(Path(args.out), path.read_bytes())
+        path = Path(args.out)
     print(
         f"{'reused' if reused else 'wrote'} {path}: classifier of {bench.meta['num_classes']} classes, "
         f"train accuracy {bench.meta['train_accuracy']:.3f}, held-out accuracy {bench.meta['holdout_accuracy']:.3f}; "
@@ -233,13 +238,17 @@ def add_commands(commands) -> None:
 
     setup = sub.add_parser(
         "offline-setup",
-        help="train the offline benchmark's classifier and calibrate it (cached by a checksum of data and settings)",
+        help="train the offline benchmark's classifier and autoencoder and calibrate them (cached by a checksum of "
+        "data and settings)",
     )
     setup.add_argument("images", help="the real image folder (ImageNet layout), e.g. from far-scale data synth")
     setup.add_argument(
         "--data", default=None, help="latent dataset URL: its codec calibrates reconstructions and random-latent images"
     )
     setup.add_argument("--cache-dir", default="runs/eval-cache")
+    setup.add_argument(
+        "--out", default=None, help="also write the benchmark file here (a stable path for recipes and scripts)"
+    )
     setup.add_argument("--codec-weights", default=None)
     setup.add_argument(
         "--image-size",

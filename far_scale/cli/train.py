@@ -22,7 +22,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from far_scale.train.run import run_training
 
-    return run_training(args.recipe, args.overrides)
+    return run_training(args.recipe, args.overrides, args.allow_config_change)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -34,6 +34,7 @@ def _export(args: argparse.Namespace) -> int:
         include_raw=not args.ema_only,
         ema_sigma_rel=args.ema_sigma_rel,
         ema_decay=args.ema_decay,
+        overwrite=args.overwrite,
     )
     print(f"exported {args.checkpoint} to {out}")
     return 0
@@ -198,12 +199,21 @@ def add_train_and_export(commands) -> None:
     )
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a checkpoint under a recipe that differs from the one it was trained with (otherwise refused, "
+        "naming the keys); the change is recorded in <run>/config_changes.jsonl and in MLflow",
+    )
     train.set_defaults(handler=_train)
 
     export = commands.add_parser("export", help="write EMA (and raw) weights as safetensors + config")
     export.add_argument("checkpoint", help="run directory, checkpoints directory or step_* directory")
     export.add_argument("out")
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OUT (otherwise a non-empty OUT is refused)"
+    )
     length = export.add_mutually_exclusive_group()
     length.add_argument(
         "--ema-sigma-rel",

@@ -17,7 +17,7 @@ from far_scale.codecs.base import Codec, CodecError, CodecInfo, check_weights_fi
 from far_scale.data.storage import write_atomic
 
 NAME = "pca"
-HOW_TO_GET = "Create it with `far-scale data fit-codec SRC OUT --codec pca`."
+HOW_TO_GET = "Create it with `far-scale data fit-codec SRC OUT`."
 
 
 class PCACodec(Codec):

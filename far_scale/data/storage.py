@@ -15,8 +15,9 @@ from typing import IO, Iterator, Optional
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from far_scale.secrets import MASK, is_secret_name
+
 PARTIAL_SUFFIX = ".partial"
-_SECRET_OPTION = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -92,13 +93,13 @@ def redact_command(argv: list[str]) -> list[str]:
     redacted, hide_next = [], False
     for item in argv:
         if hide_next:
-            redacted.append("***")
+            redacted.append(MASK)
             hide_next = False
             continue
         name, sep, _ = item.partition("=")
-        if name.startswith("-") and _SECRET_OPTION.search(name):
+        if name.startswith("-") and is_secret_name(name):
             if sep:
-                redacted.append(f"{name}=***")
+                redacted.append(f"{name}={MASK}")
             else:
                 redacted.append(item)
                 hide_next = True

@@ -62,7 +62,7 @@ def load_reference(path: str | Path) -> tuple[FeatureStats, Optional[np.ndarray]
         raise FileNotFoundError(
             f"reference statistics not found: {path}. Use ADM's reference batch "
             "(VIRTUAL_imagenet256_labeled.npz, from openai/guided-diffusion's evaluations) or "
-            "write your own with `far-scale eval ref-stats SOURCE --out STATS.npz`."
+            "write your own with `far-scale eval ref-stats SOURCE --out STATS.npz --inception WEIGHTS`."
         )
     with np.load(path, allow_pickle=False) as data:
         if "mu" not in data.files or "sigma" not in data.files:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from far_scale.artifacts import META_FILE, RunMeta, open_weights
+from far_scale.artifacts import META_FILE, RunMeta, codec_weights_path, open_weights
 from far_scale.codecs import load_manifest_codec
 from far_scale.codecs.base import sha256_file
 from far_scale.config.loader import ConfigError, config_from_yaml
@@ -108,9 +108,8 @@ def build_generator(
     normalization = LatentNormalization.from_record(
         data.normalization, data.scale, data.token_dim, f"{loaded.weights.parent / META_FILE}"
     )
-    return ImageGenerator(
-        loaded.model, load_manifest_codec(data.codec), normalization, options, device, precision, replay
-    )
+    codec = {**data.codec, "weights_path": str(codec_weights_path(data.codec, loaded.weights.parent))}
+    return ImageGenerator(loaded.model, load_manifest_codec(codec), normalization, options, device, precision, replay)
 
 
 class SampleStore:

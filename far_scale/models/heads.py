@@ -180,11 +180,6 @@ class ShortcutHead(nn.Module):
         With ``z_unconditional`` (guidance distillation), half steps at the finest level are guided:
         v_u + w (v_c - v_u); coarser half steps come from levels that already learned the guided flow.
         """
-        if self.clip_value is None:
-            raise ValueError(
-                "the shortcut head's clip_value is unresolved (model.head.clip_value=auto on data without known "
-                "extremes): build the model from a manifest with per-dimension extremes or set a number"
-            )
         half_level = level + 1
         half = step_size(half_level).to(x_t.dtype)[:, None]
         guided_rows = (half_level == num_level_bits(self.num_levels))[:, None]
@@ -198,9 +193,14 @@ class ShortcutHead(nn.Module):
             return torch.where(guided_rows, guided, conditional)
 
         s1 = half_step_velocity(x_t, t)
-        x_mid = (x_t + half * s1).clamp(-self.clip_value, self.clip_value)
+        x_mid = self._clip(x_t + half * s1)
         s2 = half_step_velocity(x_mid, t + half[:, 0].double())
-        return ((s1 + s2) / 2).clamp(-self.clip_value, self.clip_value)
+        return self._clip((s1 + s2) / 2)
+
+    def _clip(self, values: torch.Tensor) -> torch.Tensor:
+        """The bootstrap guard; None (a model built without the data's reach, e.g. on synthetic tokens) clamps
+        nothing, like MAR. Training from a manifest always resolves it (``planning.builder.resolve_clip_value``)."""
+        return values if self.clip_value is None else values.clamp(-self.clip_value, self.clip_value)
 
     def loss(
         self,

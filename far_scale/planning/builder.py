@@ -25,8 +25,8 @@ the bound leaves every velocity x1 - x0 from a real token x1 reachable."""
 
 def resolve_clip_value(head: HeadConfig, data: DataSpec) -> Optional[float]:
     """The shortcut head's clamp: the recipe's number, or for ``auto`` the data's largest |token| plus
-    ``NOISE_REACH``; None where ``auto`` meets data without known extremes (sampling builds need no clamp; the
-    plan refuses to train so)."""
+    ``NOISE_REACH``; None (no clamp) where ``auto`` meets a data shape without known extremes (sampling builds,
+    synthetic tokens in tests and benchmarks); training from a manifest without extremes is refused by the plan."""
     if head.clip_value != "auto":
         return float(head.clip_value)
     return None if data.latent_bound is None else data.latent_bound + NOISE_REACH

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from far_scale.secrets import MASK, is_secret_name
 from far_scale.tracking.system_metrics import is_server, server_answers
 
 log = logging.getLogger("far_scale.tracking")
@@ -25,7 +26,6 @@ MAX_BUFFERED_METRICS = 200_000
 RETRY_INTERVAL_S = 30.0
 CLOSE_FIRST_WAIT_S = 1.0  # close() retries after 1, 2, 4, ... s (at most RETRY_INTERVAL_S)
 MAX_PARAM_LENGTH = 500
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
 # MLflow 3 opens experiments by kind; without this tag its UI shows far-scale's runs in the GenAI view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -43,7 +43,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in params.items()}
+    """``params`` with the values of secret names masked (``far_scale.secrets``: whole words at the end of a name,
+    so ``token_dim`` stays)."""
+    return {k: (MASK if is_secret_name(k) else v) for k, v in params.items()}
 
 
 def default_tracking_uri(run_dir: Path) -> str:

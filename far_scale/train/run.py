@@ -19,14 +19,14 @@ def configure_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_training(recipe: str, overrides: Sequence[str]) -> int:
+def run_training(recipe: str, overrides: Sequence[str], allow_config_change: bool = False) -> int:
     cfg = load_config(recipe, overrides)
     env = init_distributed(cfg.run.device, cfg.parallel.process_group_timeout_min)
     configure_logging(env.rank)
     from far_scale.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, allow_config_change)
         trainer.setup()
         return trainer.train()
     finally:

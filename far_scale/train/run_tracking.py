@@ -74,6 +74,10 @@ class RunTracking:
         if self.tracker is not None:
             self.tracker.set_tags(tags)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_params(params)
+
     def close(self, status: str, wait: bool = True) -> None:
         if self.node_metrics is not None:
             self.node_metrics.finish()

@@ -34,6 +34,7 @@ from far_scale.planning.builder import build_model
 from far_scale.planning.plan import DataSource, plan_for
 from far_scale.train import checkpoint as ckpt
 from far_scale.train.checkpointer import Checkpointer
+from far_scale.train.config_drift import check_resume, record_changes
 from far_scale.train.ema import EMA
 from far_scale.train.evaluator import TrainingEvaluator
 from far_scale.train.memory import peak_growth, report_memory
@@ -57,8 +58,9 @@ class Trainer:
     """Set-up, micro-step, step and loop; the checkpoint protocol, the target network, tracking, the step
     records and evaluation are components it conducts (see docs/architecture.md)."""
 
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, allow_config_change: bool = False):
         self.cfg, self.env = cfg, env
+        self.allow_config_change = allow_config_change
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.checkpointer = Checkpointer(cfg.checkpoint.url, self.run_dir, env, cfg.checkpoint.keep_last)
         self.tracking = RunTracking(cfg, self.run_dir, env)
@@ -72,8 +74,6 @@ class Trainer:
     def setup(self) -> None:
         cfg, env, par = self.cfg, self.env, self.cfg.parallel
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if env.is_main:
-            write_atomic(self.run_dir / ckpt.CONFIG_FILE, self.config_yaml)
         self.checkpointer.check_writable()
         manifest = read_manifest(cfg.data.url)
         source = DataSource.from_manifest(manifest, f"{cfg.data.url.rstrip('/')}/{MANIFEST_NAME}", cfg.data.normalize)
@@ -121,6 +121,10 @@ class Trainer:
         if par.compile:
             compile_model(model)
         resume = self.checkpointer.locate(par.zero_stage)
+        # A resume under another recipe is refused (every rank raises alike) before config.yaml is rewritten.
+        changes = check_resume(resume.ref.path / ckpt.CONFIG_FILE, cfg, self.allow_config_change) if resume else {}
+        if env.is_main:
+            write_atomic(self.run_dir / ckpt.CONFIG_FILE, self.config_yaml)
         groups = parameter_groups(model, cfg.optim.weight_decay)
         self.group_settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self.engine = ds.build_engine(
@@ -146,6 +150,11 @@ class Trainer:
             {"config": cfg.model_dump(mode="json"), "derived": self.plan.as_dict()},
             self.run_dir / ckpt.CONFIG_FILE,
         )
+        if changes and env.is_main:
+            record = record_changes(self.run_dir, self.step, changes)
+            self.tracking.set_tags(record["tags"])
+            self.tracking.log_params(record["params"])
+            print(f"config changed on resume at step {self.step}: {', '.join(changes)} (recorded)", flush=True)
         self.evaluator = TrainingEvaluator(cfg, env, self.plan, self.data, self.data_info, self.run_dir, self.tracking)
         self.step_log = StepLog.for_run(self.run_dir, env, self.lr_at, self.plan, self.data.seq_len)
         self._print_plan(resume)

@@ -19,12 +19,20 @@ RUN_AS_WRITTEN = ("check-config",)
 DRY_RUN = ("launch slurm", "launch slurm-encode")
 
 
+DEFAULTED = re.compile(r"^(\w+)=\$\{\1:-([^}]*)\}", re.M)
+"""A doc's shell defaults (``OWN=${OWN:-runs/own}``): its commands are checked with those values."""
+
+
 def _commands() -> list[tuple[str, str]]:
     found = []
     for doc in DOCS:
-        for block in BLOCK.findall(doc.read_text()):
+        text = doc.read_text()
+        defaults = dict(DEFAULTED.findall(text))
+        for block in BLOCK.findall(text):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #", 1)[0].strip()
+                for name, value in defaults.items():
+                    line = line.replace(f"${name}", value)
                 if line.startswith(("far-scale ", "make ")):
                     found.append((doc.name, line))
     return found

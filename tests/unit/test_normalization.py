@@ -172,7 +172,12 @@ def test_clamp_lets_the_midpoint_and_target_reach_a_token_the_data_holds(monkeyp
         torch.testing.assert_close(seen[1], midpoint)
 
 
-def test_unresolved_clamp_refuses_to_train():
+def test_a_model_built_without_the_datas_reach_clamps_nothing():
+    """auto on a data shape with no extremes (synthetic tokens): no clamp, like MAR; a far target is kept whole."""
     head = _head(None)
-    with pytest.raises(ValueError, match="clip_value is unresolved"):
-        head.loss(torch.randn(8, 2), torch.randn(8, 8))
+    with torch.no_grad():
+        head.net.final.linear.bias.copy_(torch.tensor([30.0, -30.0]))
+    target = head.consistency_target(
+        torch.zeros(1, 2), torch.zeros(1, dtype=torch.float64), torch.tensor([0]), torch.zeros(1, 8)
+    )
+    torch.testing.assert_close(target, torch.tensor([[30.0, -30.0]]))
