@@ -27,6 +27,7 @@ def _sample(args: argparse.Namespace) -> int:
             args.grid_images,
             not args.no_latency,
             (*shorthands, *args.overrides),
+            args.tracking_uri,
         )
     )
     if report:
@@ -280,7 +281,14 @@ def add_sample(commands) -> None:
         "ranks (run it under torchrun / far-scale launch to split the batches). Finished batches are kept "
         "under OUT/parts, so a re-run after a kill samples only what is missing. EMA weights by default.",
     )
-    sample.add_argument("source", help="export directory (far-scale export) or run / checkpoints directory")
+    sample.add_argument(
+        "source",
+        help="export directory (far-scale export), run / checkpoints directory, or a registered model "
+        "models:/NAME/VERSION (far-scale export --register)",
+    )
+    sample.add_argument(
+        "--tracking-uri", default=None, help="the registry of a models:/ source (default: MLFLOW_TRACKING_URI)"
+    )
     sample.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, report.json")
     sample.add_argument("--num-images", type=int, default=100, help="images in total (N / classes per class)")
     sample.add_argument("--batch-size", type=int, default=50)

@@ -28,16 +28,46 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from far_scale.train.export import export_checkpoint
 
+    source = args.checkpoint
+    if args.best:
+        from far_scale.tracking.model_table import best_logged_checkpoint
+
+        best = best_logged_checkpoint(args.checkpoint, args.best, args.tracking_uri)
+        print(f"best checkpoint of {args.checkpoint} by {args.best}: step {best.step} ({best.metrics[args.best]:.4g})")
+        source = best.location
     out = export_checkpoint(
-        args.checkpoint,
+        source,
         args.out,
         include_raw=not args.ema_only,
         ema_sigma_rel=args.ema_sigma_rel,
         ema_decay=args.ema_decay,
         overwrite=args.overwrite,
     )
-    print(f"exported {args.checkpoint} to {out}")
+    print(f"exported {source} to {out}")
+    if args.register:
+        from far_scale.tracking.registry import register_export
+
+        uri, run_id, experiment = _registry_of(out, args.tracking_uri)
+        registered = register_export(out, args.register, uri, run_id, experiment)
+        print(f"registered {out} as {registered.uri} at {uri}")
     return 0
+
+
+def _registry_of(export, tracking_uri):
+    """(tracking URI, training run id, experiment) for registering an export: the run's own MLflow store unless
+    ``--tracking-uri`` names another (the model is then not tied to a run there)."""
+    import json
+    from pathlib import Path
+
+    from far_scale.artifacts import META_FILE
+    from far_scale.config.loader import load_config
+    from far_scale.tracking.mlflow_tracker import default_tracking_uri
+
+    cfg = load_config(Path(export) / "config.yaml")
+    own = cfg.tracking.uri or default_tracking_uri(Path(cfg.run.output_dir) / cfg.run.name)
+    uri = tracking_uri or own
+    run_id = json.loads((Path(export) / META_FILE).read_text()).get("mlflow_run_id") if uri == own else None
+    return uri, run_id, cfg.tracking.experiment
 
 
 def _launch_local(args: argparse.Namespace) -> int:
@@ -213,6 +243,21 @@ def add_train_and_export(commands) -> None:
     export.add_argument("--ema-only", action="store_true", help="skip consolidating the raw DeepSpeed weights")
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing OUT (otherwise a non-empty OUT is refused)"
+    )
+    export.add_argument(
+        "--best",
+        metavar="METRIC",
+        default=None,
+        help="export the run's best logged checkpoint by METRIC (e.g. eval/fd) instead of its latest",
+    )
+    export.add_argument(
+        "--register",
+        metavar="NAME",
+        default=None,
+        help="also log the export as a new version of the registered model NAME (load it with models:/NAME/VERSION)",
+    )
+    export.add_argument(
+        "--tracking-uri", default=None, help="MLflow store of --best and --register (default: the run's own)"
     )
     length = export.add_mutually_exclusive_group()
     length.add_argument(

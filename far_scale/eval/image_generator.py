@@ -97,8 +97,11 @@ class ImageGenerator:
         )
 
     def images(self, job: SamplingJob, indices: np.ndarray) -> ImageBatch:
-        labels = job.labels(indices)
-        noise = SamplingNoise.per_image(self.model, self.options, job.image_seeds(indices), self.device)
+        return self.images_for(job.labels(indices), job.image_seeds(indices))
+
+    def images_for(self, labels: np.ndarray, seeds: list[int]) -> ImageBatch:
+        """Images of classes ``labels``, one per image seed (the same image whatever else is in the batch)."""
+        noise = SamplingNoise.per_image(self.model, self.options, seeds, self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             tokens = generate(
                 self.model, torch.from_numpy(labels).to(self.device), self.options, noise, self.replay

@@ -39,6 +39,7 @@ GRID_FILE = "grid.png"
 REPORT_FILE = "report.json"
 SETTINGS_FILE = "settings.json"
 PARTS_DIR = "parts"
+REGISTRY_CACHE = "registered-model"  # a models:/ source's download, under OUT
 EVAL_PREFIX = "eval."
 
 
@@ -58,6 +59,8 @@ class SampleRequest:
     overrides: tuple[str, ...] = ()
     """Dotted ``eval.*`` overrides of the run's recipe, e.g. ``eval.num_iter=16 eval.backbone_refresh_every=4``:
     the only way sampling settings come in (``far-scale sample --num-iter 16`` is a shorthand for the first)."""
+    tracking_uri: Optional[str] = None
+    """Where a ``models:/NAME/VERSION`` source is registered (default: ``MLFLOW_TRACKING_URI``)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class LoadedModel:
     meta: RunMeta
     cfg: object
     weights: Path
+
+
+def is_registry_uri(source) -> bool:
+    """A ``models:/NAME/VERSION`` source (``far_scale.tracking.registry``)."""
+    return str(source).startswith("models:/")
 
 
 def load_sampling_model(
@@ -170,7 +178,15 @@ def run_sampling(request: SampleRequest) -> dict:
         )
     else:
         device = torch.device(request.device)
-    loaded = load_sampling_model(request.source, request.raw_weights, device, request.overrides)
+    source = request.source
+    if is_registry_uri(source):
+        import os
+
+        from far_scale.tracking.registry import download_export
+
+        uri = request.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        source = download_export(source, uri, Path(request.out) / REGISTRY_CACHE)
+    loaded = load_sampling_model(source, request.raw_weights, device, request.overrides)
     generator = build_generator(loaded, device, request.precision)
     job = SamplingJob(request.num_images, loaded.meta.data.num_classes, request.batch_size, request.seed)
     store = SampleStore(request.out)

@@ -41,6 +41,8 @@ SPEED_METRIC = "eval/images_per_s"
 OBJECTIVE_PARAMS = ("config.model.arch", "config.model.head.noise_schedule")
 YARDSTICK_PARAMS = ("config.eval.benchmark", "config.eval.inception_weights", "config.eval.reference_stats")
 MAX_SHOWN_VALUE = 60  # characters of a parameter value in the table
+INTERVAL_SUFFIXES = ("_lo", "_hi")  # a metric's 95% interval, logged beside it (eval/fd_lo, eval/fd_hi)
+NO_DIFFERENCE = "no significant difference: the 95% intervals overlap"
 
 
 @dataclass
@@ -52,12 +54,20 @@ class RunRecord:
     start_ms: int
     history: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
     """metric -> [(step, timestamp ms, value)] sorted by step."""
+    intervals: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    """metric -> step -> its 95% interval (from the ``<metric>_lo`` / ``_hi`` metrics logged beside it)."""
     best_ema_length: Optional[str] = None
     """From its post-hoc EMA sweep (``eval sweep --ema-sigma-rel`` child runs): the best sigma_rel and score."""
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.run_id[:8]})"
+
+    def last_interval(self, metric: str) -> Optional[tuple[float, float]]:
+        """The interval of ``metric``'s last value, if one was logged at that step."""
+        if metric not in self.history:
+            return None
+        return self.intervals.get(metric, {}).get(self.history[metric][-1][0])
 
 
 def higher_is_better(metric: str) -> bool:
@@ -78,7 +88,16 @@ def _record(client, uri: str, run, metrics: Sequence[str]) -> RunRecord:
         if metric in run.data.metrics:
             points = client.get_metric_history(run.info.run_id, metric)
             record.history[metric] = sorted((m.step, m.timestamp, m.value) for m in points)
+            bounds = [f"{metric}{INTERVAL_SUFFIXES[0]}", f"{metric}{INTERVAL_SUFFIXES[1]}"]
+            if all(b in run.data.metrics for b in bounds):
+                low, high = ({m.step: m.value for m in client.get_metric_history(run.info.run_id, b)} for b in bounds)
+                record.intervals[metric] = {step: (low[step], high[step]) for step in low if step in high}
     return record
+
+
+def intervals_apart(best: tuple[float, float], others: Sequence[tuple[float, float]]) -> bool:
+    """Whether interval ``best`` overlaps none of ``others``."""
+    return all(best[1] < low or best[0] > high for low, high in others)
 
 
 EMA_SWEEP_PARAM = "ema_sigma_rel"  # far_scale.eval.sweep.SweepPoint's field, logged as a child-run param
@@ -167,6 +186,7 @@ class MetricSummary:
     best: dict[str, Optional[float]]  # run id -> best value over its history
     winner: Optional[str]  # run id with the best last value
     not_comparable: str = ""  # why no winner is marked although several runs have the metric
+    interval: dict[str, Optional[tuple[float, float]]] = field(default_factory=dict)  # run id -> last value's interval
 
 
 def meaning_params(metric: str) -> tuple[str, ...]:
@@ -199,10 +219,23 @@ def summarize(records: Sequence[RunRecord], metrics: Sequence[str]) -> list[Metr
         last = {r.run_id: r.history[metric][-1][2] if metric in r.history else None for r in records}
         best = {r.run_id: pick(v for _, _, v in r.history[metric]) if metric in r.history else None for r in records}
         candidates = {k: v for k, v in last.items() if v is not None}
+        interval = {r.run_id: r.last_interval(metric) for r in records}
         reason = incomparable_reason(records, metric) if len(candidates) > 1 else ""
         winner = pick(candidates, key=candidates.get) if len(candidates) > 1 and not reason else None
-        summaries.append(MetricSummary(metric, last, best, winner, reason))
+        if winner is not None and interval[winner] is not None:
+            others = [interval[k] for k in candidates if k != winner]
+            if None not in others and not intervals_apart(interval[winner], others):
+                winner, reason = None, NO_DIFFERENCE
+        summaries.append(MetricSummary(metric, last, best, winner, reason, interval))
     return summaries
+
+
+def value_cell(value: Optional[float], interval: Optional[tuple[float, float]] = None, mark: str = "") -> str:
+    """A value with its 95% interval when it has one: ``7.62 [6.1, 9.4] *``."""
+    if value is None:
+        return "-"
+    bounds = f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval is not None else ""
+    return f"{value:.4g}{bounds}{mark}"
 
 
 def _short(value: Optional[str]) -> str:
@@ -230,7 +263,7 @@ def comparison_rows(
         for summary in summaries:
             value, best = summary.last[record.run_id], summary.best[record.run_id]
             mark = " *" if summary.winner == record.run_id else ""
-            row += ["-" if value is None else f"{value:.4g}{mark}", "-" if best is None else f"{best:.4g}"]
+            row += [value_cell(value, summary.interval.get(record.run_id), mark), value_cell(best)]
         if lengths:
             row.append(record.best_ema_length or "-")
         rows.append(row)
@@ -251,10 +284,21 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series, log_x: bool = False) -> Path:
-    """One overlay plot; ``series`` = [(label, xs, ys)]. Returns the PNG path."""
+    """One overlay plot; ``series`` = [(label, xs, ys)] or [(label, xs, ys, intervals)] with a (low, high) or None
+    per point, drawn as error bars: the axis then spans at least the intervals, so a difference inside the noise
+    never looks like a cliff. Returns the PNG path."""
     fig, ax = new_axes()
-    for label, xs, ys in series:
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    for label, xs, ys, *rest in series:
+        marker = "o" if len(xs) < 30 else None
+        bounds = rest[0] if rest else None
+        if bounds and any(b is not None for b in bounds):
+            errors = [
+                [y - b[0] if b else 0 for y, b in zip(ys, bounds)],
+                [b[1] - y if b else 0 for y, b in zip(ys, bounds)],
+            ]
+            ax.errorbar(xs, ys, yerr=errors, marker=marker, markersize=3, capsize=3, label=f"{label} (95% intervals)")
+        else:
+            ax.plot(xs, ys, marker=marker, markersize=3, label=label)
     return save_axes(fig, ax, path, title, xlabel, ylabel, log_x)
 
 
@@ -303,7 +347,15 @@ def write_plots(records: Sequence[RunRecord], out: Path) -> list[Path]:
                 f"{metric} during training ({direction} is better)",
                 "optimizer step",
                 metric,
-                [(r.label, [s for s, _, _ in r.history[metric]], [v for _, _, v in r.history[metric]]) for r in runs],
+                [
+                    (
+                        r.label,
+                        [s for s, _, _ in r.history[metric]],
+                        [v for _, _, v in r.history[metric]],
+                        [r.intervals.get(metric, {}).get(s) for s, _, _ in r.history[metric]],
+                    )
+                    for r in runs
+                ],
             )
         )
         paired = [r for r in runs if SPEED_METRIC in r.history]
@@ -314,7 +366,15 @@ def write_plots(records: Sequence[RunRecord], out: Path) -> list[Path]:
                     f"Sampling speed vs {metric} (last evaluation)",
                     "images / s (sampling + decoding)",
                     metric,
-                    [(r.label, [r.history[SPEED_METRIC][-1][2]], [r.history[metric][-1][2]]) for r in paired],
+                    [
+                        (
+                            r.label,
+                            [r.history[SPEED_METRIC][-1][2]],
+                            [r.history[metric][-1][2]],
+                            [r.last_interval(metric)],
+                        )
+                        for r in paired
+                    ],
                     log_x=True,
                 )
             )
@@ -336,16 +396,22 @@ def compare(
     metrics: Sequence[str] = DEFAULT_METRICS,
     log_to: Optional[str] = None,
     experiment: str = COMPARE_EXPERIMENT,
+    sections: Sequence[str] = (),
 ) -> Comparison:
-    """Write the table (markdown, CSV) and plots under ``out``; log them as a comparison run at ``log_to``."""
+    """Write the table (markdown, CSV), further markdown ``sections`` (the runs' logged checkpoints) and plots under
+    ``out``; log them as a comparison run at ``log_to``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(records, metrics)
     header, rows = comparison_rows(records, summaries)
     notes = [f"- {s.metric}: no best run marked: {s.not_comparable}" for s in summaries if s.not_comparable]
     table = markdown(header, rows) + (
-        "\n\n* best last value among runs where the metric means the same\n" + "\n".join(notes) if notes else ""
+        "\n\n* best last value among runs where the metric means the same and the 95% intervals (in brackets) are "
+        "apart\n" + "\n".join(notes)
+        if notes
+        else ""
     )
+    table += "".join(f"\n\n{section}" for section in sections if section)
     files = [out / "comparison.md", out / "comparison.csv"]
     for path, text in zip(files, (table + "\n", csv_text(header, rows))):
         with local_atomic_writer(path) as handle:

@@ -14,9 +14,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from far_scale.secrets import MASK, is_secret_name
+from far_scale.tracking.logged_models import CheckpointRecord, ensure_model, mark_pruned, run_models
 from far_scale.tracking.system_metrics import is_server, server_answers
 
 log = logging.getLogger("far_scale.tracking")
@@ -77,6 +78,13 @@ class Tracker:
         self._pending_tags: dict[str, str] = {}
         self._pending_artifacts: list[tuple[str, Optional[str]]] = []
         self._pending_images: list[tuple[Any, str, int]] = []
+        self._pending_checkpoints: dict[int, CheckpointRecord] = {}
+        self._pending_pruned: set[int] = set()
+        self._stored_steps: Optional[set[int]] = None
+        self._pending_inputs: list = []
+        self.model_ids: dict[int, str] = {}
+        """Logged-model id of each checkpoint step recorded so far: evaluation metrics of that step link to it."""
+        self.experiment_id: Optional[str] = None
         self.dropped_metrics = 0
         self._next_attempt = 0.0
         self._warned = False
@@ -122,6 +130,7 @@ class Tracker:
                 experiment_id = experiment.experiment_id
                 if EXPERIMENT_KIND_TAG not in experiment.tags:
                     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            self.experiment_id = experiment_id
             if self.run_id is None:
                 self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
             else:
@@ -145,7 +154,9 @@ class Tracker:
             self._pending_tags.update({k: str(v) for k, v in tags.items()})
             self.flush()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, of_checkpoint: bool = False) -> None:
+        """Buffer ``metrics`` at ``step``; ``of_checkpoint``: they were measured on the checkpoint saved at ``step``
+        (evaluation), so they are also linked to its logged model."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
@@ -157,7 +168,32 @@ class Tracker:
             if len(self._buffer) >= MAX_BUFFERED_METRICS:
                 self._buffer.pop(0)
                 self.dropped_metrics += 1
-            self._buffer.append(Metric(key, float(value), timestamp, step))
+            metric = Metric(key, float(value), timestamp, step)
+            metric.far_scale_checkpoint = of_checkpoint  # resolved to the model's id when sent
+            self._buffer.append(metric)
+
+    def record_checkpoint(self, record: CheckpointRecord, pruned_steps: Sequence[int] = ()) -> None:
+        """A saved checkpoint as a logged model of the run (sent now, or when the server answers), and the
+        checkpoints pruned to make room for it marked as such."""
+        if self.enabled:
+            self._pending_checkpoints[record.step] = record
+            self._pending_pruned.update(pruned_steps)
+            self.flush()
+
+    def record_stored(self, records: Sequence[CheckpointRecord]) -> None:
+        """Every checkpoint the run holds (a resume): each a logged model (existing ones found, not duplicated),
+        and the run's other checkpoint models marked pruned (their pruning was not recorded before a kill)."""
+        if self.enabled:
+            for record in records:
+                self._pending_checkpoints[record.step] = record
+            self._stored_steps = {record.step for record in records}
+            self.flush()
+
+    def log_input(self, dataset, tags: dict[str, str]) -> None:
+        """The run's training data (an ``mlflow.entities.Dataset``), once."""
+        if self.enabled:
+            self._pending_inputs.append((dataset, tags))
+            self.flush()
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
@@ -186,9 +222,10 @@ class Tracker:
             if self._pending_tags:
                 self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._pending_tags.items()])
                 self._pending_tags.clear()
+            self._send_models()
             while self._buffer:
                 chunk = self._buffer[:MAX_BATCH_METRICS]
-                self._client.log_batch(self.run_id, metrics=chunk)
+                self._client.log_batch(self.run_id, metrics=[self._linked(m) for m in chunk])
                 del self._buffer[: len(chunk)]
             while self._pending_artifacts:
                 path, artifact_path = self._pending_artifacts[0]
@@ -203,6 +240,38 @@ class Tracker:
             self._client = None if is_server(self.uri) else self._client
             self._next_attempt = time.monotonic() + RETRY_INTERVAL_S
 
+    def _send_models(self) -> None:
+        """Pending inputs, checkpoint models and pruned marks (each removed from the queue once sent)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        while self._pending_inputs:
+            dataset, tags = self._pending_inputs[0]
+            known = {d.dataset.digest for d in self._client.get_run(self.run_id).inputs.dataset_inputs}
+            if dataset.digest not in known:
+                inputs = [DatasetInput(dataset, [InputTag(k, v) for k, v in tags.items()])]
+                self._client.log_inputs(self.run_id, datasets=inputs)
+            self._pending_inputs.pop(0)
+        for step in sorted(self._pending_checkpoints):
+            record = self._pending_checkpoints[step]
+            self.model_ids[step] = ensure_model(self._client, self.experiment_id, self.run_id, self.run_name, record)
+            del self._pending_checkpoints[step]
+        if self._stored_steps is not None:
+            known = run_models(self._client, self.experiment_id, self.run_id)
+            self._pending_pruned.update(step for step in known if step not in self._stored_steps)
+            self._stored_steps = None
+        for step in sorted(self._pending_pruned):
+            mark_pruned(self._client, self.experiment_id, self.run_id, self.run_name, step)
+            self._pending_pruned.discard(step)
+
+    def _linked(self, metric):
+        """``metric`` with the id of the logged model it was measured on, if it was and that model exists."""
+        from mlflow.entities import Metric
+
+        model_id = self.model_ids.get(metric.step) if getattr(metric, "far_scale_checkpoint", False) else None
+        if model_id is None:
+            return metric
+        return Metric(metric.key, metric.value, metric.timestamp, metric.step, model_id=model_id, run_id=self.run_id)
+
     def _pending(self) -> bool:
         return bool(
             self._buffer
@@ -210,6 +279,10 @@ class Tracker:
             or self._pending_tags
             or self._pending_artifacts
             or self._pending_images
+            or self._pending_checkpoints
+            or self._pending_pruned
+            or self._pending_inputs
+            or self._stored_steps is not None
         )
 
     def close(self, status: str = "FINISHED", wait: bool = True) -> None:

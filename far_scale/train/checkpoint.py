@@ -144,6 +144,16 @@ def tags_to_prune(tags: Iterable[str], keep_last: int, current: str) -> list[str
     return older[:-keep_last] + [t for t in ordered if t > current]
 
 
+def list_digest(ref: CheckpointRef) -> str:
+    """sha256 of a checkpoint's ``files.json`` (which holds every file's sha256): one digest of the whole checkpoint."""
+    listing = ref.path / FILES_FILE
+    return hashlib.sha256(listing.read_bytes()).hexdigest() if listing.is_file() else ""
+
+
+def tag_step(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
+
+
 def prune(directory: Path, keep_last: int, protect: str) -> list[str]:
     """Delete all but the newest ``keep_last`` step_* checkpoints up to ``protect`` (and any after it)."""
     removed = tags_to_prune((p.name for p in directory.iterdir() if p.is_dir()), keep_last, protect)

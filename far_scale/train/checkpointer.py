@@ -35,6 +35,16 @@ MIB = 2**20
 
 
 @dataclass(frozen=True)
+class Saved:
+    """A checkpoint just written: where it is, its digest (sha256 of its file list) and the steps pruned for it."""
+
+    step: int
+    location: str
+    digest: str
+    pruned_steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Resume:
     """A located checkpoint and how this run loads it."""
 
@@ -82,6 +92,26 @@ class Checkpointer:
                 self.env.world_size,
             )
         return resume
+
+    def stored(self) -> list[Saved]:
+        """Rank 0: every complete checkpoint of the run (on the store, or in the local directory), as ``Saved``
+        records: a resumed run records them all again in MLflow (found, not duplicated), so that a kill between a
+        save and its record, or a tracking server down until the kill, loses no logged model."""
+        import hashlib
+
+        found = []
+        if self.remote is not None:
+            for tag in self.remote.tags():
+                listing = self.remote.read_file(f"{tag}/{ckpt.FILES_FILE}")
+                if listing is not None:
+                    digest = hashlib.sha256(listing).hexdigest()
+                    found.append(Saved(ckpt.tag_step(tag), f"{self.remote.url}/{tag}", digest, ()))
+            return found
+        for tag in ckpt.checkpoint_tags(p.name for p in self.directory.iterdir() if p.is_dir()):
+            ref = ckpt.CheckpointRef(self.directory, tag, ckpt.tag_step(tag), self.env.world_size)
+            if (ref.path / ckpt.FILES_FILE).is_file():
+                found.append(Saved(ref.step, str(ref.path.resolve()), ckpt.list_digest(ref), ()))
+        return found
 
     def _convert_to_universal(self, ref: ckpt.CheckpointRef) -> None:
         if self.env.is_main:
@@ -153,8 +183,9 @@ class Checkpointer:
         ema_state: dict,
         target_ema_state: Optional[dict],
         posthoc_state: Optional[dict] = None,
-    ) -> str:
-        """Collective: write, digest, upload and point at checkpoint ``step``; returns where it is."""
+    ) -> Saved:
+        """Collective: write, digest, upload and point at checkpoint ``step``; returns where it is (rank 0 knows the
+        pruned steps)."""
         ref = ckpt.CheckpointRef(self.directory, ckpt.tag_for(step), step, self.env.world_size)
         try:
             ds.save_checkpoint(engine, str(self.directory), ref.tag, client)
@@ -184,14 +215,15 @@ class Checkpointer:
                 self.remote.upload(ref.tag)
             barrier()
             location = f"{self.remote.url}/{ref.tag}"
+        removed: list[str] = []
         if self.env.is_main:
             ckpt.write_latest(ref)
             if self.remote is not None:
                 self.remote.write_latest(ref)
-                self.remote.prune(self.keep_last, ref.tag)
-            removed = ckpt.prune(self.directory, self.keep_last, ref.tag)
-            print(f"checkpoint {location} (removed {len(removed)} old)", flush=True)
-        return location
+                removed += self.remote.prune(self.keep_last, ref.tag)
+            removed += ckpt.prune(self.directory, self.keep_last, ref.tag)
+            print(f"checkpoint {location} (removed {len(set(removed))} old)", flush=True)
+        return Saved(step, location, ckpt.list_digest(ref), tuple(sorted({ckpt.tag_step(t) for t in removed})))
 
     def save_snapshot(self, step: int, tensors: dict, metadata: dict) -> None:
         """Rank 0: a post-hoc EMA snapshot into ``posthoc/`` beside the checkpoints (atomic; its size and sha256

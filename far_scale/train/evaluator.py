@@ -97,7 +97,7 @@ class TrainingEvaluator:
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         if metrics.get("eval/benchmark_valid") == 0.0:
             print(f"warning: {self.scorer.verdict.line()}: these scores cannot rank models", flush=True)
-        self.tracking.log_metrics(metrics, step, flush=True)
+        self.tracking.log_metrics(metrics, step, flush=True, of_checkpoint=True)
         print(
             f"eval at step {step} ({job.num_images} images, K={options.num_iter}, head steps "
             f"{options.head_steps}, cfg {options.cfg_scale}): "

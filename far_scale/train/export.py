@@ -115,4 +115,4 @@ def _copy_codec(codec: dict, folder: Path, out: Path) -> dict:
     target = out / CODEC_DIR / source.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target) if source.is_dir() else shutil.copyfile(source, target)
-    return {**codec, "weights_path": str(target.relative_to(out))}
+    return {**codec, "weights_path": str(target.relative_to(out)), "source_weights_path": str(source.resolve())}

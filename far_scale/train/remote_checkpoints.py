@@ -22,6 +22,7 @@ from far_scale.train.checkpoint import (
     LATEST,
     CheckpointError,
     CheckpointRef,
+    checkpoint_tags,
     latest_text,
     parse_latest,
     read_latest,
@@ -138,6 +139,11 @@ class RemoteCheckpoints:
     def write_latest(self, ref: CheckpointRef) -> None:
         url = f"{self.url}/{LATEST}"
         _retry("write", url, lambda: write_atomic(url, latest_text(ref)))
+
+    def tags(self) -> list[str]:
+        """The checkpoint tags on the store, oldest first."""
+        self.fs.invalidate_cache()
+        return checkpoint_tags(name.rsplit("/", 1)[-1] for name in self.fs.ls(self.root, detail=False))
 
     def prune(self, keep_last: int, current: str) -> list[str]:
         """Delete all but the newest ``keep_last`` checkpoints up to ``current`` on the store, and any

@@ -42,7 +42,7 @@ from far_scale.train.optim import parameter_groups, schedule_for
 from far_scale.train.posthoc import PosthocEMAs
 from far_scale.train.preemption import EXIT_PREEMPTED
 from far_scale.train.run_banner import run_banner
-from far_scale.train.run_tracking import RunTracking
+from far_scale.train.run_tracking import RunTracking, checkpoint_params
 from far_scale.train.step_log import NonfiniteSteps, StepLog, StepTimes, write_line
 from far_scale.train.stop_requests import StopRequests
 from far_scale.train.target_network import TargetNetwork
@@ -150,6 +150,10 @@ class Trainer:
             {"config": cfg.model_dump(mode="json"), "derived": self.plan.as_dict()},
             self.run_dir / ckpt.CONFIG_FILE,
         )
+        self.model_params = checkpoint_params(cfg, self.plan)
+        self.tracking.log_dataset(cfg.data.url, manifest)
+        if resume is not None and env.is_main:
+            self.tracking.record_stored(self.checkpointer.stored(), self.model_params)
         if changes and env.is_main:
             record = record_changes(self.run_dir, self.step, changes)
             self.tracking.set_tags(record["tags"])
@@ -251,14 +255,17 @@ class Trainer:
                     self._log_interval(bar)
                 if self.posthoc is not None and self.posthoc.due(self.step, self.total_steps):
                     self.checkpointer.save_snapshot(self.step, *self.posthoc.snapshot(self.step))
+                # A checkpoint due at this step is saved before the evaluation, so that the evaluation's metrics
+                # are those of a logged checkpoint model (MLflow: metrics with its model_id).
+                if self.stops.requested or (
+                    self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps
+                ):
+                    self.save()
                 if self.step % self.cfg.eval.interval_steps == 0:
                     self.evaluate()
                 if self.stops.requested:
-                    self.save()
                     self.stops.mark_preempted(self.step)
                     return self._finish(EXIT_PREEMPTED, "KILLED", bar)
-                if self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps:
-                    self.save()
             self.save()
             if self.step % self.cfg.eval.interval_steps:  # not just evaluated in the loop
                 self.evaluate()
@@ -305,10 +312,11 @@ class Trainer:
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         target_ema_state = self.targets.full_state_dict()
         posthoc_state = self.posthoc.checkpoint_state() if self.posthoc is not None else None
-        location = self.checkpointer.save(
+        saved = self.checkpointer.save(
             self.engine, self.step, client, self.config_yaml, meta, ema_state, target_ema_state, posthoc_state
         )
-        self.tracking.set_tags({"checkpoint/latest": location, "checkpoint/step": self.step})
+        self.tracking.set_tags({"checkpoint/latest": saved.location, "checkpoint/step": self.step})
+        self.tracking.record_checkpoint(saved, self.model_params)
 
     def evaluate(self):
         return self.evaluator(self.step, self.ema.full_state_dict)
