@@ -403,8 +403,42 @@ def compare_runs(demo: Demo, tracking_uri: str) -> list[str]:
     return sorted(str(p) for p in out.glob("*.png")) or [line for line in result.stdout.splitlines() if "wrote" in line]
 
 
+def register_models(demo: Demo, runs: list[TrainedRun], tracking_uri: str) -> list[str]:
+    """Export each run's latest checkpoint and register it in the MLflow model registry; returns the models:/ URIs."""
+    log = demo.stage("export both models and register them in MLflow (far-scale export --register)")
+    uris = []
+    for run in runs:
+        name = f"far-scale-demo-{run.name.lower()}"
+        result = demo.run(
+            demo.cli(
+                "export",
+                run.run_dir,
+                demo.out / "exports" / run.name.lower(),
+                "--ema-only",
+                "--register",
+                name,
+                "--tracking-uri",
+                tracking_uri,
+            ),
+            log,
+        )
+        uris += [
+            line.split(" as ", 1)[1].split(" at ", 1)[0]
+            for line in result.stdout.splitlines()
+            if " as models:/" in line
+        ]
+    for uri in uris:
+        print(f"   {uri}")
+    return uris
+
+
 def summary(
-    demo: Demo, runs: list[TrainedRun], scores: dict[str, Scores], pictures: list[str], tracking_uri: str
+    demo: Demo,
+    runs: list[TrainedRun],
+    scores: dict[str, Scores],
+    pictures: list[str],
+    tracking_uri: str,
+    registered: Sequence[str] = (),
 ) -> str:
     mar_speed = scores["MAR"].images_per_s
     lines = [
@@ -431,7 +465,12 @@ def summary(
         "pictures:",
         *(f"  {p}" for p in pictures),
         "",
-        "open the MLflow UI on the demo's store (both runs, their metrics and sample images):",
+        "registered models (sample them with far-scale sample URI --tracking-uri ..., or load them with "
+        "mlflow.pyfunc.load_model):",
+        *(f"  {uri}" for uri in registered),
+        "",
+        "open the MLflow UI on the demo's store (both runs, their metrics and sample images, the Models tab with "
+        "every checkpoint):",
         f"  {Path(PYTHON).with_name('mlflow')} ui --backend-store-uri {tracking_uri} --port {UI_PORT}",
         f"  then http://127.0.0.1:{UI_PORT}/#/experiments/{_experiment_id(tracking_uri)}/runs (the runs table; "
         "the bare address opens MLflow's GenAI overview)",
@@ -449,6 +488,7 @@ PER_RUN_OUTPUTS = (
     "logs",
     "summary.md",
     "far_vs_mar_samples.png",
+    "exports",
     "data_grid.png",
 )
 
@@ -504,6 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{out / 'data_grid.png'} (real images through the codec, for comparison)",
         ]
         pictures += compare_runs(demo, tracking_uri)
+        registered = register_models(demo, [far, mar], tracking_uri)
     except StageFailed as exc:
         print(f"\ndemo FAILED at stage {demo.stage_no} ({exc}); log: {demo.current_log}", file=sys.stderr)
         return 1
@@ -512,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             moto.stop()
         if moto_log is not None:
             moto_log.close()
-    text = summary(demo, [far, mar], scores, pictures, tracking_uri)
+    text = summary(demo, [far, mar], scores, pictures, tracking_uri, registered)
     write_atomic(out / "summary.md", text + "\n")
     print(f"\n== results ({(time.monotonic() - started) / 60:.1f} min)\n{text}")
     return 0

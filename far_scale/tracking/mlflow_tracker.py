@@ -49,6 +49,21 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (MASK if is_secret_name(k) else v) for k, v in params.items()}
 
 
+CONTINUED_TAG = "far_scale.continues_run"
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
@@ -85,6 +100,8 @@ class Tracker:
         self.model_ids: dict[int, str] = {}
         """Logged-model id of each checkpoint step recorded so far: evaluation metrics of that step link to it."""
         self.experiment_id: Optional[str] = None
+        self.continued_from: Optional[str] = None
+        """The run id a resumed checkpoint named when that run is not in this store (a new run continues it)."""
         self.dropped_metrics = 0
         self._next_attempt = 0.0
         self._warned = False
@@ -131,8 +148,14 @@ class Tracker:
                 if EXPERIMENT_KIND_TAG not in experiment.tags:
                     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self.experiment_id = experiment_id
+            if self.run_id is not None and not _run_exists(client, self.run_id):
+                # A checkpoint resumed with another store (a new disk took the run's sqlite store along): a new
+                # run, which says where it continues from.
+                log.warning("MLflow run %s is not in %s: continuing in a new run", self.run_id, self.uri)
+                self.continued_from, self.run_id = self.run_id, None
             if self.run_id is None:
-                self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+                tags = {CONTINUED_TAG: self.continued_from} if self.continued_from else None
+                self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
             else:
                 client.update_run(self.run_id, status="RUNNING")
             self._client = client

@@ -62,7 +62,7 @@ def register_export(export: Path, name: str, tracking_uri: str, run_id: Optional
     it as a new version of ``name``."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,12 +101,23 @@ def download_export(uri: str, tracking_uri: Optional[str], cache: Path) -> Path:
         raise RegistryError(
             f"{uri} is a registered model: name the registry with --tracking-uri (or MLFLOW_TRACKING_URI)"
         )
-    target = cache / uri[len(REGISTRY_SCHEME) :].replace("/", "-")
-    if not (target / "artifacts" / EXPORT_ARTIFACT / META_FILE).is_file():
+    from mlflow.tracking import MlflowClient
+
+    name, _, version = uri[len(REGISTRY_SCHEME) :].partition("/")
+    if not name or not version:
+        raise RegistryError(f"{uri} is not a registered model version: expected models:/NAME/VERSION")
+    target = cache / f"{name}-{version}"
+    found = sorted(target.rglob(f"{EXPORT_ARTIFACT}/{META_FILE}")) if target.is_dir() else []
+    if not found:
+        # The version's source through this registry (download_artifacts would ask the process-wide one).
+        source = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(name, version)
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
-    return target / "artifacts" / EXPORT_ARTIFACT
+        mlflow.artifacts.download_artifacts(artifact_uri=source.source, dst_path=str(target), tracking_uri=tracking_uri)
+        found = sorted(target.rglob(f"{EXPORT_ARTIFACT}/{META_FILE}"))
+    if not found:
+        raise RegistryError(f"{uri} holds no far-scale export (no {EXPORT_ARTIFACT}/{META_FILE} in its artifacts)")
+    return found[0].parent
 
 
 class FarScaleModel(mlflow.pyfunc.PythonModel):

@@ -20,6 +20,8 @@ from far_scale.errors import ActionableError
 CHANGES_FILE = "config_changes.jsonl"
 """One line per accepted change: the step it took effect at and each key's old and new value."""
 OPERATIONAL_KEYS = (
+    "run.output_dir",  # a resume on another machine or disk (the run directory moved; the checkpoint found it)
+    "checkpoint.url",
     "run.max_steps",
     "run.epochs",
     "run.log_interval",

@@ -62,7 +62,7 @@ class RunTracking:
                 final_flush_timeout_s=tracking.final_flush_timeout_s,
                 unsent_path=self.run_dir / UNSENT_METRICS_FILE,
             )
-            if run_id is None:
+            if run_id is None or self.tracker.continued_from:
                 self.tracker.log_params(params)
                 self.tracker.log_artifact(config_file)
             self.tracker.set_tags(

@@ -245,6 +245,7 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.env.is_main and sys.stderr.isatty()),
         )
+        started_at = self.step
         try:
             while self.step < self.total_steps:
                 loss, parts, times = self.train_step(batches)
@@ -255,20 +256,20 @@ class Trainer:
                     self._log_interval(bar)
                 if self.posthoc is not None and self.posthoc.due(self.step, self.total_steps):
                     self.checkpointer.save_snapshot(self.step, *self.posthoc.snapshot(self.step))
-                # A checkpoint due at this step is saved before the evaluation, so that the evaluation's metrics
-                # are those of a logged checkpoint model (MLflow: metrics with its model_id).
-                if self.stops.requested or (
-                    self.step % self.cfg.checkpoint.interval_steps == 0 and self.step < self.total_steps
-                ):
+                # A checkpoint due at this step (the last one included) is saved before the evaluation, so that
+                # the evaluation's metrics are those of a logged checkpoint model (MLflow: metrics with its model_id).
+                final = self.step == self.total_steps
+                if self.stops.requested or final or self.step % self.cfg.checkpoint.interval_steps == 0:
                     self.save()
-                if self.step % self.cfg.eval.interval_steps == 0:
+                if final or self.step % self.cfg.eval.interval_steps == 0:
                     self.evaluate()
                 if self.stops.requested:
                     self.stops.mark_preempted(self.step)
                     return self._finish(EXIT_PREEMPTED, "KILLED", bar)
-            self.save()
-            if self.step % self.cfg.eval.interval_steps:  # not just evaluated in the loop
-                self.evaluate()
+            if self.step == started_at:  # resumed at the end: nothing trained, the final checkpoint written again
+                self.save()
+                if self.step % self.cfg.eval.interval_steps:
+                    self.evaluate()
             return self._finish(0, "FINISHED", bar)
         except BaseException:
             bar.close()

@@ -105,6 +105,20 @@ def test_s3_checkpoints_survive_a_kill_during_upload_and_an_empty_disk(
         remote = f"{root}/{path.relative_to(local.parent).as_posix()}"
         assert fs.cat_file(remote) == path.read_bytes(), remote
 
+    # Each checkpoint is an MLflow logged model pointing at the store; MLflow holds none of its bytes.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("far-scale").experiment_id
+    models = {int(m.tags["far_scale.step"]): m for m in client.search_logged_models(experiment_ids=[experiment])}
+    assert set(models) >= {4, 6} and all(
+        m.tags["far_scale.checkpoint"] == f"{url}/step_{step:08d}" for step, m in models.items()
+    )
+    checkpoint_names = {p.name for p in local.rglob("*") if p.is_file()} - {"config.yaml"}  # the run's own artifact
+    artifacts = [p for p in (run_dir / "mlartifacts").rglob("*") if p.is_file()]
+    assert not {p.name for p in artifacts} & checkpoint_names, sorted(p.name for p in artifacts)
+    assert all(p.stat().st_size < 1_000_000 for p in artifacts)
+
     # Credentials from the environment reach no file the run wrote, locally or on the store.
     written = _all_bytes(second_disk.rglob("*")) + b"".join(fs.cat_file(p) for p in fs.find(root))
     for secret in S3_TEST_CREDENTIALS.values():

@@ -16,8 +16,11 @@ from tests.conftest import REPO_ROOT, free_port, wait_for_port
 SERVER_START_TIMEOUT_S = 120
 
 
-def _log_run(uri: str, artifacts: Path, name: str, arch: str, lr: float, final_accuracy: float) -> str:
-    """A run as the trainer logs it: the resolved config as params, losses per step, eval/* at intervals."""
+def _log_run(
+    uri: str, artifacts: Path, name: str, arch: str, lr: float, final_accuracy: float, fd_halfwidth: float = 0.0
+) -> str:
+    """A run as the trainer logs it: the resolved config as params, losses per step, eval/* at intervals (with
+    the 95% interval of eval/fd when ``fd_halfwidth``)."""
     from far_scale.config.schema import Config
     from far_scale.tracking.mlflow_tracker import Tracker
 
@@ -32,6 +35,11 @@ def _log_run(uri: str, artifacts: Path, name: str, arch: str, lr: float, final_a
                 "eval/accuracy": accuracy,
                 "eval/fd": 10.0 / accuracy,
                 "eval/images_per_s": 40.0 if arch == "far" else 8.0,
+                **(
+                    {"eval/fd_lo": 10.0 / accuracy - fd_halfwidth, "eval/fd_hi": 10.0 / accuracy + fd_halfwidth}
+                    if fd_halfwidth
+                    else {}
+                ),
             },
             step,
         )
@@ -123,6 +131,26 @@ def test_compare_marks_the_loss_winner_among_runs_of_one_objective(tmp_path):
     row = next(line for line in result.table.splitlines() if line.startswith(f"| far-a ({low[:8]})"))
     assert [c.strip() for c in row.strip("|").split("|")][header.index("loss last")] == "0.05 *"
     assert "no best run marked" not in result.table
+
+
+@pytest.mark.parametrize("halfwidth, winner", [(2.0, False), (0.5, True)])
+def test_compare_marks_a_winner_only_where_the_intervals_separate(tmp_path, halfwidth, winner):
+    """eval/fd 11.1 vs 12.5 (accuracy 0.9 vs 0.8): intervals of +-2 overlap (no winner: 'no significant
+    difference'); of +-0.5 they do not (the lower FD wins). The table shows each interval."""
+    from far_scale.tracking.compare import NO_DIFFERENCE, collect_runs, compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    far = _log_run(uri, tmp_path / "artifacts", "far-a", "far", 1e-3, 0.9, halfwidth)
+    _log_run(uri, tmp_path / "artifacts", "far-b", "far", 2e-3, 0.8, halfwidth)
+    result = compare(collect_runs(["far-a", "far-b"], uri), tmp_path / "out")
+    header = [c.strip() for c in result.table.splitlines()[0].strip("|").split("|")]
+    row = next(line for line in result.table.splitlines() if line.startswith(f"| far-a ({far[:8]})"))
+    cell = [c.strip() for c in row.strip("|").split("|")][header.index("eval/fd last")]
+    fd = 10.0 / 0.9
+    assert cell.startswith(f"{fd:.4g} [{fd - halfwidth:.4g}, {fd + halfwidth:.4g}]"), cell
+    assert cell.endswith(" *") == winner
+    assert (f"- eval/fd: no best run marked: {NO_DIFFERENCE}" in result.table) != winner
+    assert (tmp_path / "out" / "eval_fd_vs_step.png").stat().st_size > 0
 
 
 def test_compare_command_on_two_run_directories(tmp_path):

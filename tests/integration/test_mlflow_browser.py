@@ -114,6 +114,12 @@ def test_mlflow_ui_shows_both_runs_their_metrics_and_sample_images(latent_datase
         names = ("far-short", "mar-short")
         table = rendered_dom(f"{base}/runs", profile, lambda dom: all(n in dom for n in names))
         assert all(n in table for n in names)
+        # The model-training view (experiment kind), with each run's input dataset (the shard folder) and source.
+        assert "Training runs" in table and latent_dataset.name in table
+        # Every checkpoint is a logged model of its run, listed in the experiment's Models tab by name and step.
+        checkpoints = [f"{n}-step00000004" for n in names]
+        models = rendered_dom(f"{base}/models", profile, lambda dom: all(c in dom for c in checkpoints))
+        assert all(c in models for c in checkpoints)
         # Each run's sample grid is an MLflow image (log_image with its step) in the chart view.
         images = [f"run_uuid={run_id}" for run_id in runs.values()]
         charts = rendered_dom(
