@@ -21,10 +21,10 @@ import torch
 
 from benchmarks.experiment import Budget, Workspace, add_training_arguments, recipe_for, score, train
 from benchmarks.report import (
-    REPO_ROOT,
     DocSection,
     command_line,
     describe_machine,
+    img_dir,
     interval_cell,
     markdown_table,
     result_heading,
@@ -33,7 +33,6 @@ from benchmarks.report import (
 )
 
 BENCHMARK = "posthoc_ema"
-IMG_DIR = REPO_ROOT / "docs" / "img"
 FIXED = "fixed decay"
 MODELS = {"FAR": "far", "MAR": "mar"}
 
@@ -228,7 +227,7 @@ def main(argv=None) -> None:
     key = f"cpu_tiny_{args.data}_{args.steps}steps"
     result["plot"] = f"{BENCHMARK}_{key}.png"
     saved = save_result(BENCHMARK, key, result)
-    plot(saved, IMG_DIR / result["plot"])
+    plot(saved, img_dir() / result["plot"])
     SECTION.render()
 
 

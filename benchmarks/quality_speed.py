@@ -35,10 +35,10 @@ from benchmarks.experiment import (
     train,
 )
 from benchmarks.report import (
-    REPO_ROOT,
     DocSection,
     command_line,
     describe_machine,
+    img_dir,
     interval_cell,
     markdown_table,
     result_heading,
@@ -52,7 +52,6 @@ from far_scale.eval.offline import (
 )
 
 BENCHMARK = "quality_speed"
-IMG_DIR = REPO_ROOT / "docs" / "img"
 PAPER_SPEEDUP = 2.3  # FAR paper: up to 2.3x faster than MAR at competitive quality
 ACCURACY_TOLERANCE = 0.02  # "the same quality": accuracy within this and Fréchet distance no worse
 MODELS = {"FAR": "far", "MAR": "mar"}
@@ -301,7 +300,7 @@ def main(argv=None) -> None:
     key = f"cpu_tiny_{args.data}_{args.steps}steps" + (f"_{args.tag}" if args.tag else "")
     result["plot"] = f"{BENCHMARK}_{key}.png"
     saved = save_result(BENCHMARK, key, result)
-    plot(saved, IMG_DIR / result["plot"])
+    plot(saved, img_dir() / result["plot"])
     SECTION.render()
     (ws.work / "result.json").write_text(json.dumps(saved, indent=2))
     print("results: docs/benchmarks.md")

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -23,9 +24,36 @@ import torch
 from far_scale.data.storage import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+RESULTS_ENV = "FAR_SCALE_RESULTS_DIR"
+"""Where results go instead of benchmarks/results/ (a GPU session's output folder: only it comes back)."""
+DOCS_ENV = "FAR_SCALE_DOCS_DIR"
+"""Where benchmarks.md and its images go instead of docs/ (likewise)."""
 DOC_HEADER = "# Benchmarks\n\nMeasured numbers only; each table says which machine, command and date produced it.\n"
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or REPO_ROOT / "benchmarks" / "results")
+
+
+def docs_dir() -> Path:
+    return Path(os.environ.get(DOCS_ENV) or REPO_ROOT / "docs")
+
+
+def doc_path() -> Path:
+    return docs_dir() / "benchmarks.md"
+
+
+def img_dir() -> Path:
+    """The benchmarks' plots and grids (docs/img, or the session's output folder)."""
+    return docs_dir() / "img"
+
+
+def device_key(machine: dict) -> str:
+    """A result key's machine part: ``cpu``, or the card's name as a slug (an H200's rows never overwrite an
+    H100's)."""
+    if machine["device"] != "cuda":
+        return machine["device"]
+    return re.sub(r"[^a-z0-9]+", "-", machine["name"].lower()).strip("-")
 
 
 def describe_machine(device: torch.device) -> dict:
@@ -82,12 +110,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
 
 
 def _result_path(benchmark: str, key: str) -> Path:
-    return RESULTS_DIR / f"{benchmark}__{key}.json"
+    return results_dir() / f"{benchmark}__{key}.json"
 
 
 def save_result(benchmark: str, key: str, payload: dict) -> dict:
     """Write ``payload`` as ``benchmark``'s result ``key``; returns it as saved (with its date)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_dir().mkdir(parents=True, exist_ok=True)
     # A result saved again (e.g. its pictures redrawn) keeps the date it was measured on.
     payload = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **payload}
     write_atomic(_result_path(benchmark, key), json.dumps(payload, indent=2))
@@ -103,7 +131,7 @@ def load_result(benchmark: str, key: str) -> dict:
 
 
 def load_results(benchmark: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob(f"{benchmark}__*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(results_dir().glob(f"{benchmark}__*.json"))]
 
 
 def markdown_table(header: list[str], rows: Iterable[list]) -> str:
@@ -115,16 +143,17 @@ def markdown_table(header: list[str], rows: Iterable[list]) -> str:
 def write_doc_section(benchmark: str, body: str) -> None:
     """Replace the section between this benchmark's markers in docs/benchmarks.md (append if new)."""
     begin, end = f"<!-- {benchmark}:begin -->", f"<!-- {benchmark}:end -->"
-    text = DOC_PATH.read_text() if DOC_PATH.exists() else DOC_HEADER
+    path = doc_path()
+    text = path.read_text() if path.exists() else DOC_HEADER
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC_PATH.with_suffix(".md.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
-    tmp.replace(DOC_PATH)
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)

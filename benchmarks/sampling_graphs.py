@@ -52,6 +52,13 @@ def _settings(args, k: int) -> list[tuple[str, str, SamplingOptions]]:
     ]
 
 
+def cudagraph_skips() -> int:
+    """How often torch.compile's CUDA-graph trees fell back to eager in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
     data = DataSpec(seq_len=args.seq_len, token_dim=args.token_dim, num_classes=1000)
     labels = torch.arange(batch, device=device) % data.num_classes
@@ -74,28 +81,34 @@ def run_graphs(args, size: str, batch: int, device: torch.device) -> dict:
                     with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
                         generate(model, labels, options, torch.Generator(device=device).manual_seed(0), replay)
 
+                skips_before = cudagraph_skips()
                 first = median_seconds(run, device, 1, warmup=0)  # compiles and records on first use
                 seconds = median_seconds(run, device, args.repeats, warmup=1)
-                rows.append(
-                    {
-                        "setting": name,
-                        "mode": mode,
-                        "K": None if name == CAUSAL_SETTING else k,
-                        "first_s": first,
-                        "seconds": seconds,
-                        "images_per_s": batch / seconds,
-                    }
-                )
-                print(
-                    f"[{size} b{batch} {mode}] {name}{'' if rows[-1]['K'] is None else f' K={k}'}: "
-                    f"{batch / seconds:.2f} img/s "
-                    f"(first {first:.1f} s)",
-                    flush=True,
-                )
+                skips = cudagraph_skips() - skips_before
+                row = {
+                    "setting": name,
+                    "mode": mode,
+                    "K": None if name == CAUSAL_SETTING else k,
+                    "first_s": first,
+                    "seconds": seconds,
+                    "images_per_s": batch / seconds,
+                    "cudagraph_skips": skips,
+                }
+                if mode == "cudagraphs" and skips:
+                    # Some recordings fell back to eager: the number would not be CUDA-graph speed. Refused.
+                    row.update(refused=f"{skips} graph(s) fell back to eager (cudagraph_skips)", images_per_s=None)
+                    print(f"[{size} b{batch} {mode}] {name}: REFUSED: {row['refused']}", flush=True)
+                rows.append(row)
+                if "refused" not in row:
+                    print(
+                        f"[{size} b{batch} {mode}] {name}{'' if row['K'] is None else f' K={k}'}: "
+                        f"{batch / seconds:.2f} img/s (first {first:.1f} s)",
+                        flush=True,
+                    )
     eager = {(r["setting"], r["K"]): r["seconds"] for r in rows if r["mode"] == "eager"}
     for row in rows:
         reference = eager.get((row["setting"], row["K"]))
-        row["vs_eager"] = reference / row["seconds"] if reference else float("nan")
+        row["vs_eager"] = reference / row["seconds"] if reference and "refused" not in row else float("nan")
     return speed_record(size, batch, data, bf16, rows)
 
 
@@ -113,7 +126,7 @@ def _entry(result: dict) -> list[str]:
                     r["mode"],
                     f"{r['first_s']:.1f}",
                     f"{r['seconds']:.3f}",
-                    f"{r['images_per_s']:.2f}",
+                    f"refused: {r['refused']}" if r.get("refused") else f"{r['images_per_s']:.2f}",
                     f"{r['vs_eager']:.2f}x",
                 ]
                 for r in result["rows"]

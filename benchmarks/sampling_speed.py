@@ -27,10 +27,11 @@ import torch
 from benchmarks import sampling_graphs, sampling_study
 from benchmarks.bench_models import build_pair, speed_record
 from benchmarks.report import (
-    REPO_ROOT,
     DocSection,
     command_line,
     describe_machine,
+    device_key,
+    img_dir,
     load_result,
     markdown_table,
     median_seconds,
@@ -44,7 +45,6 @@ from far_scale.models.generation import SamplingOptions, generate
 from far_scale.models.model import ARModel
 
 BENCHMARK = "sampling_speed"
-IMG_DIR = REPO_ROOT / "docs" / "img"
 
 
 class HeadTimer:
@@ -302,7 +302,7 @@ def main(argv=None) -> None:
     command = command_line("sampling_speed.py", argv)
     tag = f"_{args.tag}" if args.tag else ""
     if args.pareto or args.pareto_grids:
-        key = f"{machine['device']}_tiny{tag}"
+        key = f"{device_key(machine)}_tiny{tag}"
         if args.pareto_grids:  # a saved study, its grids drawn again from its runs
             result = load_result(sampling_study.PARETO_BENCHMARK, key)
             given = {"FAR": args.pareto_far_run, "MAR": args.pareto_mar_run}
@@ -327,12 +327,12 @@ def main(argv=None) -> None:
                 result = {**run(args, size, batch, device), "machine": machine, "command": command}
                 if not args.no_docs:
                     section.save(
-                        f"{machine['device']}_{result['size']}_{result['dtype']}_b{result['batch']}{tag}", result
+                        f"{device_key(machine)}_{result['size']}_{result['dtype']}_b{result['batch']}{tag}", result
                     )
         return
     for size in args.sizes.split(","):
         result = {**run_size(args, size, args.batch[0], device), "machine": machine, "command": command}
-        key = f"{machine['device']}_{size}_{result['dtype']}" + tag
+        key = f"{device_key(machine)}_{size}_{result['dtype']}" + tag
         result["plot"] = f"{BENCHMARK}_{key}.png"
         if args.out:
             out = Path(args.out)
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
             plot(result, out / result["plot"])
             print(f"plot: {out / result['plot']}")
         if not args.no_docs:
-            plot(save_result(BENCHMARK, key, result), IMG_DIR / result["plot"])
+            plot(save_result(BENCHMARK, key, result), img_dir() / result["plot"])
     if not args.no_docs:
         SECTION.render()
         print("results: docs/benchmarks.md")

@@ -16,8 +16,8 @@ import torch
 from benchmarks.bench_models import build_pair, speed_record
 from benchmarks.experiment import DATA_LABELS, Tuning, at, evaluate_tuned
 from benchmarks.report import (
-    REPO_ROOT,
     DocSection,
+    img_dir,
     interval_cell,
     markdown_table,
     median_seconds,
@@ -41,7 +41,6 @@ from far_scale.models.generation import SamplingOptions, generate
 
 SPEED_BENCHMARK = "sampling_techniques"
 PARETO_BENCHMARK = "sampling_pareto"
-IMG_DIR = REPO_ROOT / "docs" / "img"
 CAUSAL = "FAR-Causal O=8 (KV cache)"
 
 
@@ -406,6 +405,6 @@ def save_pareto(result: dict, key: str, device: torch.device) -> None:
     """Save the study, its plot and its grids, and render docs/benchmarks.md."""
     result["plot"] = f"{PARETO_BENCHMARK}_{key}.png"
     result["grids"] = f"{PARETO_BENCHMARK}_grids_{key}.png"
-    pareto_grids(result, device, IMG_DIR / result["grids"])
-    plot_pareto(save_result(PARETO_BENCHMARK, key, result), IMG_DIR / result["plot"])
+    pareto_grids(result, device, img_dir() / result["grids"])
+    plot_pareto(save_result(PARETO_BENCHMARK, key, result), img_dir() / result["plot"])
     PARETO_SECTION.render()

@@ -53,6 +53,7 @@ from benchmarks.report import (
     DocSection,
     command_line,
     describe_machine,
+    img_dir,
     interval_cell,
     markdown_table,
     result_heading,
@@ -62,7 +63,6 @@ from benchmarks.report import (
 from far_scale.data.storage import write_atomic
 
 BENCHMARK = "scaling_study"
-IMG_DIR = REPO_ROOT / "docs" / "img"
 ARCHS = {"FAR": "far", "MAR": "mar", "FAR-Causal": "far_causal"}
 SPEED_GOAL = 10.0  # issue 32: FAR at >= 10x MAR-100's images/s ...
 RIVAL_GOAL = 3.0  # ... and >= 3x MAR's fastest setting at MAR-100's quality
@@ -574,9 +574,9 @@ def main(argv=None) -> None:
     result["plot"] = f"{BENCHMARK}_{key}.png"
     result["grids"] = {size: f"{BENCHMARK}_grids_{size}_{key}.png" for size in args.sizes}
     for size, image in result["grids"].items():
-        grids(result, ws, size, IMG_DIR / image)
+        grids(result, ws, size, img_dir() / image)
     saved = save_result(BENCHMARK, key, result)
-    plot(saved, IMG_DIR / result["plot"])
+    plot(saved, img_dir() / result["plot"])
     SECTION.render()
     print("results: docs/benchmarks.md")
 

@@ -31,8 +31,10 @@ import torch
 from benchmarks.bench_models import build_pair, model_config
 from benchmarks.report import (
     REPO_ROOT,
+    DocSection,
     command_line,
     describe_machine,
+    device_key,
     load_results,
     markdown_table,
     median_seconds,
@@ -45,6 +47,7 @@ from data_prep.synth import SynthSpec, write_dataset
 from far_scale.data.loader import LatentLoader
 from far_scale.data.spec import DataSpec
 from far_scale.local_s3 import LocalS3
+from far_scale.models.compile import compile_model
 from far_scale.planning.builder import resolve_dims
 from far_scale.planning.flops import peak_flops, train_flops_per_image
 from far_scale.train.memory import GIB
@@ -53,6 +56,9 @@ BENCHMARK = "train_throughput"
 FIT_BENCHMARK = "largest_micro_batch"
 FIT_STEPS = 3  # steps per trial of --fit (the peak is reached in the first optimizer step)
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError")
+NO_SPACE_MARKERS = ("No space left on device", "could not write checkpoint")
+LOG_TAIL_CHARS = 3000  # of a failed training's output, into the error (and the GPU session's record)
+MIN_FREE_BYTES = 2 * GIB  # a fit trial writes logs only (no checkpoint); below this the search stops
 RECIPE = REPO_ROOT / "recipes" / "{arch}_tiny_synth64.yaml"  # model.size replaces tiny
 
 
@@ -117,7 +123,7 @@ def train(
         "tracking.enabled=false",
         "eval.interval_steps=100000",
         "eval.grid_images=0",
-        "checkpoint.interval_steps=100000",
+        "checkpoint.enabled=false",  # a probe: no checkpoint on the disk, not even at the end
         "run.log_interval=1000",
         "data.num_workers=1",
         "model.num_buffer_tokens=64",
@@ -128,20 +134,14 @@ def train(
         else [sys.executable]
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    subprocess.run(
-        [
-            *launcher,
-            "-m",
-            "far_scale.cli",
-            "train",
-            str(RECIPE).format(arch=arch),
-            *overrides,
-            "checkpoint.keep_last=1",
-        ],
-        check=True,
+    result = subprocess.run(
+        [*launcher, "-m", "far_scale.cli", "train", str(RECIPE).format(arch=arch), *overrides],
         env=env,
         capture_output=True,
+        text=True,
     )
+    if result.returncode != 0:
+        raise TrialFailed.of(name, result)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     measured = rows[len(rows) // 3 :]  # skip warm-up steps
     step_s = statistics.median(r["step_time_s"] for r in measured)
@@ -168,6 +168,26 @@ def train(
     }
 
 
+class TrialFailed(RuntimeError):
+    """A training run of the benchmark that failed: why (``kind``: oom, no_space, other) and its log's tail."""
+
+    def __init__(self, name: str, kind: str, tail: str):
+        super().__init__(f"training {name} failed ({kind}):\n{tail}")
+        self.kind, self.tail = kind, tail
+
+    @classmethod
+    def of(cls, name: str, result: subprocess.CompletedProcess) -> "TrialFailed":
+        text = (result.stdout or "") + (result.stderr or "")
+        kind = (
+            "oom"
+            if any(marker in text for marker in OOM_MARKERS)
+            else "no_space"
+            if any(marker in text for marker in NO_SPACE_MARKERS)
+            else "other"
+        )
+        return cls(name, kind, text[-LOG_TAIL_CHARS:])
+
+
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
     """The largest n in [1, limit] with ``fits(n)``, fitting being monotone in n (doubling, then bisection);
     0 when not even 1 fits."""
@@ -189,10 +209,14 @@ def fit_micro_batch(data: Path, out: Path, size: str, nproc: int, zero: int, lim
     peaks: dict[int, float] = {}
 
     def fits(micro: int) -> bool:
+        free = shutil.disk_usage(out.parent if not out.exists() else out).free
+        if free < MIN_FREE_BYTES:
+            raise TrialFailed(f"{size} micro {micro}", "no_space", f"{free / GIB:.1f} GiB free before the trial")
         try:
             row = train(data, out, size, nproc, zero, micro, FIT_STEPS)
-        except subprocess.CalledProcessError as exc:
-            if any(marker in (exc.stderr or b"").decode(errors="replace") for marker in OOM_MARKERS):
+        except TrialFailed as exc:
+            if exc.kind == "oom":
+                print(f"{size} ZeRO-{zero} x{nproc}: micro batch {micro} runs out of memory", flush=True)
                 return False
             raise
         peaks[micro] = row["peak_gib"]
@@ -213,6 +237,68 @@ def fit_micro_batch(data: Path, out: Path, size: str, nproc: int, zero: int, lim
 
 def _gib(row: dict, key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "not measured"
+
+
+def _throughput_entry(res: dict) -> list[str]:
+    parts: list[str] = []
+    m = res["machine"]
+    parts += [
+        f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), 256 tokens x 16, "
+        f"{res['runs'][0].get('precision', 'fp32')}",
+        f"Date: {res['date']}. Command: `{res['command']}`",
+        "",
+        markdown_table(
+            [
+                "model",
+                "size",
+                "ranks",
+                "ZeRO",
+                "images/step",
+                "step (s)",
+                "images/s",
+                "latents/s",
+                "data wait",
+                "peak memory, fullest rank (GiB)",
+                "model-state estimate (GiB)",
+                "model build added, host (GiB)",
+                "build estimate (GiB)",
+            ],
+            [
+                [
+                    r.get("arch", "far").upper(),
+                    r["size"],
+                    r["ranks"],
+                    r["zero"],
+                    r["batch"],
+                    f"{r['step_s']:.3f}",
+                    f"{r['images_per_s']:.2f}",
+                    f"{r['latents_per_s']:.0f}",
+                    f"{100 * r['data_wait']:.1f}%",
+                    _gib(r, "peak_gib"),
+                    _gib(r, "estimate_gib"),
+                    _gib(r, "build_gib"),
+                    _gib(r, "build_estimate_gib"),
+                ]
+                for r in res["runs"]
+            ],
+        ),
+        "",
+        "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
+        "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
+        "estimate counts model states only. Model build: how far building the model raised a rank's peak "
+        "host memory (the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's "
+        "fp32-weights estimate.",
+        "",
+        "",
+        "Loader only (1 worker, batch 64):",
+        "",
+        markdown_table(["source", "latents/s"], res["loader"]),
+        "",
+    ]
+    return parts
+
+
+THROUGHPUT_SECTION = DocSection(BENCHMARK, "Training throughput (`benchmarks/train_throughput.py`)", _throughput_entry)
 
 
 def loader_only(url: str, batches: int) -> float:
@@ -318,64 +404,7 @@ def main(argv=None) -> None:
     }
     if args.no_docs:
         return
-    save_result(BENCHMARK, device.type, result)
-    parts = ["## Training throughput (`benchmarks/train_throughput.py`)", ""]
-    for res in load_results(BENCHMARK):
-        m = res["machine"]
-        parts += [
-            f"### {m['name']} ({m['device']}, {m['cpu_count']} cores), 256 tokens x 16, "
-            f"{res['runs'][0].get('precision', 'fp32')}",
-            f"Date: {res['date']}. Command: `{res['command']}`",
-            "",
-            markdown_table(
-                [
-                    "model",
-                    "size",
-                    "ranks",
-                    "ZeRO",
-                    "images/step",
-                    "step (s)",
-                    "images/s",
-                    "latents/s",
-                    "data wait",
-                    "peak memory, fullest rank (GiB)",
-                    "model-state estimate (GiB)",
-                    "model build added, host (GiB)",
-                    "build estimate (GiB)",
-                ],
-                [
-                    [
-                        r.get("arch", "far").upper(),
-                        r["size"],
-                        r["ranks"],
-                        r["zero"],
-                        r["batch"],
-                        f"{r['step_s']:.3f}",
-                        f"{r['images_per_s']:.2f}",
-                        f"{r['latents_per_s']:.0f}",
-                        f"{100 * r['data_wait']:.1f}%",
-                        _gib(r, "peak_gib"),
-                        _gib(r, "estimate_gib"),
-                        _gib(r, "build_gib"),
-                        _gib(r, "build_estimate_gib"),
-                    ]
-                    for r in res["runs"]
-                ],
-            ),
-            "",
-            "Peak memory: the largest over the ranks (the run's memory.json) of the process's peak RSS on CPU "
-            "(Python, libraries and activations included) or torch.cuda.max_memory_allocated on a GPU; its "
-            "estimate counts model states only. Model build: how far building the model raised a rank's peak "
-            "host memory (the largest over the ranks; ZeRO-3 builds it partitioned), beside check-config's "
-            "fp32-weights estimate.",
-            "",
-            "",
-            "Loader only (1 worker, batch 64):",
-            "",
-            markdown_table(["source", "latents/s"], res["loader"]),
-            "",
-        ]
-    write_doc_section(BENCHMARK, "\n".join(parts))
+    THROUGHPUT_SECTION.save(device_key(result["machine"]), result)
 
 
 def enable_tf32() -> None:
@@ -401,7 +430,11 @@ def run_step_only(args, size: str, batch: int, device: torch.device) -> dict:
         cfg = model_config(arch, size)
         flops = train_flops_per_image(cfg, resolve_dims(cfg), data, model.expected_mask_ratio)
         for mode in ("eager", "compiled") if args.compile else ("eager",):
-            forward = torch.compile(model, dynamic=True) if mode == "compiled" else model
+            if mode == "compiled":
+                # What training compiles (parallel.compile): every block and the head's body, dynamic shapes (the
+                # masked count changes every step); the whole model would trace the random orders, which fails.
+                compile_model(model)
+            forward = model
 
             def step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -458,6 +491,7 @@ def render_step_docs() -> None:
                     "FAR step (s)",
                     "MAR step (s)",
                     "FAR / MAR",
+                    "FAR images/s, MFU, peak (GPU)",
                     "date",
                     "command",
                 ],
@@ -489,9 +523,42 @@ def step_main(args, argv) -> None:
         result = run_step_only(args, size, args.batch, device)
         result.update(machine=machine, command=command_line("train_throughput.py", argv))
         if not args.no_docs:
-            save_result(STEP_BENCHMARK, f"{machine['device']}_{size}_b{args.batch}_{result['precision']}", result)
+            save_result(STEP_BENCHMARK, f"{device_key(machine)}_{size}_b{args.batch}_{result['precision']}", result)
     if not args.no_docs:
         render_step_docs()
+
+
+def _fit_entry(res: dict) -> list[str]:
+    parts: list[str] = []
+    precision = "bf16" if res["machine"]["device"] == "cuda" else "fp32"
+    parts += result_heading("FAR", res, f"256 tokens x 16, {precision}")
+    parts += [
+        markdown_table(
+            ["size", "ranks", "ZeRO", "largest micro batch", "searched up to", "peak at it (GiB)", "budget (GiB)"],
+            [
+                [
+                    r["size"],
+                    r["ranks"],
+                    r["zero"],
+                    r["largest_micro"],
+                    r["limit"],
+                    _gib(r, "peak_gib") if r["peak_gib"] is not None else "-",
+                    f"{r['budget_gib']:.1f}",
+                ]
+                for r in res["rows"]
+            ],
+        ),
+        "",
+        f"Each trial trains {FIT_STEPS} steps; a trial fits when no rank runs out of memory and every "
+        "rank's peak (memory.json) stays within the budget.",
+        "",
+    ]
+    return parts
+
+
+FIT_SECTION = DocSection(
+    FIT_BENCHMARK, "Largest micro batch per rank (`benchmarks/train_throughput.py --fit`)", _fit_entry
+)
 
 
 def fit_main(args, argv) -> None:
@@ -513,37 +580,10 @@ def fit_main(args, argv) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.no_docs:
         return
-    save_result(
-        FIT_BENCHMARK,
-        device.type,
+    FIT_SECTION.save(
+        device_key(describe_machine(device)),
         {"machine": describe_machine(device), "rows": rows, "command": command_line("train_throughput.py", argv)},
     )
-    parts = ["## Largest micro batch per rank (`benchmarks/train_throughput.py --fit`)", ""]
-    for res in load_results(FIT_BENCHMARK):
-        precision = "bf16" if res["machine"]["device"] == "cuda" else "fp32"
-        parts += result_heading("FAR", res, f"256 tokens x 16, {precision}")
-        parts += [
-            markdown_table(
-                ["size", "ranks", "ZeRO", "largest micro batch", "searched up to", "peak at it (GiB)", "budget (GiB)"],
-                [
-                    [
-                        r["size"],
-                        r["ranks"],
-                        r["zero"],
-                        r["largest_micro"],
-                        r["limit"],
-                        _gib(r, "peak_gib") if r["peak_gib"] is not None else "-",
-                        f"{r['budget_gib']:.1f}",
-                    ]
-                    for r in res["rows"]
-                ],
-            ),
-            "",
-            f"Each trial trains {FIT_STEPS} steps; a trial fits when no rank runs out of memory and every "
-            "rank's peak (memory.json) stays within the budget.",
-            "",
-        ]
-    write_doc_section(FIT_BENCHMARK, "\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ class ParallelConfig(Section):
 
 
 class CheckpointConfig(Section):
+    enabled: bool = True
+    """false: never write a checkpoint, not even at the end or on a stop request (memory and throughput probes,
+    such as the micro-batch fit search, that must not fill the disk); such a run cannot resume."""
     url: str = ""
     """Where checkpoints go: empty means ``<run.output_dir>/<run.name>/checkpoints``; a path or ``file://`` URL is
     used in place; ``s3://bucket/prefix`` stages each checkpoint locally (in the default place) and uploads it,

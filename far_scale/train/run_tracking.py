@@ -106,7 +106,7 @@ class RunTracking:
 
     def log_dataset(self, url: str, manifest) -> None:
         """Rank 0: the run's input dataset (the shard set: its name, the manifest's digest, the URL as source)."""
-        if self.tracker is not None:
+        if self.tracker is not None and self.tracker.enabled:
             import hashlib
             import json
 

@@ -305,7 +305,10 @@ class Trainer:
 
     # ---- checkpoints and samples ----------------------------------------------------------------
     def save(self) -> None:
-        """Collective checkpoint of engine, EMAs, data positions, RNGs and run id; then the latest pointer."""
+        """Collective checkpoint of engine, EMAs, data positions, RNGs and run id; then the latest pointer (none with
+        ``checkpoint.enabled: false``)."""
+        if not self.cfg.checkpoint.enabled:
+            return
         client = self.checkpointer.client_state(
             self.step, self.config_yaml, self.loader.position.as_dict(), self.tracking.run_id, self.nonfinite.count
         )

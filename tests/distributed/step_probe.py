@@ -52,6 +52,7 @@ def cuda_syncs(recipe: str, overrides: list[str]) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
         return {
+            "precision": trainer.precision,
             "steps_traced": 2,
             "our_syncs": [s for s in syncs if "/deepspeed/" not in s],
             "deepspeed_syncs": len([s for s in syncs if "/deepspeed/" in s]),
@@ -77,6 +78,7 @@ def main(recipe: str, overrides: list[str]) -> dict:
         after_nan = _snapshot(trainer)
         trainer.train_step(batches)
         return {
+            "precision": trainer.precision,
             "steps_traced": 2,
             "our_syncs": ours,
             "deepspeed_syncs": len(ops.by_deepspeed),

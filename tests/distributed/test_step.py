@@ -72,7 +72,9 @@ def test_a_compiled_step_under_deepspeed_syncs_once_and_skips_nan_steps(latent_d
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_step_syncs_the_device_once_on_cuda(latent_dataset, tmp_path):
     """torch's own sync detector: two bf16 steps with accumulation 2, ZeRO-2; ours is the step's one transfer."""
-    probe = _probe(latent_dataset, tmp_path, 2, 2, "--cuda")
+    # bf16 as it says: the tiny recipes are fp32 (CPU), so the precision is set here.
+    probe = _probe(latent_dataset, tmp_path, 2, 2, "--cuda", extra=("parallel.precision=bf16",))
+    assert probe["precision"] == "bf16", probe
     assert len(probe["our_syncs"]) <= probe["steps_traced"], probe
 
 
