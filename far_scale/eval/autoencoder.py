@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from far_scale.eval.classifier import EVAL_BATCH, to_input
+from far_scale.eval.classifier import EVAL_BATCH, fit, seeded_build, to_input
 
 
 @dataclass(frozen=True)
@@ -69,29 +69,13 @@ def train_autoencoder(
 ) -> ConvAutoencoder:
     """Train on uint8 images (no labels, no augmentation) to reconstruct them; deterministic."""
     generator = torch.Generator().manual_seed(settings.seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)  # the initial weights; the caller's global RNG is restored below
-    model = ConvAutoencoder(image_size, settings.width, settings.feature_dim)
-    torch.random.set_rng_state(torch_state)
+    model = seeded_build(lambda: ConvAutoencoder(image_size, settings.width, settings.feature_dim), settings.seed)
     inputs = to_input(images, image_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, len(inputs) // settings.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch
-    )
-    model.train()
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        for step in range(steps_per_epoch):
-            x = inputs[order[step * settings.batch_size : (step + 1) * settings.batch_size]]
-            loss = F.mse_loss(model(x)[1], x)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        if progress is not None:
-            progress(epoch + 1, settings.epochs, loss.item())
-    return model.eval()
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model(inputs[index])[1], inputs[index])
+
+    return fit(model, len(inputs), settings, batch_loss, generator, progress)
 
 
 @torch.no_grad()

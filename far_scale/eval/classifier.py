@@ -8,6 +8,7 @@ the Fréchet distance and precision/recall.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -83,29 +84,30 @@ def augment(x: torch.Tensor, settings: ClassifierSettings, generator: torch.Gene
     return x
 
 
-def train_classifier(
-    images: np.ndarray, labels: np.ndarray, num_classes: int, settings: ClassifierSettings, progress=None
-) -> ConvClassifier:
-    """Train on uint8 images with the settings' augmentation (flips, shifts); deterministic."""
-    generator = torch.Generator().manual_seed(settings.seed)
+def seeded_build(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` with the global RNG seeded (deterministic initial weights); the caller's RNG is restored."""
     torch_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)  # the initial weights; the caller's global RNG is restored below
-    model = ConvClassifier(num_classes, settings.width, settings.feature_dim)
-    torch.random.set_rng_state(torch_state)
-    inputs = to_input(images, settings.image_size)
-    targets = torch.from_numpy(labels).long()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(torch_state)
+
+
+def fit(model: nn.Module, count: int, settings, batch_loss: Callable, generator: torch.Generator, progress=None):
+    """Train ``model`` for ``settings.epochs`` epochs of shuffled batches of ``settings.batch_size`` of ``count``
+    examples (``batch_loss(indices)`` -> loss), AdamW with a one-cycle schedule peaking at ``settings.lr``;
+    returns it in eval mode. The loop of the offline benchmark's two feature networks."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, len(inputs) // settings.batch_size)
+    steps_per_epoch = max(1, count // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch
     )
     model.train()
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(inputs), generator=generator)
+        order = torch.randperm(count, generator=generator)
         for step in range(steps_per_epoch):
-            index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            x = augment(inputs[index], settings, generator)
-            loss = F.cross_entropy(model(x)[1], targets[index])
+            loss = batch_loss(order[step * settings.batch_size : (step + 1) * settings.batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -113,6 +115,21 @@ def train_classifier(
         if progress is not None:
             progress(epoch + 1, settings.epochs, loss.item())
     return model.eval()
+
+
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, settings: ClassifierSettings, progress=None
+) -> ConvClassifier:
+    """Train on uint8 images with the settings' augmentation (flips, shifts); deterministic."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = seeded_build(lambda: ConvClassifier(num_classes, settings.width, settings.feature_dim), settings.seed)
+    inputs = to_input(images, settings.image_size)
+    targets = torch.from_numpy(labels).long()
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(augment(inputs[index], settings, generator))[1], targets[index])
+
+    return fit(model, len(inputs), settings, batch_loss, generator, progress)
 
 
 @torch.no_grad()
