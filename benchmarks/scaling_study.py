@@ -155,7 +155,7 @@ def arms_for(args) -> list[Arm]:
         arms += [
             Arm(size, VARIANTS[name][0], name, VARIANTS[name][1])
             for name in args.variants
-            if size in args.variant_sizes or name in EVERY_SIZE_VARIANTS
+            if size in args.variant_sizes or (name in EVERY_SIZE_VARIANTS and size in args.lead_sizes)
         ]
     return arms
 
@@ -496,6 +496,9 @@ def parse_args(argv=None):
         "--variants", type=names, default=list(VARIANTS), help=f"FAR variants, of: {'; '.join(VARIANTS)}"
     )
     parser.add_argument("--variant-sizes", type=names, default=["tiny"], help="sizes the variants train at")
+    parser.add_argument(
+        "--lead-sizes", type=names, default=list(SIZES), help="sizes the main lead's variant trains at (all)"
+    )
     parser.add_argument("--variant-steps", type=ints, default=[2, 8], help="O of the variants' settings")
     parser.add_argument("--num-iter", type=ints, default=[4], help="K of the masked models (16 tokens)")
     parser.add_argument("--far-steps", type=ints, default=[1, 2, 4, 8])
@@ -507,6 +510,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperatures", type=floats, default=[0.5, 0.7, 1.0])
     parser.add_argument("--select-images", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="held-out sampling seeds (2-11)")
+    parser.add_argument("--time-seeds", type=int, default=2, help="seeds of the speed timing (2-11)")
+    parser.add_argument("--time-images", type=int, default=100, help="images per timing seed")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (each --threads threads)")
     parser.add_argument("--rescore", action="store_true", help="evaluate again even where a saved arm exists")
     parser.add_argument("--tag", default="")
@@ -514,18 +519,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _evaluate_in_processes(arms: list[Arm], argv: list[str], jobs: int) -> None:
-    """Each arm's quality sweep as its own process (``--only-arm``), ``jobs`` at a time: their images/s are not
-    used (speed is timed apart, one setting at a time, by ``time_rows``)."""
+def _evaluate_in_process(arm: Arm, argv: list[str]) -> None:
+    """One arm's quality sweep as its own process (``--only-arm``): its images/s are not used (speed is timed apart,
+    one setting at a time, by ``time_rows``)."""
     import subprocess
     import sys
 
-    def run(arm: Arm) -> None:
-        command = [sys.executable, "-m", "benchmarks.scaling_study", *argv, "--only-arm", arm.name]
-        subprocess.run(command, check=True, cwd=REPO_ROOT)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(run, arms))
+    command = [sys.executable, "-m", "benchmarks.scaling_study", *argv, "--only-arm", arm.name]
+    subprocess.run(command, check=True, cwd=REPO_ROOT)
 
 
 def time_rows(ws: Workspace, record: dict, args) -> None:
@@ -534,7 +535,7 @@ def time_rows(ws: Workspace, record: dict, args) -> None:
     for row in record["rows"]:
         setting = Setting(row["setting"], row["head_steps"], row["options"], row["K"])
         options = at(setting.sampling_options(generator.options), row)
-        row.update(time_images(generator, options, range(1, args.seeds + 1), args.num_images, args.batch))
+        row.update(time_images(generator, options, range(1, args.time_seeds + 1), args.time_images, args.batch))
         print(f"[{record['arm']}] {row['setting']}: {row['images_per_s']:.1f} img/s", flush=True)
 
 
@@ -550,9 +551,18 @@ def main(argv=None) -> None:
         arm = next(a for a in arms if a.name == args.only_arm)
         evaluate_arm(ws, arm, train_arm(ws, arm, budget), args, tuning)
         return
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each training is its own process
-        trained = dict(zip(arms, pool.map(lambda arm: train_arm(ws, arm, budget), arms)))
-    _evaluate_in_processes([a for a in arms if args.rescore or not _cached(ws, a)], argv, args.jobs)
+
+    def prepare(arm: Arm):
+        """Train the arm (its own process), then sweep its sampling settings (another), unless saved."""
+        trained = train_arm(ws, arm, budget)
+        if args.rescore or not _cached(ws, arm):
+            _evaluate_in_process(arm, argv)
+        return trained
+
+    # ``jobs`` arms at a time, the largest first (the longest work starts first).
+    order = sorted(arms, key=lambda arm: -list(SIZES).index(arm.size))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        trained = dict(zip(order, pool.map(prepare, order)))
     records = [evaluate_arm(ws, arm, trained[arm], args, tuning) for arm in arms]  # all cached now
     for record in records:
         time_rows(ws, record, args)

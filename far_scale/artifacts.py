@@ -65,6 +65,9 @@ class DataInfo:
     scale: float
     codec: dict
     normalization: Optional[dict] = None
+    content_digest: Optional[str] = None
+    """``Manifest.content_digest`` of the data (None in metas written before it): a resume may read the same
+    shards from another ``data.url``."""
 
 
 def codec_weights_path(codec: dict, folder: Path) -> Path:
@@ -120,6 +123,7 @@ class RunMeta:
                 float(info["scale"]),
                 dict(info["codec"]),
                 dict(info["normalization"]) if isinstance(info.get("normalization"), dict) else None,
+                info.get("content_digest") if isinstance(info.get("content_digest"), str) else None,
             ),
         )
 

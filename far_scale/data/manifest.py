@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,13 @@ class Manifest:
     @property
     def num_images(self) -> int:
         return int(self.source["num_images"])
+
+    @property
+    def content_digest(self) -> str:
+        """sha256 of the shards' names, sizes and checksums in order: equal digests, the same samples in the same
+        shards (wherever they are stored)."""
+        listing = [[entry.name, entry.num_samples, entry.sha256] for entry in self.shards]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
     @property
     def shard_sizes(self) -> list[int]:

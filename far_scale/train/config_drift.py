@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from far_scale.artifacts import CONFIG_FILE, META_FILE, RunMeta
 from far_scale.config.schema import Config
 from far_scale.errors import ActionableError
 
@@ -21,6 +22,7 @@ CHANGES_FILE = "config_changes.jsonl"
 """One line per accepted change: the step it took effect at and each key's old and new value."""
 OPERATIONAL_KEYS = (
     "run.output_dir",  # a resume on another machine or disk (the run directory moved; the checkpoint found it)
+    "run.name",  # likewise: the run directory was renamed or copied
     "checkpoint.url",
     "run.max_steps",
     "run.epochs",
@@ -36,6 +38,9 @@ OPERATIONAL_KEYS = (
 )
 """Keys (or ``section.`` prefixes) a resume may change without ``--allow-config-change``: how long to train, how
 the run is logged, evaluated, checkpointed and fed; none of them changes what the weights learn."""
+DATA_URL_KEY = "data.url"
+"""Operational when the shards at the new URL are those the checkpoint trained on (``Manifest.content_digest``):
+data staged to local disk, or copied to another bucket."""
 
 
 class ConfigDriftError(ActionableError, ValueError):
@@ -68,16 +73,27 @@ def config_changes(saved: Mapping[str, Any], current: Config) -> dict[str, tuple
     }
 
 
-def check_resume(saved_config: Path, current: Config, allow: bool) -> dict[str, tuple[Any, Any]]:
-    """The changes a resume from the checkpoint whose config is ``saved_config`` would make; ``ConfigDriftError``
-    unless they are none or ``allow``."""
+def check_resume(checkpoint: Path, current: Config, content_digest: str, allow: bool) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume from the ``checkpoint`` folder would make under ``current``, whose data has
+    ``content_digest``; ``ConfigDriftError`` unless they are none or ``allow``. A new ``data.url`` holding the
+    checkpoint's shards is no change."""
+    saved_config = checkpoint / CONFIG_FILE
     changes = config_changes(yaml.safe_load(saved_config.read_text()) or {}, current)
+    note = ""
+    if DATA_URL_KEY in changes:
+        saved_digest = RunMeta.read(checkpoint / META_FILE).data.content_digest
+        if saved_digest == content_digest:
+            del changes[DATA_URL_KEY]
+        elif saved_digest is None:
+            note = " (the checkpoint does not record which shards it trained on, so the new data.url is a change)"
+        else:
+            note = " (the new data.url holds other shards than the checkpoint trained on: another manifest)"
     if changes and not allow:
         shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:10])
         more = f" (+{len(changes) - 10} more)" if len(changes) > 10 else ""
         raise ConfigDriftError(
-            f"the recipe differs from the config the checkpoint was trained with ({saved_config}): {shown}{more}. "
-            "Resume with the checkpoint's settings, start a new run (another run.name), or pass "
+            f"the recipe differs from the config the checkpoint was trained with ({saved_config}): {shown}{more}"
+            f"{note}. Resume with the checkpoint's settings, start a new run (another run.name), or pass "
             "--allow-config-change to continue with the new settings (recorded in the run directory and MLflow)"
         )
     return changes

@@ -99,7 +99,14 @@ class Trainer:
         spec, normalization = self.data, self.loader.normalization
         codec = dict(manifest.codec)
         self.data_info = DataInfo(
-            cfg.data.url, spec.seq_len, spec.token_dim, spec.num_classes, manifest.scale, codec, normalization.as_dict()
+            cfg.data.url,
+            spec.seq_len,
+            spec.token_dim,
+            spec.num_classes,
+            manifest.scale,
+            codec,
+            normalization.as_dict(),
+            manifest.content_digest,
         )
         self.lr_at = schedule_for(cfg, self.plan.lr, self.plan.warmup_steps, self.total_steps)
 
@@ -122,7 +129,9 @@ class Trainer:
             compile_model(model)
         resume = self.checkpointer.locate(par.zero_stage)
         # A resume under another recipe is refused (every rank raises alike) before config.yaml is rewritten.
-        changes = check_resume(resume.ref.path / ckpt.CONFIG_FILE, cfg, self.allow_config_change) if resume else {}
+        changes = (
+            check_resume(resume.ref.path, cfg, manifest.content_digest, self.allow_config_change) if resume else {}
+        )
         if env.is_main:
             write_atomic(self.run_dir / ckpt.CONFIG_FILE, self.config_yaml)
         groups = parameter_groups(model, cfg.optim.weight_decay)
@@ -259,11 +268,14 @@ class Trainer:
                 # A checkpoint due at this step (the last one included) is saved before the evaluation, so that
                 # the evaluation's metrics are those of a logged checkpoint model (MLflow: metrics with its model_id).
                 final = self.step == self.total_steps
-                if self.stops.requested or final or self.step % self.cfg.checkpoint.interval_steps == 0:
+                # Agreed by every rank in this step's collective; a signal that arrives during the evaluation below
+                # sets only its own rank's flag, and counts at the next step's collective (one more step, then stop).
+                stop = self.stops.requested
+                if stop or final or self.step % self.cfg.checkpoint.interval_steps == 0:
                     self.save()
                 if final or self.step % self.cfg.eval.interval_steps == 0:
                     self.evaluate()
-                if self.stops.requested:
+                if stop:
                     self.stops.mark_preempted(self.step)
                     return self._finish(EXIT_PREEMPTED, "KILLED", bar)
             if self.step == started_at:  # resumed at the end: nothing trained, the final checkpoint written again
