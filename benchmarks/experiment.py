@@ -219,11 +219,25 @@ def score(generator, bench, options, seeds: Sequence[int], num_images: int, batc
         }
     with point_estimates(bench):
         per_seed = [score_generator(sampler, bench, num_images, batch, seed) for seed in seeds]
-    row: dict = {"seeds": len(per_seed)}
+    row: dict = {"seeds": len(per_seed), "images": len(per_seed) * num_images}
     for name in METRICS:
         if name in per_seed[0]:
             ceiling = 1.0 if name in SHARES else float("inf")
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval([m[name] for m in per_seed], 0.0, ceiling)
+    widen_shares(row)
+    return row
+
+
+def widen_shares(row: dict) -> dict:
+    """A share's interval (accuracy, precision, recall) is at least the Wilson interval over the row's pooled images:
+    a t-interval over a few seeds collapses to a point where every seed scores 1.0, and nothing could be "within"
+    it."""
+    from far_scale.eval.metrics import share_interval
+
+    for name in SHARES:
+        if name in row:
+            low, high = share_interval(row[name], row["images"])
+            row[f"{name}_lo"], row[f"{name}_hi"] = min(row[f"{name}_lo"], low), max(row[f"{name}_hi"], high)
     return row
 
 

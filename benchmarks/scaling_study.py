@@ -46,6 +46,7 @@ from benchmarks.experiment import (
     recipe_for,
     time_images,
     train,
+    widen_shares,
     within,
 )
 from benchmarks.report import (
@@ -168,7 +169,11 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
     """Every setting of the arm at its own best CFG and temperature (cached in ``WORK/scaling``)."""
     cache = ws.work / "scaling" / f"{arm.name}.json"
     if cache.is_file() and not args.rescore:
-        return json.loads(cache.read_text())
+        record = json.loads(cache.read_text())
+        for row in record["rows"]:  # saved before rows counted their images: the same pooled count
+            row.setdefault("images", row["seeds"] * args.num_images)
+            widen_shares(row)
+        return record
     from far_scale.eval.sample_job import load_sampling_model
     from far_scale.models.model import count_parameters
 

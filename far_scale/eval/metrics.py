@@ -6,6 +6,8 @@ Pure functions of arrays (float64 where it matters); the feature extractors live
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -157,3 +159,13 @@ def repeat_interval(values, low: float = -np.inf, high: float = np.inf) -> tuple
     mean = float(values.mean())
     half = T_95[len(values) - 2] * float(values.std(ddof=1)) / np.sqrt(len(values))
     return mean, float(max(mean - half, low)), float(min(mean + half, high))
+
+
+def share_interval(share: float, count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a share (e.g. class accuracy) observed over ``count`` independent items. Unlike a
+    t-interval over a few seeds it does not collapse where every seed scores 1.0: 600 of 600 digits read right
+    give [0.994, 1.0]."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    centre = (share + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * math.sqrt(share * (1 - share) / count + z * z / (4 * count * count))
+    return max(centre - half, 0.0), min(centre + half, 1.0)

@@ -269,3 +269,13 @@ def test_offline_scores_without_resamples_skip_the_intervals():
     scores = bench.score(features, np.arange(20) % 2)
     assert scores["fd_lo"] <= scores["fd"] <= scores["fd_hi"]
     assert scores["ae_fd_lo"] <= scores["ae_fd"] <= scores["ae_fd_hi"]
+
+
+def test_share_interval_does_not_collapse_at_the_ceiling():
+    from far_scale.eval.metrics import share_interval
+
+    low, high = share_interval(1.0, 600)
+    assert high == 1.0 and 0.99 < low < 0.995  # 600 of 600: [0.994, 1.0], not the point 1.0
+    low, high = share_interval(0.5, 100)
+    assert low == pytest.approx(1 - high) and 0.39 < low < 0.41
+    assert share_interval(0.99, 6000)[0] > share_interval(0.99, 600)[0]  # more images, a tighter bound
