@@ -289,13 +289,23 @@ def at(options, point: dict):
     )
 
 
-def tune(generator, bench, options, tuning: Tuning, batch: int) -> tuple[dict, list[dict]]:
+POINT_KEYS = ("cfg", "cfg_schedule", "temperature")
+"""What names a point of the tuning sweep."""
+
+
+def _point(row: dict) -> tuple:
+    return tuple(row[k] for k in POINT_KEYS)
+
+
+def tune(generator, bench, options, tuning: Tuning, batch: int, known: Sequence[dict] = ()) -> tuple[dict, list[dict]]:
     """(best point, the sweep): every point of ``tuning``'s grid on the selection seed, the best by per-class
-    Fréchet distance (it penalises wrong classes and lost diversity alike)."""
+    Fréchet distance (it penalises wrong classes and lost diversity alike). ``known``: points scored before on the
+    same selection images (a sweep that is extended); they are kept, not scored again."""
     from far_scale.eval.sweep import score_generator
 
+    done = {_point(point): point for point in known}
     with point_estimates(bench):  # intervals come from the held-out seeds
-        sweep = [
+        sweep = list(known) + [
             {
                 **point,
                 "class_fd": score_generator(
@@ -303,16 +313,29 @@ def tune(generator, bench, options, tuning: Tuning, batch: int) -> tuple[dict, l
                 )["class_fd"],
             }
             for point in tuning.grid()
+            if _point(point) not in done
         ]
     best = min(sweep, key=lambda r: r["class_fd"])
-    return {k: best[k] for k in ("cfg", "cfg_schedule", "temperature")}, sweep
+    return {k: best[k] for k in POINT_KEYS}, sweep
 
 
-def evaluate_tuned(generator, bench, options, tuning: Tuning, seeds: int, num_images: int, batch: int) -> dict:
+def covers(row: dict, tuning: Tuning) -> bool:
+    """Whether a row's sweep already holds every point of ``tuning``'s grid."""
+    return {_point(p) for p in tuning.grid()} <= {_point(p) for p in row.get("sweep", ())}
+
+
+def evaluate_tuned(
+    generator, bench, options, tuning: Tuning, seeds: int, num_images: int, batch: int, previous: Optional[dict] = None
+) -> dict:
     """The CFG-matched protocol for one setting: ``tune`` on the selection seed, then seeds 1..``seeds`` at the
-    best point (``score``). The row holds the point, the sweep and every metric with its interval."""
-    best, sweep = tune(generator, bench, options, tuning, batch)
-    row = score(generator, bench, at(options, best), range(1, seeds + 1), num_images, batch)
+    best point (``score``). The row holds the point, the sweep and every metric with its interval. ``previous``: the
+    row of a smaller sweep of the same setting (same selection images, seeds and images): its points are not
+    scored again, and where the best point stays, neither are the held-out seeds."""
+    best, sweep = tune(generator, bench, options, tuning, batch, previous["sweep"] if previous else ())
+    if previous is not None and _point(previous) == _point(best):
+        row = {k: v for k, v in previous.items() if k not in ("sweep", *POINT_KEYS)}
+    else:
+        row = score(generator, bench, at(options, best), range(1, seeds + 1), num_images, batch)
     return {**best, **row, "sweep": sweep}
 
 

@@ -40,6 +40,7 @@ from benchmarks.experiment import (
     Workspace,
     add_training_arguments,
     at,
+    covers,
     evaluate_tuned,
     load_generator,
     quality_cells,
@@ -97,6 +98,9 @@ VARIANTS = {
     "guidance distilled w=3": ("FAR", ("model.head.guidance_distillation_scale=3.0",)),
     "MAR, channel normalization": ("MAR", ("data.normalize=channel",)),  # the baseline gets the knob too
 }
+VARIANT_CFGS = {"guidance distilled w=3": (1.0,)}
+"""CFG scales a variant's sweep adds: distilled guidance is sampled at CFG 1 (its coarse levels learned the guided
+flow), so the sweep must hold 1 beside the extra guidance of the others."""
 EVERY_SIZE_VARIANTS = ("clamp 4 (before)",)
 """The main lead is checked at every size; the other knobs at ``--variant-sizes``."""
 
@@ -165,15 +169,37 @@ def train_arm(ws: Workspace, arm: Arm, budget: Budget):
     return train(ws, recipe_for(ARCHS[arm.model], ws.data), arm.name, budget, (*SIZES[arm.size], *arm.overrides))
 
 
-def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict:
-    """Every setting of the arm at its own best CFG and temperature (cached in ``WORK/scaling``)."""
+def arm_tuning(arm: Arm, tuning: Tuning) -> Tuning:
+    """The study's sweep, with the CFG scales the arm's variant adds."""
+    return replace(tuning, cfgs=tuple(sorted({*tuning.cfgs, *VARIANT_CFGS.get(arm.variant, ())})))
+
+
+def saved_record(ws: Workspace, arm: Arm, args, tuning: Tuning) -> Optional[dict]:
+    """The arm's saved evaluation (``WORK/scaling``), or None where it is missing or was swept over fewer points
+    than ``tuning`` holds (then ``evaluate_arm`` extends it)."""
     cache = ws.work / "scaling" / f"{arm.name}.json"
-    if cache.is_file() and not args.rescore:
-        record = json.loads(cache.read_text())
-        for row in record["rows"]:  # saved before rows counted their images: the same pooled count
-            row.setdefault("images", row["seeds"] * args.num_images)
-            widen_shares(row)
-        return record
+    if args.rescore or not cache.is_file():
+        return None
+    record = json.loads(cache.read_text())
+    if record.get("select_images", args.select_images) != args.select_images:
+        return None
+    for row in record["rows"]:  # saved before rows counted their images: the same pooled count
+        row.setdefault("images", row["seeds"] * args.num_images)
+        widen_shares(row)
+    return record if all(covers(row, arm_tuning(arm, tuning)) for row in record["rows"]) else None
+
+
+def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict:
+    """Every setting of the arm at its own best CFG and temperature (saved in ``WORK/scaling``; a saved evaluation
+    over a smaller sweep is extended: only the new points are scored, and the held-out seeds only where the best
+    point moved)."""
+    saved = saved_record(ws, arm, args, tuning)
+    if saved is not None:
+        return saved
+    cache = ws.work / "scaling" / f"{arm.name}.json"
+    earlier = json.loads(cache.read_text()) if cache.is_file() and not args.rescore else {"rows": []}
+    same_selection = earlier.get("select_images", args.select_images) == args.select_images
+    previous = {(r["setting"], r["K"]): r for r in earlier["rows"]} if same_selection else {}
     from far_scale.eval.sample_job import load_sampling_model
     from far_scale.models.model import count_parameters
 
@@ -184,6 +210,7 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
     if arm.variant:  # a diagnosis knob: the fast settings only (MAR: its reference, 100 steps)
         keep = args.variant_steps if arm.model != "MAR" else [max(args.mar_steps)]
         settings = [s for s in settings if s.head_steps in keep]
+    tuning = arm_tuning(arm, tuning)
     rows = []
     for setting in settings:
         options = setting.sampling_options(generator.options)
@@ -193,7 +220,12 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
             "head_steps": setting.head_steps,
             "options": setting.options,
         }
-        row.update(evaluate_tuned(generator, ws.bench, options, tuning, args.seeds, args.num_images, args.batch))
+        before = previous.get((setting.label, setting.num_iter))
+        if before is not None:
+            before.setdefault("images", before["seeds"] * args.num_images)
+        row.update(
+            evaluate_tuned(generator, ws.bench, options, tuning, args.seeds, args.num_images, args.batch, before)
+        )
         rows.append(row)
         print(
             f"[{arm.name}] {setting.label}"
@@ -214,6 +246,7 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
         "steps": loaded.meta.step,
         "clip_value": loaded.cfg.model.head.clip_value,
         "normalize": loaded.cfg.data.normalize,
+        "select_images": args.select_images,
         "rows": rows,
     }
     write_atomic(cache, json.dumps(record, indent=2))
@@ -483,7 +516,7 @@ SECTION = DocSection(
     "Scaling study: FAR, MAR and FAR-Causal at three sizes (`benchmarks/scaling_study.py`)",
     _entry,
     (
-        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its own best CFG scale, schedule and temperature from a sweep on a selection seed, then held-out seeds: means with 95% t-intervals. Quality in two feature spaces: the benchmark's classifier and an autoencoder trained on the same digits without labels (both pass the negative controls). Within an interval means accuracy at least its lower bound and per-class FD at most its upper bound in both spaces.",
+        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its own best CFG scale, schedule and temperature from a sweep on a selection seed, then held-out seeds: means with 95% t-intervals (a share's interval at least the Wilson interval of its pooled images, so that one at 1.0 does not collapse to a point; the guidance-distilled variant's sweep also holds CFG 1). Quality in two feature spaces: the benchmark's classifier and an autoencoder trained on the same digits without labels (both pass the negative controls). Within an interval means accuracy at least its lower bound and per-class FD at most its upper bound in both spaces.",
     ),
 )
 
@@ -560,7 +593,7 @@ def main(argv=None) -> None:
     def prepare(arm: Arm):
         """Train the arm (its own process), then sweep its sampling settings (another), unless saved."""
         trained = train_arm(ws, arm, budget)
-        if args.rescore or not _cached(ws, arm):
+        if saved_record(ws, arm, args, tuning) is None:
             _evaluate_in_process(arm, argv)
         return trained
 
@@ -568,7 +601,8 @@ def main(argv=None) -> None:
     order = sorted(arms, key=lambda arm: -list(SIZES).index(arm.size))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         trained = dict(zip(order, pool.map(prepare, order)))
-    records = [evaluate_arm(ws, arm, trained[arm], args, tuning) for arm in arms]  # all cached now
+    saved = argparse.Namespace(**{**vars(args), "rescore": False})  # the children rescored: read what they saved
+    records = [evaluate_arm(ws, arm, trained[arm], saved, tuning) for arm in arms]
     for record in records:
         time_rows(ws, record, args)
     answer = [line for size in args.sizes for line in answer_size(records, size)]
@@ -594,10 +628,6 @@ def main(argv=None) -> None:
     plot(saved, img_dir() / result["plot"])
     SECTION.render()
     print("results: docs/benchmarks.md")
-
-
-def _cached(ws: Workspace, arm: Arm) -> bool:
-    return (ws.work / "scaling" / f"{arm.name}.json").is_file()
 
 
 if __name__ == "__main__":
