@@ -192,7 +192,7 @@ def run_pareto(args, device: torch.device) -> dict:
     own best guidance.
 
     For each technique and K: a sweep over CFG scales, both schedules and ``--pareto-temperatures`` on the selection
-    seed, the best by per-class Fréchet distance, then ``--pareto-seeds`` held-out sampling seeds at that setting,
+    seed, the best by per-class Fréchet distance in both feature spaces (``experiment.tune``), then ``--pareto-seeds`` held-out sampling seeds at that setting,
     reported as means with 95% t-intervals; and for settings that reuse a cache, its measured effect (z error,
     effective guidance against nominal).
     """

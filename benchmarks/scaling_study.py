@@ -516,7 +516,7 @@ SECTION = DocSection(
     "Scaling study: FAR, MAR and FAR-Causal at three sizes (`benchmarks/scaling_study.py`)",
     _entry,
     (
-        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its own best CFG scale, schedule and temperature from a sweep on a selection seed, then held-out seeds: means with 95% t-intervals (a share's interval at least the Wilson interval of its pooled images, so that one at 1.0 does not collapse to a point; the guidance-distilled variant's sweep also holds CFG 1). Quality in two feature spaces: the benchmark's classifier and an autoencoder trained on the same digits without labels (both pass the negative controls). Within an interval means accuracy at least its lower bound and per-class FD at most its upper bound in both spaces.",
+        "Every model trained with the same steps on the real digits (1 rank, batch 64); every sampling setting at its own best CFG scale, schedule and temperature from a sweep on a selection seed (best: the smallest sum of per-class FD relative to the sweep's best, in both feature spaces), then held-out seeds: means with 95% t-intervals (a share's interval at least the Wilson interval of its pooled images, so that one at 1.0 does not collapse to a point; the guidance-distilled variant's sweep also holds CFG 1). Quality in two feature spaces: the benchmark's classifier and an autoencoder trained on the same digits without labels (both pass the negative controls). Within an interval means accuracy at least its lower bound and per-class FD at most its upper bound in both spaces.",
     ),
 )
 

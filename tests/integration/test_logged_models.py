@@ -91,17 +91,14 @@ def bench(latent_dataset, tmp_path_factory):
     return path
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "far_scale.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
+def _run(command: list, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "far_scale.cli", *args], env)
 
 
 def test_checkpoints_are_logged_models_found_exported_registered_and_kept_across_a_kill(
@@ -118,15 +115,7 @@ def test_checkpoints_are_logged_models_found_exported_registered_and_kept_across
     server = start_server(store, port)
     try:
         # 1. Two ranks, checkpoints at 2, 4, 6, evaluations at 4 and 6.
-        done = subprocess.run(
-            _command(latent_dataset, runs, port, bench, 6),
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        _run(_command(latent_dataset, runs, port, bench, 6), env)
         models = {int(m.tags["far_scale.step"]): m for m in _models(port)}
         assert sorted(models) == [2, 4, 6]
         for step, model in models.items():
@@ -212,15 +201,7 @@ def test_checkpoints_are_logged_models_found_exported_registered_and_kept_across
         os.killpg(job_process.pid, signal.SIGKILL)
         job_process.wait(timeout=60)
         server = start_server(store, port)
-        done = subprocess.run(
-            _command(latent_dataset, runs, port, bench, 12),
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        _run(_command(latent_dataset, runs, port, bench, 12), env)
         found = _models(port)
         steps = sorted(int(m.tags["far_scale.step"]) for m in found)
         assert steps == [2, 4, 6, 8, 10, 12], steps  # none lost, none twice
