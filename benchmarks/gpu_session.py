@@ -39,9 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from benchmarks.report import DOCS_ENV, REPO_ROOT, RESULTS_ENV, describe_machine, device_key
+from benchmarks.report import DOCS_ENV, REPO_ROOT, RESULTS_ENV, describe_machine, device_key, results_dir
 
-DEFAULT_STATE = REPO_ROOT / "benchmarks" / "results" / "gpu_session_state.json"
+STATE_FILE = "gpu_session_state.json"
+"""The session's state beside the results (``report.results_dir()``: benchmarks/results/ unless
+$FAR_SCALE_RESULTS_DIR says otherwise)."""
+
+
+def default_state() -> Path:
+    return results_dir() / STATE_FILE
+
+
 LOG_TAIL = 4000
 KILL_GRACE_S = 10
 PROBE_DIR = REPO_ROOT / "benchmarks" / "device" / "probe"
@@ -334,7 +342,7 @@ def run_session(args) -> dict:
 
 
 # ---- back home ----------------------------------------------------------------------------------------------
-def merge(source: Path, state: Path = DEFAULT_STATE) -> list[str]:
+def merge(source: Path, state: Optional[Path] = None) -> list[str]:
     """Fold a session's folder (or its archive) into benchmarks/results/ and docs/: its result JSONs and images
     copied, every section of docs/benchmarks.md rendered again, its state kept for the next job. Idempotent."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,7 +351,7 @@ def merge(source: Path, state: Path = DEFAULT_STATE) -> list[str]:
             with tarfile.open(source) as archive:
                 archive.extractall(tmp, filter="data")
             folder = Path(tmp)
-        from benchmarks.report import img_dir, results_dir
+        from benchmarks.report import img_dir
 
         merged = []
         for path in sorted((folder / "results").glob("*.json")):
@@ -354,6 +362,7 @@ def merge(source: Path, state: Path = DEFAULT_STATE) -> list[str]:
             img_dir().mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, img_dir() / path.name)
         if (folder / "state.json").is_file():
+            state = state or default_state()
             state.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / "state.json", state)
     render_all()
@@ -391,7 +400,7 @@ def main(argv=None) -> int:
         "--state",
         default=None,
         help=f"state file to resume from (default: OUT/state.json with --out, else "
-        f"{DEFAULT_STATE.relative_to(REPO_ROOT)}; a temporary one with --dry-run)",
+        f"benchmarks/results/{STATE_FILE}; a temporary one with --dry-run)",
     )
     args = parser.parse_args(argv)
     if args.merge:
@@ -409,7 +418,7 @@ def main(argv=None) -> int:
         args.out = tempfile.mkdtemp(prefix="gpu-session-dry-run-")
         args.state = args.state or str(Path(args.out) / "state.json")
     elif args.state is None:
-        args.state = str(DEFAULT_STATE)
+        args.state = str(default_state())
     data = run_session(args)
     failed = [name for name, part in data["parts"].items() if not part["status"].startswith(("done", "skipped"))]
     print(f"state: {args.state}" + (f"; not done: {', '.join(failed)}" if failed else ""), flush=True)

@@ -44,6 +44,7 @@ def _alive(group: int) -> bool:
 def test_the_session_as_on_the_node_returns_one_folder_and_merges_idempotently(tmp_path, monkeypatch):
     out = tmp_path / "session"
     docs_before, results_before = DOCS.read_text(), sorted(p.name for p in RESULTS.iterdir())
+    repo_files = {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()}
     # The first plan's parts, then the trainer (a process tree: the benchmark, then far-scale train) given 5 s, killed
     # with its children, and the fit search after it. (The compiled and CUDA-graph parts take minutes to compile on a
     # CPU; the import test covers their modules.)
@@ -90,6 +91,8 @@ def test_the_session_as_on_the_node_returns_one_folder_and_merges_idempotently(t
         merged.append(((repo_docs / "benchmarks.md").read_text(), sorted(p.name for p in repo_results.iterdir())))
     assert merged[0] == merged[1]  # idempotent
     assert set(returned) <= set(merged[0][1])
+    assert (repo_results / "gpu_session_state.json").is_file()  # the state kept beside the merged results ...
+    assert {p.name: p.read_bytes() for p in RESULTS.iterdir() if p.is_file()} == repo_files  # ... not in the repo
 
 
 def test_a_budget_smaller_than_a_parts_estimate_skips_it_saying_so(tmp_path):
