@@ -174,32 +174,48 @@ def arm_tuning(arm: Arm, tuning: Tuning) -> Tuning:
     return replace(tuning, cfgs=tuple(sorted({*tuning.cfgs, *VARIANT_CFGS.get(arm.variant, ())})))
 
 
-def saved_record(ws: Workspace, arm: Arm, args, tuning: Tuning) -> Optional[dict]:
-    """The arm's saved evaluation (``WORK/scaling``), or None where it is missing or was swept over fewer points
-    than ``tuning`` holds (then ``evaluate_arm`` extends it)."""
-    cache = ws.work / "scaling" / f"{arm.name}.json"
-    if args.rescore or not cache.is_file():
+def _record_path(ws: Workspace, arm: Arm) -> Path:
+    return ws.work / "scaling" / f"{arm.name}.json"
+
+
+def _load_record(ws: Workspace, arm: Arm, args) -> Optional[dict]:
+    """The arm's saved evaluation (``WORK/scaling``) as the current code reads rows, or None (missing, or
+    ``--rescore``)."""
+    path = _record_path(ws, arm)
+    if args.rescore or not path.is_file():
         return None
-    record = json.loads(cache.read_text())
-    if record.get("select_images", args.select_images) != args.select_images:
-        return None
+    record = json.loads(path.read_text())
     for row in record["rows"]:  # saved before rows counted their images: the same pooled count
         row.setdefault("images", row["seeds"] * args.num_images)
         widen_shares(row)
-    return record if all(covers(row, arm_tuning(arm, tuning)) for row in record["rows"]) else None
+    return record
+
+
+def _same_selection(record: dict, args) -> bool:
+    return record.get("select_images", args.select_images) == args.select_images
+
+
+def _complete(record: dict, arm: Arm, args, tuning: Tuning) -> bool:
+    """Swept on the same selection images over every point ``tuning`` holds."""
+    return _same_selection(record, args) and all(covers(row, arm_tuning(arm, tuning)) for row in record["rows"])
+
+
+def saved_record(ws: Workspace, arm: Arm, args, tuning: Tuning) -> Optional[dict]:
+    """The arm's saved evaluation, or None where it is missing or was swept over fewer points than ``tuning``
+    holds (then ``evaluate_arm`` extends it)."""
+    record = _load_record(ws, arm, args)
+    return record if record is not None and _complete(record, arm, args, tuning) else None
 
 
 def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict:
     """Every setting of the arm at its own best CFG and temperature (saved in ``WORK/scaling``; a saved evaluation
     over a smaller sweep is extended: only the new points are scored, and the held-out seeds only where the best
     point moved)."""
-    saved = saved_record(ws, arm, args, tuning)
-    if saved is not None:
-        return saved
-    cache = ws.work / "scaling" / f"{arm.name}.json"
-    earlier = json.loads(cache.read_text()) if cache.is_file() and not args.rescore else {"rows": []}
-    same_selection = earlier.get("select_images", args.select_images) == args.select_images
-    previous = {(r["setting"], r["K"]): r for r in earlier["rows"]} if same_selection else {}
+    earlier = _load_record(ws, arm, args)
+    if earlier is not None and _complete(earlier, arm, args, tuning):
+        return earlier
+    extendable = earlier is not None and _same_selection(earlier, args)
+    previous = {(r["setting"], r["K"]): r for r in earlier["rows"]} if extendable else {}
     from far_scale.eval.sample_job import load_sampling_model
     from far_scale.models.model import count_parameters
 
@@ -221,8 +237,6 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
             "options": setting.options,
         }
         before = previous.get((setting.label, setting.num_iter))
-        if before is not None:
-            before.setdefault("images", before["seeds"] * args.num_images)
         row.update(
             evaluate_tuned(generator, ws.bench, options, tuning, args.seeds, args.num_images, args.batch, before)
         )
@@ -249,7 +263,7 @@ def evaluate_arm(ws: Workspace, arm: Arm, trained, args, tuning: Tuning) -> dict
         "select_images": args.select_images,
         "rows": rows,
     }
-    write_atomic(cache, json.dumps(record, indent=2))
+    write_atomic(_record_path(ws, arm), json.dumps(record, indent=2))
     return record
 
 
@@ -601,8 +615,8 @@ def main(argv=None) -> None:
     order = sorted(arms, key=lambda arm: -list(SIZES).index(arm.size))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         trained = dict(zip(order, pool.map(prepare, order)))
-    saved = argparse.Namespace(**{**vars(args), "rescore": False})  # the children rescored: read what they saved
-    records = [evaluate_arm(ws, arm, trained[arm], saved, tuning) for arm in arms]
+    reading = argparse.Namespace(**{**vars(args), "rescore": False})  # the children rescored: read what they saved
+    records = [evaluate_arm(ws, arm, trained[arm], reading, tuning) for arm in arms]
     for record in records:
         time_rows(ws, record, args)
     answer = [line for size in args.sizes for line in answer_size(records, size)]

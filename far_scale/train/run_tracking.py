@@ -105,18 +105,14 @@ class RunTracking:
             self.tracker.record_checkpoint(record, saved.pruned_steps)
 
     def log_dataset(self, url: str, manifest) -> None:
-        """Rank 0: the run's input dataset (the shard set: its name, the manifest's digest, the URL as source)."""
+        """Rank 0: the run's input dataset (the shard set: its name, the digest of its shards' contents, the URL as
+        source)."""
         if self.tracker is not None and self.tracker.enabled:
-            import hashlib
             import json
 
             from mlflow.entities import Dataset
 
-            from far_scale.data.contract import MANIFEST_NAME
-            from far_scale.data.storage import filesystem, join
-
-            fs, root = filesystem(url)
-            digest = hashlib.sha256(fs.cat_file(join(root, MANIFEST_NAME))).hexdigest()[:16]
+            digest = manifest.content_digest[:16]  # the same shards at another URL: the same dataset
             summary = {
                 "num_images": manifest.num_images,
                 "num_shards": len(manifest.shards),

@@ -126,6 +126,12 @@ def test_checkpoints_are_logged_models_found_exported_registered_and_kept_across
         # 2. The best by eval/fd, by MLflow's own search, is what export --best exports.
         client = mlflow.tracking.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         experiment = client.get_experiment_by_name("far-scale").experiment_id
+        # The run's input dataset is named by its shards' contents (the digest a resume from another URL checks).
+        from far_scale.data.manifest import read_manifest
+
+        (run,) = client.search_runs([experiment])
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.digest == read_manifest(str(latent_dataset)).content_digest[:16]
         ordered = client.search_logged_models(
             experiment_ids=[experiment], order_by=[{"field_name": "metrics.eval/fd", "ascending": True}]
         )
