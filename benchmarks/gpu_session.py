@@ -283,7 +283,7 @@ def _kill_group(process: subprocess.Popen) -> None:
 def _chosen(args) -> list[Part]:
     names = set(args.parts.split(",")) if args.parts else None
     plans = PLANS if args.plan == "all" else (args.plan,)
-    return [p for p in PARTS if (names is None or p.name in names) and (names is not None or p.plan in plans)]
+    return [p for p in PARTS if (p.name in names if names is not None else p.plan in plans)]
 
 
 def run_session(args) -> dict:

@@ -73,7 +73,8 @@ def train_autoencoder(
     inputs = to_input(images, image_size)
 
     def batch_loss(index: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(model(inputs[index])[1], inputs[index])
+        x = inputs[index]
+        return F.mse_loss(model(x)[1], x)
 
     return fit(model, len(inputs), settings, batch_loss, generator, progress)
 
